@@ -1,1 +1,123 @@
-//! placeholder
+//! Events and counters shared by the kernel programs (collector-ebpf) and the
+//! collector in user space. `#[repr(C)]`, fixed size, no pointers: what the kernel
+//! writes into the ring buffer is read back byte for byte.
+#![no_std]
+
+/// Bytes of TCP payload copied from a segment that begins an HTTP message.
+/// A compile-time bound so the verifier can check every copy.
+pub const HEAD_LEN: usize = 512;
+
+/// The packet left the pod (TC ingress on the host-side veth).
+pub const DIR_FROM_POD: u8 = 0;
+/// The packet enters the pod (TC egress on the host-side veth).
+pub const DIR_TO_POD: u8 = 1;
+
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// A TCP segment whose payload begins an HTTP/1 request line or status line.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PacketEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC); user space converts to wall clock.
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    /// TCP sequence number of the first payload byte (host order).
+    pub seq: u32,
+    /// TCP acknowledgement number (host order).
+    pub ack: u32,
+    /// TCP payload bytes in this segment (may exceed `captured_len`).
+    pub payload_len: u32,
+    /// Source and destination address; IPv4 uses the first 4 bytes (network order).
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Ports in host order.
+    pub sport: u16,
+    pub dport: u16,
+    /// `FAMILY_IPV4` or `FAMILY_IPV6`.
+    pub family: u8,
+    /// `DIR_FROM_POD` or `DIR_TO_POD`.
+    pub direction: u8,
+    /// TCP flags byte (FIN, SYN, RST, PSH, ACK, ...).
+    pub tcp_flags: u8,
+    pub _pad: u8,
+    /// Bytes of `head` that hold payload.
+    pub captured_len: u32,
+    pub head: [u8; HEAD_LEN],
+}
+
+/// TCP states as in the kernel's `enum tcp_state` (TCP_ESTABLISHED = 1, ...).
+pub const TCP_ESTABLISHED: i32 = 1;
+pub const TCP_SYN_SENT: i32 = 2;
+pub const TCP_SYN_RECV: i32 = 3;
+pub const TCP_CLOSE: i32 = 7;
+
+/// A TCP state change from the `sock/inet_sock_set_state` tracepoint.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnEvent {
+    pub ts_ns: u64,
+    /// Kernel socket address: identifies the connection while it lives.
+    pub skaddr: u64,
+    pub oldstate: i32,
+    pub newstate: i32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network namespace cookie or inode where available, else 0.
+    pub netns: u32,
+    pub _pad2: u32,
+}
+
+/// Indices of the per-CPU loss and bail-out counters (a `PerCpuArray<u64>`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets the classifiers looked at.
+    Packets = 0,
+    /// Segments emitted to the ring buffer.
+    Emitted = 1,
+    /// Ring buffer reservation failed: an HTTP segment was lost.
+    RingFull = 2,
+    /// Headers could not be read (truncated or malformed IP/TCP).
+    BadHeader = 3,
+    /// TCP segments with payload that do not begin an HTTP/1 message.
+    NotHttp = 4,
+    /// Connection events lost to a full ring buffer.
+    ConnRingFull = 5,
+    /// Payload copy failed.
+    CopyFailed = 6,
+}
+
+/// Number of counters (size of the counter array).
+pub const COUNTER_COUNT: u32 = 8;
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn packet_event_layout_is_stable() {
+        assert_eq!(offset_of!(PacketEvent, ts_ns), 0);
+        assert_eq!(offset_of!(PacketEvent, saddr), 24);
+        assert_eq!(offset_of!(PacketEvent, sport), 56);
+        assert_eq!(offset_of!(PacketEvent, family), 60);
+        assert_eq!(offset_of!(PacketEvent, captured_len), 64);
+        assert_eq!(offset_of!(PacketEvent, head), 68);
+        assert_eq!(size_of::<PacketEvent>(), 68 + HEAD_LEN + 4);
+        assert_eq!(align_of::<PacketEvent>(), 8);
+    }
+
+    #[test]
+    fn conn_event_layout_is_stable() {
+        assert_eq!(offset_of!(ConnEvent, saddr), 24);
+        assert_eq!(offset_of!(ConnEvent, sport), 56);
+        assert_eq!(offset_of!(ConnEvent, netns), 64);
+        assert_eq!(size_of::<ConnEvent>(), 72);
+    }
+}
