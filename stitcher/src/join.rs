@@ -1,0 +1,1 @@
+//! join: stage placeholder (being written).

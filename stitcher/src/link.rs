@@ -1,0 +1,1 @@
+//! link: stage placeholder (being written).

@@ -1,0 +1,1 @@
+//! query: stage placeholder (being written).
