@@ -1,1 +1,0 @@
-//! store: stage placeholder (being written).
