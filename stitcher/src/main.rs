@@ -1,1 +1,169 @@
-fn main() {}
+//! weft-stitcher: build the configuration, build the stages, serve.
+//!
+//! gRPC on `--listen`: `weft.v1.Ingest`, server reflection (v1 and v1alpha, grpcurl 1.8
+//! speaks only the latter) and `grpc.health.v1.Health`; Prometheus `/metrics` and
+//! `/healthz` on `--metrics-listen`.
+//!
+//! Until the pipeline stages land, ingested batches go to the `--print-exchanges` sink.
+
+mod cli;
+
+use std::convert::Infallible;
+
+use anyhow::Context;
+use clap::Parser;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tonic::transport::server::TcpIncoming;
+use tower::ServiceBuilder;
+
+use weft_stitcher::ingest::{self, Ingest};
+use weft_stitcher::metrics::Registry;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    init_tracing();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        ?cli,
+        "starting weft-stitcher"
+    );
+    if cli.otlp_endpoint().is_some() || cli.inventory.is_some() {
+        tracing::warn!("OTLP export and name resolution are not wired in this build yet");
+    }
+
+    let registry = Registry::new();
+    let (batches_tx, batches_rx) = mpsc::channel(cli.ingest_buffer.max(1));
+    let ingest = Ingest::new(cli.ingest(), batches_tx, &registry);
+    let consumer = ingest::print::spawn(cli.print_exchanges, batches_rx, &registry);
+
+    let metrics = TcpListener::bind(cli.metrics_listen)
+        .await
+        .with_context(|| format!("binding --metrics-listen {}", cli.metrics_listen))?;
+    tracing::info!(addr = %metrics.local_addr()?, "serving /metrics and /healthz");
+    tokio::spawn(serve_metrics(metrics, registry.clone()));
+
+    serve_grpc(&cli, ingest).await?;
+    // The ingest service (the channel's only sender) is gone: the sink drains and ends.
+    consumer.await.context("batch consumer")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves every gRPC service on `--listen` until SIGINT or SIGTERM.
+async fn serve_grpc(cli: &cli::Cli, ingest: Ingest) -> anyhow::Result<()> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("reflection v1")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<weft_proto::v1::ingest_server::IngestServer<Ingest>>()
+        .await;
+
+    let listener = TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", cli.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving gRPC");
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    // Unary calls (Query) are bounded in time and number; beyond the number they are shed
+    // with UNAVAILABLE instead of queueing. Ingest streams return their response at once
+    // and are bounded by --max-streams inside the service.
+    let layers = ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(cli.max_concurrent_requests.max(1))
+        .into_inner();
+    tonic::transport::Server::builder()
+        .timeout(cli.request_timeout)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .layer(layers)
+        .add_service(ingest.server())
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await
+        .context("gRPC server")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+/// `/metrics` (Prometheus text from the registry) and `/healthz`.
+async fn serve_metrics(listener: TcpListener, registry: Registry) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(metrics_response(&req, &registry)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "metrics connection");
+            }
+        });
+    }
+}
+
+fn metrics_response<B>(
+    req: &hyper::Request<B>,
+    registry: &Registry,
+) -> hyper::Response<Full<Bytes>> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/metrics" => (
+            200,
+            "text/plain; version=0.0.4",
+            registry.render_prometheus(),
+        ),
+        "/healthz" => (200, "text/plain", "ok\n".to_string()),
+        _ => (404, "text/plain", "not found\n".to_string()),
+    };
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

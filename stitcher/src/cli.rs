@@ -1,0 +1,125 @@
+//! Command-line flags of `weft-stitcher` (each also read from `WEFT_<FLAG>`), and their
+//! translation into the stages' configurations.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use weft_stitcher::ingest::IngestConfig;
+use weft_stitcher::ingest::print::PrintFormat;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kubernetes {
+    /// Watch the Kubernetes API when running in a cluster (service account present).
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft-stitcher",
+    version,
+    about = "Weaves what every node's collector saw into traces"
+)]
+pub struct Cli {
+    /// gRPC address: Ingest, Query, reflection, health.
+    #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:9400")]
+    pub listen: SocketAddr,
+
+    /// Prometheus `/metrics` and `/healthz`.
+    #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "0.0.0.0:9402")]
+    pub metrics_listen: SocketAddr,
+
+    /// OTLP/gRPC endpoint to export traces to (also `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    #[arg(long, env = "WEFT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Static inventory file naming pods, services and nodes (outside Kubernetes).
+    #[arg(long, env = "WEFT_INVENTORY")]
+    pub inventory: Option<PathBuf>,
+
+    /// Watch the Kubernetes API for names.
+    #[arg(long, env = "WEFT_KUBERNETES", value_enum, default_value = "auto")]
+    pub kubernetes: Kubernetes,
+
+    /// Print every exported span on stdout.
+    #[arg(long, env = "WEFT_PRINT", value_enum, default_value = "off")]
+    pub print: PrintFormat,
+
+    /// A trace is complete after this long without new spans.
+    #[arg(long, env = "WEFT_TRACE_IDLE", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub trace_idle: Duration,
+
+    /// Debug: print every ingested (deduplicated) exchange on stdout, one line each.
+    #[arg(long, env = "WEFT_PRINT_EXCHANGES", value_enum, default_value = "off")]
+    pub print_exchanges: PrintFormat,
+
+    /// Largest accepted EventBatch (after decompression); larger ones end their stream
+    /// with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "WEFT_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Most collector streams served at once; more are refused with UNAVAILABLE.
+    #[arg(long, env = "WEFT_MAX_STREAMS", default_value_t = 1024)]
+    pub max_streams: usize,
+
+    /// Batches buffered between ingest and the pipeline; when full, acks wait
+    /// (back-pressure to the collectors).
+    #[arg(long, env = "WEFT_INGEST_BUFFER", default_value_t = 64)]
+    pub ingest_buffer: usize,
+
+    /// Forget a collector instance (dedup state, status) after this long without batches.
+    #[arg(long, env = "WEFT_INSTANCE_IDLE_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub instance_idle_ttl: Duration,
+
+    /// Out-of-order batch seqs remembered per collector instance for deduplication.
+    #[arg(long, env = "WEFT_DEDUP_WINDOW", default_value_t = 4096)]
+    pub dedup_window: usize,
+
+    /// Deadline of unary gRPC calls (Query); exceeded calls end with CANCELLED.
+    #[arg(long, env = "WEFT_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// gRPC calls in progress at once before new ones are shed with UNAVAILABLE.
+    #[arg(long, env = "WEFT_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    pub max_concurrent_requests: usize,
+}
+
+impl Cli {
+    /// `--otlp-endpoint`, else the OpenTelemetry standard variable.
+    pub fn otlp_endpoint(&self) -> Option<String> {
+        self.otlp_endpoint.clone().or_else(|| {
+            std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+    }
+
+    pub fn ingest(&self) -> IngestConfig {
+        IngestConfig {
+            max_message_bytes: self.max_message_bytes,
+            max_streams: self.max_streams.max(1),
+            instance_idle_ttl: self.instance_idle_ttl,
+            dedup_window: self.dedup_window.max(1),
+            ..IngestConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["weft-stitcher", "--listen", "127.0.0.1:0"]).unwrap();
+        assert_eq!(cli.trace_idle, Duration::from_secs(2));
+        assert_eq!(cli.print_exchanges, PrintFormat::Off);
+        assert_eq!(cli.ingest().max_message_bytes, 16 << 20);
+    }
+}

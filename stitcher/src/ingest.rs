@@ -1,1 +1,0 @@
-//! ingest: stage placeholder (being written).
