@@ -1,1 +1,178 @@
-fn main() {}
+//! weft-collector: flags in, the data path wired: attach → capture → parse → ship/print.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use aya::Ebpf;
+use clap::Parser as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, error, info, warn};
+use weft_collector::{
+    attach::{
+        self, AttachError, Attacher, Backend, Iface,
+        links::{self, InterfaceFilter, LinkEvent, LinkWatcher},
+        tracefs,
+    },
+    capture::{Capture, Captured},
+    cli::Cli,
+    metrics::{self, Metrics},
+};
+
+/// The kernel programs, built by build.rs.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-collector-ebpf"));
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Before any thread exists: may unshare the mount namespace.
+    match tracefs::ensure() {
+        Ok(true) => info!("mounted tracefs in a private mount namespace"),
+        Ok(false) => {}
+        Err(e) => warn!("tracefs unavailable, the connection tracepoint will fail: {e:#}"),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("weft-collector: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let listener = metrics::bind(cli.metrics_listen).await?;
+    info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
+    tokio::spawn(metrics.clone().serve(listener));
+
+    let filter = InterfaceFilter::new(&cli.interfaces)?;
+    let backend = Backend::resolve(cli.tc_backend);
+    let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
+    let mut capture = Capture::new(&mut ebpf)?;
+
+    let (conn, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    // Subscribe before listing so that no interface falls between the two.
+    let mut watcher = LinkWatcher::subscribe()?;
+    let present = links::list(&rtnl).await?;
+    let stale = attach::remove_stale(&rtnl, &present).await;
+    if stale > 0 {
+        info!(
+            filters = stale,
+            "removed stale filters of an earlier instance"
+        );
+    }
+
+    let mut attacher = Attacher::new(ebpf, backend, rtnl, metrics.clone())?;
+    info!(backend = backend.as_str(), "attaching");
+    for iface in present.iter().filter(|i| filter.matches(&i.name)) {
+        if let Err(e) = attach_one(&mut attacher, iface).await {
+            // A refusal at start is fatal: the operator must fix the configuration first.
+            attacher.shutdown().await;
+            return Err(e.into());
+        }
+    }
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut events = 0u64;
+    info!("running");
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
+            ev = watcher.next() => match ev {
+                Some(ev) => on_link_event(&mut attacher, &filter, ev).await,
+                None => { warn!("the rtnetlink link subscription closed: new pods are no longer followed"); watcher = LinkWatcher::subscribe()?; }
+            },
+            res = capture.drain(|c| {
+                events += 1;
+                on_captured(c);
+            }) => res?,
+            _ = tick.tick() => {
+                let s = capture.stats();
+                metrics.record_read(s.packets, s.conns, s.malformed);
+                metrics.record_kernel(&capture.kernel_counters());
+            }
+        }
+    }
+    attacher.shutdown().await;
+    info!(events, "stopped");
+    Ok(())
+}
+
+/// Attaches to one interface; only a Cilium refusal is an error (other failures are logged
+/// and visible in `/metrics` as state `failed`).
+async fn attach_one(attacher: &mut Attacher, iface: &Iface) -> Result<(), AttachError> {
+    match attacher.attach(iface).await {
+        Ok(()) => Ok(()),
+        Err(AttachError::Refused(msg)) => Err(AttachError::Refused(msg)),
+        Err(AttachError::Failed(e)) => {
+            warn!(interface = %iface.name, "not traced: {e:#}");
+            Ok(())
+        }
+    }
+}
+
+async fn on_link_event(attacher: &mut Attacher, filter: &InterfaceFilter, ev: LinkEvent) {
+    match ev {
+        LinkEvent::Present(iface) if filter.matches(&iface.name) => {
+            if !attacher.is_attached(iface.index)
+                && let Err(e) = attach_one(attacher, &iface).await
+            {
+                error!(interface = %iface.name, "not traced: {e}");
+            }
+        }
+        // Renamed to something we do not trace.
+        LinkEvent::Present(iface) => attacher.detach(iface.index, false).await,
+        LinkEvent::Gone(index) => attacher.detach(index, true).await,
+    }
+}
+
+fn on_captured(c: Captured<'_>) {
+    match c {
+        Captured::Packet {
+            event,
+            wall_unix_nanos,
+        } => debug!(
+            ifindex = event.ifindex,
+            dir = event.direction,
+            seq = event.seq,
+            len = event.payload_len,
+            wall_unix_nanos,
+            head = %String::from_utf8_lossy(&event.head[..(event.captured_len as usize).min(event.head.len())]).lines().next().unwrap_or(""),
+            "packet"
+        ),
+        Captured::Conn {
+            event,
+            wall_unix_nanos,
+        } => debug!(
+            old = event.oldstate,
+            new = event.newstate,
+            sport = event.sport,
+            dport = event.dport,
+            wall_unix_nanos,
+            "conn"
+        ),
+    }
+}

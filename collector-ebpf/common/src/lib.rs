@@ -90,6 +90,37 @@ pub enum Counter {
     ConnRingFull = 5,
     /// Payload copy failed.
     CopyFailed = 6,
+    /// An HTTP segment's payload was longer than `HEAD_LEN`: only the head was copied
+    /// (informational: bodies and long headers beyond the head are not needed).
+    HeadCut = 7,
+}
+
+impl Counter {
+    /// Every counter, in index order (for user space to read and name them).
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::Packets,
+        Counter::Emitted,
+        Counter::RingFull,
+        Counter::BadHeader,
+        Counter::NotHttp,
+        Counter::ConnRingFull,
+        Counter::CopyFailed,
+        Counter::HeadCut,
+    ];
+
+    /// A stable snake_case name for metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Packets => "packets",
+            Counter::Emitted => "emitted",
+            Counter::RingFull => "ring_full",
+            Counter::BadHeader => "bad_header",
+            Counter::NotHttp => "not_http",
+            Counter::ConnRingFull => "conn_ring_full",
+            Counter::CopyFailed => "copy_failed",
+            Counter::HeadCut => "head_cut",
+        }
+    }
 }
 
 /// Number of counters (size of the counter array).
@@ -111,6 +142,13 @@ mod tests {
         assert_eq!(offset_of!(PacketEvent, head), 68);
         assert_eq!(size_of::<PacketEvent>(), 68 + HEAD_LEN + 4);
         assert_eq!(align_of::<PacketEvent>(), 8);
+    }
+
+    #[test]
+    fn counters_are_indexed_in_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
     }
 
     #[test]

@@ -1,0 +1,131 @@
+//! Which interfaces to trace, and following them as pods come and go.
+//!
+//! In: rtnetlink link dumps and `RTNLGRP_LINK` notifications of this network namespace.
+//! Out: `LinkEvent`s for interfaces whose names match `--interfaces` (a renamed interface
+//! that stops matching is reported as removed).
+
+use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::{
+    RouteNetlinkMessage,
+    link::{LinkAttribute, LinkMessage},
+};
+use rtnetlink::{Handle, MulticastGroup};
+
+use super::Iface;
+
+/// Interface-name globs from `--interfaces`.
+#[derive(Debug, Clone)]
+pub struct InterfaceFilter {
+    set: GlobSet,
+}
+
+impl InterfaceFilter {
+    pub fn new(globs: &[String]) -> anyhow::Result<Self> {
+        let mut b = GlobSetBuilder::new();
+        for g in globs.iter().map(|g| g.trim()).filter(|g| !g.is_empty()) {
+            b.add(Glob::new(g).map_err(|e| anyhow::anyhow!("bad interface glob {g:?}: {e}"))?);
+        }
+        Ok(Self { set: b.build()? })
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        self.set.is_match(name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A link exists with this name (new, changed or renamed).
+    Present(Iface),
+    /// The link with this index is gone.
+    Gone(u32),
+}
+
+/// The ifindex of `name` in this network namespace.
+pub fn ifindex(name: &str) -> std::io::Result<u32> {
+    nix::net::if_::if_nametoindex(name).map_err(std::io::Error::from)
+}
+
+fn iface_of(msg: &LinkMessage) -> Option<Iface> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(Iface {
+            index: msg.header.index,
+            name: name.clone(),
+        }),
+        _ => None,
+    })
+}
+
+/// Every interface of this network namespace.
+pub async fn list(handle: &Handle) -> anyhow::Result<Vec<Iface>> {
+    let mut out = Vec::new();
+    let mut links = Box::pin(handle.link().get().execute());
+    while let Some(msg) = links.try_next().await? {
+        out.extend(iface_of(&msg));
+    }
+    Ok(out)
+}
+
+/// Link notifications. Subscribe before listing so that nothing falls between the two.
+pub struct LinkWatcher {
+    messages: UnboundedReceiver<(
+        NetlinkMessage<RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+}
+
+impl LinkWatcher {
+    pub fn subscribe() -> anyhow::Result<Self> {
+        let (conn, _handle, messages) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Link])?;
+        tokio::spawn(conn);
+        Ok(Self { messages })
+    }
+
+    /// The next link event; `None` when the netlink socket closed.
+    pub async fn next(&mut self) -> Option<LinkEvent> {
+        loop {
+            let (msg, _) = self.messages.next().await?;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    if let Some(iface) = iface_of(&link) {
+                        return Some(LinkEvent::Present(iface));
+                    }
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                    return Some(LinkEvent::Gone(link.header.index));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_globs_match_cni_veths_only() {
+        let f = InterfaceFilter::new(
+            &crate::cli::DEFAULT_INTERFACES
+                .split(',')
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        for yes in ["veth1a2b", "lxc12345", "cali0abc", "cni0", "eni9", "gke77"] {
+            assert!(f.matches(yes), "{yes}");
+        }
+        for no in ["eth0", "lo", "cilium_host", "vxlan.calico", "docker0"] {
+            assert!(!f.matches(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn bad_glob_is_an_error() {
+        assert!(InterfaceFilter::new(&["veth[".into()]).is_err());
+    }
+}

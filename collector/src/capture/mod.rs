@@ -1,0 +1,187 @@
+//! Capture: reads what the kernel programs wrote.
+//!
+//! In: the `WEFT_PACKETS` and `WEFT_CONNS` ring buffers (woken by tokio `AsyncFd`) and the
+//! per-CPU `WEFT_COUNTERS`. Out: `Captured` events (the kernel structs, copied out of the ring,
+//! with the monotonic kernel timestamp converted to wall-clock Unix nanoseconds) and the summed
+//! kernel counters.
+
+use std::mem::size_of;
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray, RingBuf},
+};
+use tokio::io::unix::AsyncFd;
+use weft_ebpf_common::{COUNTER_COUNT, ConnEvent, Counter, PacketEvent};
+
+pub const MAP_PACKETS: &str = "WEFT_PACKETS";
+pub const MAP_CONNS: &str = "WEFT_CONNS";
+pub const MAP_COUNTERS: &str = "WEFT_COUNTERS";
+
+/// One event from the kernel, with its wall-clock time.
+pub enum Captured<'a> {
+    Packet {
+        event: &'a PacketEvent,
+        wall_unix_nanos: u64,
+    },
+    Conn {
+        event: &'a ConnEvent,
+        wall_unix_nanos: u64,
+    },
+}
+
+/// Counts of what the reader itself saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReadStats {
+    pub packets: u64,
+    pub conns: u64,
+    /// Ring entries of the wrong size (kernel and user space built from different sources).
+    pub malformed: u64,
+}
+
+pub struct Capture {
+    packets: AsyncFd<RingBuf<MapData>>,
+    conns: AsyncFd<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+    stats: ReadStats,
+}
+
+impl Capture {
+    /// Takes the maps out of `ebpf` (the programs stay there for `attach`).
+    /// Must be called inside a tokio runtime.
+    pub fn new(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        let packets = RingBuf::try_from(take(MAP_PACKETS)?)?;
+        let conns = RingBuf::try_from(take(MAP_CONNS)?)?;
+        let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
+        Ok(Self {
+            packets: poll(packets).context("polling the packet ring buffer")?,
+            conns: poll(conns).context("polling the connection ring buffer")?,
+            counters,
+            stats: ReadStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> ReadStats {
+        self.stats
+    }
+
+    /// Waits until either ring buffer has data, then hands every available event to `sink`.
+    /// Cancel-safe: nothing is consumed before the wait completes.
+    pub async fn drain(&mut self, mut sink: impl FnMut(Captured<'_>)) -> anyhow::Result<()> {
+        let Self {
+            packets,
+            conns,
+            stats,
+            ..
+        } = self;
+        tokio::select! {
+            guard = packets.readable_mut() => {
+                let mut guard = guard?;
+                let offset = mono_to_wall_offset();
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    match read_event::<PacketEvent>(&item) {
+                        Some(ev) => {
+                            stats.packets += 1;
+                            let wall_unix_nanos = ev.ts_ns.saturating_add_signed(offset);
+                            sink(Captured::Packet { event: &ev, wall_unix_nanos });
+                        }
+                        None => stats.malformed += 1,
+                    }
+                }
+                guard.clear_ready();
+            }
+            guard = conns.readable_mut() => {
+                let mut guard = guard?;
+                let offset = mono_to_wall_offset();
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    match read_event::<ConnEvent>(&item) {
+                        Some(ev) => {
+                            stats.conns += 1;
+                            let wall_unix_nanos = ev.ts_ns.saturating_add_signed(offset);
+                            sink(Captured::Conn { event: &ev, wall_unix_nanos });
+                        }
+                        None => stats.malformed += 1,
+                    }
+                }
+                guard.clear_ready();
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel counters summed over all CPUs, indexed by `Counter`.
+    pub fn kernel_counters(&self) -> [u64; COUNTER_COUNT as usize] {
+        let mut out = [0u64; COUNTER_COUNT as usize];
+        for c in Counter::ALL {
+            if let Ok(per_cpu) = self.counters.get(&(c as u32), 0) {
+                out[c as usize] = per_cpu.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+fn poll(ring: RingBuf<MapData>) -> std::io::Result<AsyncFd<RingBuf<MapData>>> {
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
+    // the `AsyncFd` owns the ring buffer.
+    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// Copies a kernel struct out of a ring buffer entry; `None` if the size does not match.
+fn read_event<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `T` is a `#[repr(C)]` plain-data struct from weft-ebpf-common (every bit
+    // pattern valid), the length was checked, and `read_unaligned` needs no alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// `CLOCK_REALTIME - CLOCK_MONOTONIC` now, in nanoseconds: added to `bpf_ktime_get_ns()`
+/// timestamps it gives wall-clock time. Sampled per batch so clock steps are followed.
+pub fn mono_to_wall_offset() -> i64 {
+    let now = |clock| {
+        nix::time::clock_gettime(clock)
+            .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
+            .unwrap_or(0)
+    };
+    let mono = now(nix::time::ClockId::CLOCK_MONOTONIC);
+    let real = now(nix::time::ClockId::CLOCK_REALTIME);
+    real - mono
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_ring_entries_are_rejected_not_read() {
+        let bytes = [0u8; size_of::<ConnEvent>() - 1];
+        assert!(read_event::<ConnEvent>(&bytes).is_none());
+        let bytes = [0u8; size_of::<ConnEvent>()];
+        assert!(read_event::<ConnEvent>(&bytes).is_some());
+    }
+
+    #[test]
+    fn monotonic_converts_to_now() {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+        let mono_ns = (mono.tv_sec() * 1_000_000_000 + mono.tv_nsec()) as u64;
+        let wall = mono_ns.saturating_add_signed(mono_to_wall_offset());
+        let sys = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert!(
+            wall.abs_diff(sys) < 50_000_000,
+            "wall {wall} vs system {sys}"
+        );
+    }
+}

@@ -1,0 +1,61 @@
+//! Command-line flags (DESIGN.md "Interfaces that users and tests rely on"); every flag also
+//! reads `WEFT_<FLAG>`.
+
+use std::net::SocketAddr;
+
+use clap::{Parser, ValueEnum};
+
+/// Pod-side veth names of common CNIs: plain veth pairs and the bridge plugin (`veth*`),
+/// Cilium (`lxc*`), Calico (`cali*`), the CNI reference plugins (`cni*`), AWS VPC CNI (`eni*`),
+/// GKE (`gke*`), and the test harness (`wh*`).
+pub const DEFAULT_INTERFACES: &str = "veth*,lxc*,cali*,cni*,eni*,gke*";
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "weft-collector", version, about = "Weft per-node collector")]
+pub struct Cli {
+    /// Identity of this node (default: the host name).
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Stitcher URL, e.g. http://10.0.0.1:9400. Absent: local only (print/metrics).
+    #[arg(long, env = "WEFT_STITCHER")]
+    pub stitcher: Option<String>,
+
+    /// Comma-separated globs of interface names to trace.
+    #[arg(long, env = "WEFT_INTERFACES", default_value = DEFAULT_INTERFACES, value_delimiter = ',')]
+    pub interfaces: Vec<String>,
+
+    /// How classifiers are attached: `auto` (TCX where the kernel supports it), `tcx`, `netlink`.
+    #[arg(long, env = "WEFT_TC_BACKEND", value_enum, default_value_t = TcBackendArg::Auto)]
+    pub tc_backend: TcBackendArg,
+
+    /// Print exchanges locally: `off`, `text` or `json` (one object per line).
+    #[arg(long, env = "WEFT_PRINT", value_enum, default_value_t = PrintMode::Off)]
+    pub print: PrintMode,
+
+    /// Address of the Prometheus `/metrics` and `/healthz` endpoint.
+    #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "0.0.0.0:9401")]
+    pub metrics_listen: SocketAddr,
+
+    /// Keep query strings in paths (default: redacted).
+    #[arg(long, env = "WEFT_KEEP_QUERY", default_value_t = false)]
+    pub keep_query: bool,
+
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TcBackendArg {
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrintMode {
+    Off,
+    Text,
+    Json,
+}

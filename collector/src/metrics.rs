@@ -1,0 +1,333 @@
+//! Metrics: what every stage counted, served as Prometheus text on `/metrics`, and `/healthz`.
+//!
+//! In: counts pushed by `attach` (backend, state per interface), `capture` (events read, kernel
+//! counters) and `parse` (exchanges, connections, failures). Out: HTTP on `--metrics-listen`.
+//! Other stages (for example `ship`) register their own metrics with `Metrics::register`.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Metric, Registry},
+};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+use weft_ebpf_common::{COUNTER_COUNT, Counter as KernelCounter};
+
+type Labels = Vec<(String, String)>;
+
+/// Attach state of a traced interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfaceState {
+    Attached,
+    /// The Cilium rules forbid attaching (netlink mode).
+    Refused,
+    Failed,
+}
+
+impl IfaceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IfaceState::Attached => "attached",
+            IfaceState::Refused => "refused",
+            IfaceState::Failed => "failed",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    backend: Family<Labels, Gauge>,
+    interfaces: Family<Labels, Gauge>,
+    iface_states: Mutex<std::collections::HashMap<String, IfaceState>>,
+    events_read: Family<Labels, Counter>,
+    ring_malformed: Counter,
+    kernel: Family<Labels, Counter>,
+    ring_drops: Family<Labels, Counter>,
+    parse_failures: Counter,
+    exchanges: Counter,
+    connections: Counter,
+}
+
+/// Raises a monotonically increasing counter to `total` (the sources keep running totals).
+fn raise_to(c: &Counter, total: u64) {
+    let now = c.get();
+    if total > now {
+        c.inc_by(total - now);
+    }
+}
+
+fn labels(k: &str, v: &str) -> Labels {
+    vec![(k.to_owned(), v.to_owned())]
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Self {
+            registry: Mutex::new(Registry::with_prefix("weft_collector")),
+            backend: Family::default(),
+            interfaces: Family::default(),
+            iface_states: Mutex::default(),
+            events_read: Family::default(),
+            ring_malformed: Counter::default(),
+            kernel: Family::default(),
+            ring_drops: Family::default(),
+            parse_failures: Counter::default(),
+            exchanges: Counter::default(),
+            connections: Counter::default(),
+        };
+        {
+            let mut r = m.registry.lock();
+            r.register(
+                "tc_backend",
+                "How classifiers are attached (label backend = tcx | netlink)",
+                m.backend.clone(),
+            );
+            r.register(
+                "interface_state",
+                "Attach state per traced interface (1 = in this state)",
+                m.interfaces.clone(),
+            );
+            r.register(
+                "events_read",
+                "Events read from the kernel ring buffers",
+                m.events_read.clone(),
+            );
+            r.register(
+                "ring_malformed",
+                "Ring buffer entries of an unexpected size (dropped)",
+                m.ring_malformed.clone(),
+            );
+            r.register(
+                "kernel_events",
+                "Per-CPU kernel counters summed (packets seen, emitted, and every bail-out)",
+                m.kernel.clone(),
+            );
+            r.register(
+                "ring_drops",
+                "Events lost because a ring buffer was full",
+                m.ring_drops.clone(),
+            );
+            r.register(
+                "parse_failures",
+                "HTTP heads that could not be parsed or paired",
+                m.parse_failures.clone(),
+            );
+            r.register(
+                "exchanges",
+                "Exchanges (request + response) produced",
+                m.exchanges.clone(),
+            );
+            r.register(
+                "connections",
+                "Connection events produced",
+                m.connections.clone(),
+            );
+        }
+        m
+    }
+
+    /// Lets another stage add its metrics (names get the `weft_collector_` prefix).
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        self.registry.lock().register(name, help, metric);
+    }
+
+    pub fn set_backend(&self, backend: &str) {
+        self.backend.clear();
+        self.backend
+            .get_or_create(&labels("backend", backend))
+            .set(1);
+    }
+
+    pub fn set_iface(&self, name: &str, state: IfaceState) {
+        let mut states = self.iface_states.lock();
+        if let Some(old) = states.insert(name.to_owned(), state) {
+            self.interfaces.remove(&iface_labels(name, old));
+        }
+        self.interfaces
+            .get_or_create(&iface_labels(name, state))
+            .set(1);
+    }
+
+    pub fn remove_iface(&self, name: &str) {
+        if let Some(old) = self.iface_states.lock().remove(name) {
+            self.interfaces.remove(&iface_labels(name, old));
+        }
+    }
+
+    pub fn iface_states(&self) -> Vec<(String, IfaceState)> {
+        let mut v: Vec<_> = self
+            .iface_states
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn record_read(&self, packets: u64, conns: u64, malformed: u64) {
+        raise_to(
+            &self.events_read.get_or_create(&labels("ring", "packets")),
+            packets,
+        );
+        raise_to(
+            &self.events_read.get_or_create(&labels("ring", "conns")),
+            conns,
+        );
+        raise_to(&self.ring_malformed, malformed);
+    }
+
+    pub fn record_kernel(&self, counters: &[u64; COUNTER_COUNT as usize]) {
+        for c in KernelCounter::ALL {
+            raise_to(
+                &self.kernel.get_or_create(&labels("counter", c.name())),
+                counters[c as usize],
+            );
+        }
+        raise_to(
+            &self.ring_drops.get_or_create(&labels("ring", "packets")),
+            counters[KernelCounter::RingFull as usize],
+        );
+        raise_to(
+            &self.ring_drops.get_or_create(&labels("ring", "conns")),
+            counters[KernelCounter::ConnRingFull as usize],
+        );
+    }
+
+    pub fn record_parse(&self, exchanges: u64, connections: u64, failures: u64) {
+        raise_to(&self.exchanges, exchanges);
+        raise_to(&self.connections, connections);
+        raise_to(&self.parse_failures, failures);
+    }
+
+    pub fn inc_exchanges(&self) {
+        self.exchanges.inc();
+    }
+
+    pub fn inc_connections(&self) {
+        self.connections.inc();
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry.lock()) {
+            warn!("encoding metrics failed: {e}");
+        }
+        out
+    }
+
+    /// Serves `/metrics` and `/healthz` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("metrics accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let metrics = self.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, Infallible>(metrics.respond(&req)) }
+                });
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    info!(%peer, "metrics connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let (status, ctype, body) = match req.uri().path() {
+            "/metrics" => (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.encode(),
+            ),
+            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found\n".to_owned(),
+            ),
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        if let Ok(v) = ctype.parse() {
+            resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        resp
+    }
+}
+
+fn iface_labels(name: &str, state: IfaceState) -> Labels {
+    vec![
+        ("interface".to_owned(), name.to_owned()),
+        ("state".to_owned(), state.as_str().to_owned()),
+    ]
+}
+
+/// Binds the metrics listener (fails early, before anything is attached, on a busy port).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding --metrics-listen {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_backend_interfaces_and_drops() {
+        let m = Metrics::new();
+        m.set_backend("tcx");
+        m.set_iface("veth1", IfaceState::Attached);
+        m.set_iface("lxc2", IfaceState::Failed);
+        m.set_iface("lxc2", IfaceState::Refused);
+        let mut k = [0u64; COUNTER_COUNT as usize];
+        k[KernelCounter::RingFull as usize] = 7;
+        m.record_kernel(&k);
+        m.record_kernel(&k);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"weft_collector_tc_backend{backend="tcx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"weft_collector_interface_state{interface="veth1",state="attached"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(r#"state="failed""#), "{text}");
+        assert!(
+            text.contains(r#"weft_collector_ring_drops_total{ring="packets"} 7"#),
+            "{text}"
+        );
+        m.remove_iface("veth1");
+        assert!(!m.encode().contains("veth1"));
+    }
+}
