@@ -1,1 +1,549 @@
-//! link: stage placeholder (being written).
+//! link: each outgoing call → the server span it was made for.
+//!
+//! In: [`Call`]s from the join stage, plus every SERVER half as soon as it arrives
+//! ([`Linker::observe_server`], so candidates do not wait for their own join).
+//! Out: [`LinkedCall`]s: the call and, for its CLIENT span, the chosen parent and how
+//! it was chosen ([`LinkKind`]).
+//!
+//! A pod's outgoing CLIENT call is a child of the SERVER span the pod was serving. The
+//! caller pod is the client half's source address (seen leaving the pod, before any NAT);
+//! the server spans of that pod are the SERVER halves whose destination is that address
+//! (seen entering the pod, after DNAT). Both halves are observed by the same collector (the
+//! pod's node), so their clocks agree. Rules, strongest first:
+//!
+//! 1. **traceparent** (exact): the call carries `00-T-C-..`; a server span of the same pod
+//!    received trace id `T`. Several such spans (a trace visiting the pod twice): the one
+//!    that contains the call in time, latest start first.
+//! 2. **thread** (exact where a thread serves one request at a time): the seam for thread
+//!    attribution. Exchanges carry the `pid`/`tid` that read the request (SERVER) and wrote
+//!    the call (CLIENT); 0 means unknown, so today this rule never fires. When the collector
+//!    fills them, the one containing server span of the same thread is the parent.
+//! 3. **timing** (inferred): server spans of the same pod with
+//!    `server.start <= call.start && call.end <= server.end`. Exactly one → `timing`.
+//!    **Several → `ambiguous`**, and the stated rule picks the candidate that started last
+//!    before the call (the innermost, most recently accepted request). The link is kept so
+//!    the call is not orphaned, but marked so nobody mistakes it for evidence. None → the
+//!    call is a root.
+//!
+//! When to decide: a server span ends after the calls it contains, so its SERVER half
+//! usually arrives *after* its children. A call therefore waits `wait_nanos` (stitcher
+//! clock, from its arrival) before the rules run; candidates are kept in a per-pod index
+//! for `retention_nanos`. A parent that arrives later than that is missed (the call becomes
+//! a root): under-linking, never a wrong `timing` link from a half-seen candidate set,
+//! unless the real parent was lost on its way.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+
+use crate::join::Call;
+use crate::metrics::{Counter, Registry};
+use crate::model::{Half, LinkKind, SpanId, TraceId};
+
+/// A call with the parent of its CLIENT span decided.
+#[derive(Debug, Clone)]
+pub struct LinkedCall {
+    pub call: Call,
+    /// The SERVER span that made this call, and how it was found. `None`: a root (also
+    /// always `None` for a call seen only on the server side).
+    pub parent: Option<SpanLink>,
+}
+
+/// An edge from a CLIENT span to the SERVER span it was made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanLink {
+    pub parent: SpanId,
+    pub kind: LinkKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LinkConfig {
+    /// How long a call waits for the server span that contains it.
+    pub wait_nanos: u64,
+    /// How long a server span stays a candidate after it arrived.
+    pub retention_nanos: u64,
+    /// Most calls waiting; beyond it the oldest is decided early.
+    pub max_pending: usize,
+    /// Most candidate server spans indexed; beyond it the oldest are forgotten.
+    pub max_candidates: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            wait_nanos: 500_000_000,
+            retention_nanos: 5_000_000_000,
+            max_pending: 1 << 20,
+            max_candidates: 1 << 20,
+        }
+    }
+}
+
+/// A server span as a candidate parent.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    end: u64,
+    pid: u32,
+    tid: u32,
+}
+
+/// The server spans of one pod, by start time.
+#[derive(Default)]
+struct PodSpans {
+    by_start: BTreeMap<(u64, SpanId), Candidate>,
+    /// Longest candidate duration seen: bounds how far back a containment search looks.
+    max_duration: u64,
+}
+
+/// Candidates of one call, in the order the rules consider them.
+struct Found {
+    by_trace: Vec<SpanId>,
+    by_thread: Vec<SpanId>,
+    by_time: Vec<SpanId>,
+}
+
+struct Counters {
+    traceparent: Counter,
+    thread: Counter,
+    timing: Counter,
+    ambiguous: Counter,
+    root: Counter,
+    evicted_pending: Counter,
+    evicted_candidates: Counter,
+}
+
+/// The link stage.
+pub struct Linker {
+    cfg: LinkConfig,
+    pods: HashMap<IpAddr, PodSpans>,
+    /// Exact index for rule 1: (pod address, trace id) → server spans.
+    by_trace: HashMap<(IpAddr, TraceId), Vec<SpanId>>,
+    /// Candidate expiry order: (expires, pod, start, span, trace).
+    candidates: VecDeque<(u64, IpAddr, u64, SpanId, Option<TraceId>)>,
+    /// Calls waiting for a decision, in arrival order: (ready at, call).
+    waiting: VecDeque<(u64, Call)>,
+    counters: Counters,
+}
+
+impl Linker {
+    pub fn new(cfg: LinkConfig, metrics: &Registry) -> Self {
+        let c = |name: &str, help| metrics.counter(name, help);
+        Linker {
+            cfg,
+            pods: HashMap::new(),
+            by_trace: HashMap::new(),
+            candidates: VecDeque::new(),
+            waiting: VecDeque::new(),
+            counters: Counters {
+                traceparent: c(
+                    "link.traceparent",
+                    "calls linked by a propagated traceparent",
+                ),
+                thread: c("link.thread", "calls linked by thread attribution"),
+                timing: c(
+                    "link.timing",
+                    "calls linked by the only containing server span",
+                ),
+                ambiguous: c(
+                    "link.ambiguous",
+                    "calls with several containing server spans (linked by the stated rule, marked)",
+                ),
+                root: c(
+                    "link.root",
+                    "calls without any containing server span (roots)",
+                ),
+                evicted_pending: c(
+                    "link.evicted",
+                    "calls decided early because the pending bound was reached",
+                ),
+                evicted_candidates: c(
+                    "link.candidates_evicted",
+                    "candidate server spans forgotten early because the index bound was reached",
+                ),
+            },
+        }
+    }
+
+    /// Calls waiting for a decision.
+    pub fn pending(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Indexes a SERVER half as a candidate parent for calls made by its pod.
+    pub fn observe_server(&mut self, half: &Half, now: u64) {
+        let pod = half.server.addr.ip();
+        let start = half.start_unix_nanos;
+        let trace = half.traceparent.map(|t| t.trace_id);
+        let spans = self.pods.entry(pod).or_default();
+        spans.max_duration = spans
+            .max_duration
+            .max(half.end_unix_nanos.saturating_sub(start));
+        spans.by_start.insert(
+            (start, half.span_id),
+            Candidate {
+                end: half.end_unix_nanos,
+                pid: half.pid,
+                tid: half.tid,
+            },
+        );
+        if let Some(t) = trace {
+            self.by_trace
+                .entry((pod, t))
+                .or_default()
+                .push(half.span_id);
+        }
+        self.candidates.push_back((
+            now.saturating_add(self.cfg.retention_nanos),
+            pod,
+            start,
+            half.span_id,
+            trace,
+        ));
+        while self.candidates.len() > self.cfg.max_candidates {
+            self.counters.evicted_candidates.inc();
+            self.forget_oldest_candidate();
+        }
+    }
+
+    /// Takes a call from the join stage. Calls without a CLIENT half have no parent to
+    /// find and pass straight through.
+    pub fn push(&mut self, call: Call, now: u64, out: &mut Vec<LinkedCall>) {
+        if call.client.is_none() {
+            out.push(LinkedCall { call, parent: None });
+            return;
+        }
+        self.waiting
+            .push_back((now.saturating_add(self.cfg.wait_nanos), call));
+        while self.waiting.len() > self.cfg.max_pending {
+            if let Some((_, call)) = self.waiting.pop_front() {
+                self.counters.evicted_pending.inc();
+                let parent = self.decide(&call);
+                out.push(LinkedCall { call, parent });
+            }
+        }
+    }
+
+    /// Decides every call whose wait is over, and forgets expired candidates.
+    pub fn tick(&mut self, now: u64, out: &mut Vec<LinkedCall>) {
+        while self.waiting.front().is_some_and(|(ready, _)| *ready <= now) {
+            if let Some((_, call)) = self.waiting.pop_front() {
+                let parent = self.decide(&call);
+                out.push(LinkedCall { call, parent });
+            }
+        }
+        while self.candidates.front().is_some_and(|c| c.0 <= now) {
+            self.forget_oldest_candidate();
+        }
+    }
+
+    /// Decides everything still waiting (shutdown).
+    pub fn flush(&mut self, out: &mut Vec<LinkedCall>) {
+        while let Some((_, call)) = self.waiting.pop_front() {
+            let parent = self.decide(&call);
+            out.push(LinkedCall { call, parent });
+        }
+    }
+
+    fn forget_oldest_candidate(&mut self) {
+        let Some((_, pod, start, id, trace)) = self.candidates.pop_front() else {
+            return;
+        };
+        if let Some(spans) = self.pods.get_mut(&pod) {
+            spans.by_start.remove(&(start, id));
+            if spans.by_start.is_empty() {
+                self.pods.remove(&pod);
+            }
+        }
+        if let Some(t) = trace
+            && let Some(ids) = self.by_trace.get_mut(&(pod, t))
+        {
+            ids.retain(|x| *x != id);
+            if ids.is_empty() {
+                self.by_trace.remove(&(pod, t));
+            }
+        }
+    }
+
+    /// Applies the rules, strongest first, to the call's CLIENT half.
+    fn decide(&self, call: &Call) -> Option<SpanLink> {
+        let client = call.client.as_ref()?;
+        let found = self.candidates_for(client);
+        let pick = if let Some(&p) = found.by_trace.first() {
+            self.counters.traceparent.inc();
+            SpanLink {
+                parent: p,
+                kind: LinkKind::Traceparent,
+            }
+        } else if found.by_thread.len() == 1 {
+            self.counters.thread.inc();
+            SpanLink {
+                parent: found.by_thread[0],
+                kind: LinkKind::Thread,
+            }
+        } else if found.by_time.len() == 1 {
+            self.counters.timing.inc();
+            SpanLink {
+                parent: found.by_time[0],
+                kind: LinkKind::Timing,
+            }
+        } else if let Some(&latest) = found.by_time.first() {
+            self.counters.ambiguous.inc();
+            SpanLink {
+                parent: latest,
+                kind: LinkKind::Ambiguous,
+            }
+        } else {
+            self.counters.root.inc();
+            return None;
+        };
+        // A span is never its own parent (a pod calling itself through a Service).
+        (pick.parent != client.span_id).then_some(pick)
+    }
+
+    /// Server spans of the caller's pod that may have made this call. Each list is
+    /// ordered latest start first.
+    fn candidates_for(&self, call: &Half) -> Found {
+        let pod = call.client.addr.ip();
+        let mut found = Found {
+            by_trace: Vec::new(),
+            by_thread: Vec::new(),
+            by_time: Vec::new(),
+        };
+        let Some(spans) = self.pods.get(&pod) else {
+            return found;
+        };
+        let (start, end) = (call.start_unix_nanos, call.end_unix_nanos);
+        let earliest = start.saturating_sub(spans.max_duration);
+        let containing = spans
+            .by_start
+            .range((earliest, SpanId([0; 8]))..=(start, SpanId([0xff; 8])))
+            .rev()
+            .filter(|(_, c)| c.end >= end)
+            .filter(|((_, id), _)| *id != call.span_id);
+        let thread = (call.tid != 0).then_some((call.pid, call.tid));
+        for ((_, id), c) in containing {
+            found.by_time.push(*id);
+            if thread.is_some() && thread == Some((c.pid, c.tid)) {
+                found.by_thread.push(*id);
+            }
+        }
+        if let Some(tp) = call.traceparent
+            && let Some(ids) = self.by_trace.get(&(pod, tp.trace_id))
+        {
+            // Prefer same-trace spans that also contain the call, then any of them.
+            found.by_trace = found
+                .by_time
+                .iter()
+                .copied()
+                .filter(|id| ids.contains(id))
+                .collect();
+            if found.by_trace.is_empty() {
+                found.by_trace = ids.iter().rev().copied().collect();
+            }
+        }
+        found
+    }
+
+    /// Approximate bytes held (for the benchmark's memory figure).
+    pub fn pending_bytes(&self) -> usize {
+        let cand = self.candidates.len()
+            * (std::mem::size_of::<(u64, IpAddr, u64, SpanId, Option<TraceId>)>()
+                + std::mem::size_of::<((u64, SpanId), Candidate)>()
+                + 16);
+        let waiting: usize = self
+            .waiting
+            .iter()
+            .map(|(_, c)| {
+                std::mem::size_of::<(u64, Call)>()
+                    + c.client.as_ref().map_or(0, |h| h.path.len())
+                    + c.server.as_ref().map_or(0, |h| h.path.len())
+            })
+            .sum();
+        cand + waiting + self.by_trace.len() * 64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::join::tests::{ext, half, pod};
+    use weft_proto::v1::Side;
+
+    const FRONTEND: &str = "10.244.1.9";
+
+    /// A server span of the frontend pod.
+    fn served(start: u64, end: u64, tp: Option<&str>) -> Half {
+        half(
+            Side::Server,
+            ext("10.244.0.3:40000"),
+            pod(&format!("{FRONTEND}:8080"), "frontend"),
+            (start as u32, 1),
+            start,
+            end,
+            tp,
+        )
+    }
+
+    /// A call made by the frontend pod.
+    fn call(start: u64, end: u64, tp: Option<&str>) -> Call {
+        Call {
+            client: Some(half(
+                Side::Client,
+                pod(&format!("{FRONTEND}:37450"), "frontend"),
+                ext("10.96.0.20:80"),
+                (start as u32, 2),
+                start,
+                end,
+                tp,
+            )),
+            server: None,
+        }
+    }
+
+    fn linker(reg: &Registry) -> Linker {
+        Linker::new(
+            LinkConfig {
+                wait_nanos: 100,
+                retention_nanos: 10_000,
+                max_pending: 1_000,
+                max_candidates: 1_000,
+            },
+            reg,
+        )
+    }
+
+    fn decide(l: &mut Linker, c: Call, now: u64) -> Option<SpanLink> {
+        let mut out = Vec::new();
+        l.push(c, now, &mut out);
+        assert!(out.is_empty(), "a call waits before it is linked");
+        l.tick(now + 99, &mut out);
+        assert!(out.is_empty());
+        l.tick(now + 100, &mut out);
+        assert_eq!(out.len(), 1);
+        out.pop().unwrap().parent
+    }
+
+    #[test]
+    fn traceparent_wins_over_timing() {
+        let reg = Registry::new();
+        let mut l = linker(&reg);
+        let a = served(
+            100,
+            900,
+            Some("00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-1111111111111111-01"),
+        );
+        let b = served(
+            150,
+            950,
+            Some("00-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-2222222222222222-01"),
+        );
+        l.observe_server(&a, 0);
+        l.observe_server(&b, 0);
+        let c = call(
+            200,
+            300,
+            Some("00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-3333333333333333-01"),
+        );
+        let link = decide(&mut l, c, 1).unwrap();
+        assert_eq!(link.parent, a.span_id);
+        assert_eq!(link.kind, LinkKind::Traceparent);
+        assert_eq!(reg.snapshot()["link.traceparent"], 1);
+    }
+
+    #[test]
+    fn the_only_containing_span_is_a_timing_link() {
+        let reg = Registry::new();
+        let mut l = linker(&reg);
+        let a = served(100, 500, None);
+        let b = served(600, 950, None);
+        // A span of another pod containing the call must not count.
+        let other = half(
+            Side::Server,
+            ext("10.244.0.3:40000"),
+            pod("10.244.3.3:8080", "other"),
+            (5, 5),
+            50,
+            999,
+            None,
+        );
+        l.observe_server(&a, 0);
+        l.observe_server(&b, 0);
+        l.observe_server(&other, 0);
+        let link = decide(&mut l, call(650, 700, None), 1).unwrap();
+        assert_eq!(link.parent, b.span_id);
+        assert_eq!(link.kind, LinkKind::Timing);
+    }
+
+    #[test]
+    fn the_parent_may_arrive_after_the_call() {
+        let reg = Registry::new();
+        let mut l = linker(&reg);
+        let mut out = Vec::new();
+        l.push(call(200, 300, None), 0, &mut out);
+        let a = served(100, 900, None);
+        l.observe_server(&a, 50);
+        l.tick(100, &mut out);
+        assert_eq!(out[0].parent.unwrap().parent, a.span_id);
+    }
+
+    #[test]
+    fn several_containing_spans_are_marked_ambiguous_and_the_latest_start_is_picked() {
+        let reg = Registry::new();
+        let mut l = linker(&reg);
+        let a = served(100, 900, None);
+        let b = served(150, 950, None);
+        l.observe_server(&a, 0);
+        l.observe_server(&b, 0);
+        let link = decide(&mut l, call(200, 300, None), 1).unwrap();
+        assert_eq!(link.kind, LinkKind::Ambiguous);
+        assert_eq!(link.parent, b.span_id);
+        assert_eq!(reg.snapshot()["link.ambiguous"], 1);
+    }
+
+    #[test]
+    fn a_call_outside_every_server_span_is_a_root() {
+        let reg = Registry::new();
+        let mut l = linker(&reg);
+        l.observe_server(&served(100, 250, None), 0);
+        assert_eq!(decide(&mut l, call(200, 300, None), 1), None);
+        assert_eq!(reg.snapshot()["link.root"], 1);
+    }
+
+    #[test]
+    fn thread_attribution_resolves_what_timing_cannot() {
+        let reg = Registry::new();
+        let mut l = linker(&reg);
+        let mut a = served(100, 900, None);
+        a.pid = 7;
+        a.tid = 70;
+        let mut b = served(150, 950, None);
+        b.pid = 7;
+        b.tid = 71;
+        l.observe_server(&a, 0);
+        l.observe_server(&b, 0);
+        let mut c = call(200, 300, None);
+        if let Some(h) = c.client.as_mut() {
+            h.pid = 7;
+            h.tid = 70;
+        }
+        let link = decide(&mut l, c, 1).unwrap();
+        assert_eq!(link.kind, LinkKind::Thread);
+        assert_eq!(link.parent, a.span_id);
+    }
+
+    #[test]
+    fn candidates_expire_and_server_only_calls_pass_through() {
+        let reg = Registry::new();
+        let mut l = linker(&reg);
+        l.observe_server(&served(100, 900, None), 0);
+        let mut out = Vec::new();
+        l.tick(10_000, &mut out);
+        assert_eq!(decide(&mut l, call(200, 300, None), 10_001), None);
+        let s = Call {
+            client: None,
+            server: Some(served(1, 2, None)),
+        };
+        l.push(s, 10_002, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].parent.is_none());
+    }
+}

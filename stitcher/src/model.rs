@@ -24,21 +24,85 @@ pub struct ObservedBatch {
 
 /// One observed exchange with both ends resolved to names: a client or server half
 /// of a request, waiting for its other half.
+///
+/// Compact on purpose (it is what the join, link and assemble stages hold while they
+/// wait): only what a span needs, not the whole wire `Exchange`.
 #[derive(Debug, Clone)]
 pub struct Half {
+    /// This half's span id: the application's own span id for a CLIENT half that carries
+    /// a propagated `traceparent` (the header names the span that made the call), else random.
+    pub span_id: SpanId,
+    pub side: v1::Side,
+    /// Collector node that observed it.
     pub node: Arc<str>,
+    /// Collector instance and exchange id: the observation this half came from.
     pub instance: Arc<str>,
-    pub exchange: v1::Exchange,
+    pub exchange_id: u64,
     /// The caller, as resolved at the exchange's start time.
     pub client: Identity,
     /// The callee as addressed: a Service on the client side before DNAT, a pod on the
     /// server side.
     pub server: Identity,
+    pub request_seq: u32,
+    pub response_seq: u32,
+    pub start_unix_nanos: u64,
+    pub end_unix_nanos: u64,
+    pub method: Arc<str>,
+    pub path: Box<str>,
+    pub status: u32,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// The W3C `traceparent` the request carried, when valid.
+    pub traceparent: Option<TraceParent>,
+    /// Thread attribution seam (0 when unknown).
+    pub pid: u32,
+    pub tid: u32,
 }
 
 impl Half {
     pub fn side(&self) -> v1::Side {
-        v1::Side::try_from(self.exchange.side).unwrap_or(v1::Side::Unspecified)
+        self.side
+    }
+}
+
+/// A parsed W3C `traceparent` header: `00-<trace id>-<parent id>-<flags>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: TraceId,
+    /// The span that sent the request (for the request's receiver: its parent).
+    pub parent_id: SpanId,
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// Parses version 00 (and, per the spec, later versions' first four fields).
+    /// `None` for anything malformed or with all-zero ids.
+    pub fn parse(value: &str) -> Option<TraceParent> {
+        let v = value.trim();
+        let mut parts = v.split('-');
+        let version = parts.next()?;
+        let trace = parts.next()?;
+        let parent = parts.next()?;
+        let flags = parts.next()?;
+        if version.len() != 2 || version == "ff" || trace.len() != 32 || parent.len() != 16 {
+            return None;
+        }
+        if version == "00" && parts.next().is_some() {
+            return None;
+        }
+        if flags.len() != 2
+            || [version, trace, parent, flags]
+                .iter()
+                .any(|s| s.bytes().any(|b| b.is_ascii_uppercase()))
+        {
+            return None;
+        }
+        u8::from_str_radix(version, 16).ok()?;
+        Some(TraceParent {
+            trace_id: TraceId::from_hex(trace)?,
+            parent_id: SpanId::from_hex(parent)?,
+            flags: u8::from_str_radix(flags, 16).ok()?,
+        })
     }
 }
 
@@ -172,4 +236,86 @@ pub struct CompletedTrace {
 /// cannot keep up drops and counts.
 pub trait TraceSink: Send + Sync {
     fn on_trace(&self, trace: &Arc<CompletedTrace>);
+}
+
+/// The route of a path, for span names: the query string dropped and ids replaced by
+/// placeholders (`{id}` for numbers, `{uuid}` for UUIDs, `{hex}` for hex strings of 8 or
+/// more characters with a digit), so names stay few while paths are many.
+pub fn route(path: &str) -> String {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    if path.is_empty() {
+        return "/".to_string();
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(placeholder(seg).unwrap_or(seg));
+    }
+    out
+}
+
+fn placeholder(seg: &str) -> Option<&'static str> {
+    let b = seg.as_bytes();
+    if b.is_empty() {
+        return None;
+    }
+    if b.iter().all(u8::is_ascii_digit) {
+        return Some("{id}");
+    }
+    let is_uuid = b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    if is_uuid {
+        return Some("{uuid}");
+    }
+    if b.len() >= 8 && b.iter().all(u8::is_ascii_hexdigit) && b.iter().any(u8::is_ascii_digit) {
+        return Some("{hex}");
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_replace_ids_and_drop_the_query() {
+        assert_eq!(route("/api/items"), "/api/items");
+        assert_eq!(route("/api/items/42?x=1"), "/api/items/{id}");
+        assert_eq!(
+            route("/u/123e4567-e89b-12d3-a456-426614174000/cart"),
+            "/u/{uuid}/cart"
+        );
+        assert_eq!(route("/blob/deadbeef01"), "/blob/{hex}");
+        // Words that happen to be hex letters only, and short hex, stay.
+        assert_eq!(route("/cafe/decade/ab12"), "/cafe/decade/ab12");
+        assert_eq!(route("/v1/orders/"), "/v1/orders/");
+        assert_eq!(route(""), "/");
+        assert_eq!(route("?a=b"), "/");
+    }
+
+    #[test]
+    fn traceparent_parsing_follows_w3c() {
+        let tp =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(tp.trace_id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(tp.parent_id.to_hex(), "00f067aa0ba902b7");
+        assert_eq!(tp.flags, 1);
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(TraceParent::parse(bad).is_none(), "{bad}");
+        }
+    }
 }
