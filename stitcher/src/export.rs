@@ -1,1 +1,0 @@
-//! export: stage placeholder (being written).
