@@ -1,0 +1,550 @@
+//! The `parse` stage: raw kernel events in (`PacketEvent`, `ConnEvent`), the
+//! collector's output records out (`Exchange`, `Connection`).
+//!
+//! - [`http`] reads the HTTP/1 messages that begin in a segment's captured head.
+//! - [`table`] keeps, per TCP connection and interface, the requests that wait for
+//!   their response, within fixed bounds.
+//! - [`Parser`] ties them together: a request is queued on its connection; a
+//!   response on the same connection completes the oldest queued request (FIFO, so
+//!   pipelining pairs correctly) into an [`Exchange`].
+//!
+//! Sides: a request seen leaving a pod (`DIR_FROM_POD`) is the pod calling out, a
+//! `CLIENT` exchange; a request seen entering a pod (`DIR_TO_POD`) is a `SERVER`
+//! exchange. The response travels the other way on the same connection.
+//!
+//! Pairing rules beyond plain FIFO, all from TCP sequence numbers:
+//! - A segment whose seq is not after the last request (response) seq seen on its
+//!   flow is a retransmission and is ignored (`retransmitted_requests`/`_responses`).
+//! - A response whose ack does not cover the oldest pending request's first byte
+//!   cannot answer it (the server had not received it): `unmatched_responses`.
+//! - If the client had received server bytes between two pending requests (their
+//!   acks differ) and the response starts at or after that point, the older
+//!   request's response was missed: it is dropped (`unanswered_requests`) so one
+//!   lost event does not shift every later pairing on a keep-alive connection.
+//! - 1xx responses do not complete a request (101 does: nothing follows it).
+//!
+//! Privacy: query strings are redacted by default (`/a?x=1` → `/a?<redacted>`), and
+//! no header value other than `traceparent`, `tracestate`, `host`, `x-request-id`
+//! (and the number in `content-length`) is ever kept.
+//!
+//! Nothing is dropped silently: every path that loses a message is a counter in
+//! [`ParseStats`].
+
+pub mod http;
+pub mod table;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use weft_ebpf_common::{
+    ConnEvent, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6, HEAD_LEN, PacketEvent,
+    TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
+};
+use weft_proto::v1::{Connection, Endpoint, Exchange, Side, connection};
+
+use http::{Head, RequestHead, ResponseHead};
+pub use http::{ParseError, REDACTED_QUERY};
+use table::{Pending, SockPair, Table};
+
+/// The TCP ACK flag in `PacketEvent::tcp_flags`.
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// Exchanges completed but not yet taken by the caller (see [`Parser::take_ready`]).
+const MAX_READY: usize = 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseConfig {
+    /// Replace query strings by `?<redacted>` (default true).
+    pub redact_query: bool,
+    /// Requests waiting for a response on one connection; more are dropped and
+    /// counted (`evicted_requests`). Default 64.
+    pub max_pending_per_conn: usize,
+    /// Requests waiting over all connections (bounds memory). Default 65,536.
+    pub max_pending_total: usize,
+    /// Connections tracked; a new one beyond evicts the least recently used
+    /// (`evicted_connections`, its pending requests `evicted_requests`). Default 65,536.
+    pub max_connections: usize,
+    /// A request without a response after this long is dropped by [`Parser::expire`]
+    /// (`unanswered_requests`). Default 60 s.
+    pub pending_timeout: Duration,
+    /// After a close event, responses still in flight may complete requests for this
+    /// long; then the connection is dropped and what still waits counts as
+    /// unanswered. Default 2 s.
+    pub close_grace: Duration,
+    /// A connection with nothing pending is forgotten after this long without
+    /// traffic (not a loss). Default 5 min.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ParseConfig {
+    fn default() -> Self {
+        ParseConfig {
+            redact_query: true,
+            max_pending_per_conn: 64,
+            max_pending_total: 65_536,
+            max_connections: 65_536,
+            pending_timeout: Duration::from_secs(60),
+            close_grace: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Parse failures by reason ([`ParseError::name`] gives the metric label).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParseErrors([u64; ParseError::COUNT]);
+
+impl ParseErrors {
+    pub fn get(&self, reason: ParseError) -> u64 {
+        self.0[reason.index()]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Every reason with its count, zeros included (stable label set).
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        ParseError::ALL.iter().map(|r| (r.name(), self.get(*r)))
+    }
+
+    fn add(&mut self, reason: ParseError) {
+        self.0[reason.index()] += 1;
+    }
+}
+
+/// Counters of the parse stage: cumulative unless marked as a gauge.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParseStats {
+    /// `PacketEvent`s handed in.
+    pub packets: u64,
+    /// Request heads read (including cut ones).
+    pub requests: u64,
+    /// Response heads read (including 1xx and cut ones).
+    pub responses: u64,
+    /// 1xx responses (they do not complete a request).
+    pub interim_responses: u64,
+    /// Exchanges produced.
+    pub exchanges: u64,
+    /// Heads that yielded nothing, by reason.
+    pub parse_errors: ParseErrors,
+    /// Heads cut by the capture bound or spanning segments; they still yield their
+    /// first line and the header lines captured whole.
+    pub truncated_heads: u64,
+    /// A further pipelined message began after the captured bytes and was not read.
+    pub heads_beyond_capture: u64,
+    /// Retransmitted request heads (seq not after the last one seen), ignored.
+    pub retransmitted_requests: u64,
+    /// Retransmitted response heads, ignored.
+    pub retransmitted_responses: u64,
+    /// Responses that matched no pending request.
+    pub unmatched_responses: u64,
+    /// Pending requests that never got a response: timed out, their connection
+    /// closed, or their response was missed (see the module doc).
+    pub unanswered_requests: u64,
+    /// Connections evicted by the `max_connections` bound (or the per-connection
+    /// flow bound).
+    pub evicted_connections: u64,
+    /// Requests dropped by a bound: pending on an evicted connection, or refused
+    /// because a pending queue was full.
+    pub evicted_requests: u64,
+    /// Exchanges dropped because the caller did not take them (`take_ready`).
+    pub ready_overflow: u64,
+    /// `Connection` records produced.
+    pub connections: u64,
+    /// Gauge: connections tracked now.
+    pub tracked_connections: u64,
+    /// Gauge: requests waiting for a response now.
+    pub pending_requests: u64,
+}
+
+/// Turns kernel events into Exchanges and Connections. Single-threaded: the capture
+/// loop owns it.
+pub struct Parser {
+    cfg: ParseConfig,
+    table: Table,
+    stats: ParseStats,
+    /// Always equal to the sum of the pending queues (kept to avoid a scan per request).
+    pending_total: usize,
+    next_id: u64,
+    ready: VecDeque<Exchange>,
+}
+
+impl Parser {
+    pub fn new(cfg: ParseConfig) -> Self {
+        Parser {
+            cfg,
+            table: Table::default(),
+            stats: ParseStats::default(),
+            pending_total: 0,
+            next_id: 1,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Reads the HTTP messages that begin in a segment. Returns an Exchange when a
+    /// response completes a pending request on the same connection.
+    ///
+    /// One segment can complete several exchanges (a server that coalesces
+    /// pipelined responses): the first is returned, the others wait in a queue that
+    /// [`Parser::take_ready`] drains. Call it until `None` after each `on_packet`.
+    pub fn on_packet(
+        &mut self,
+        ev: &PacketEvent,
+        wall_unix_nanos: u64,
+        ifname: &str,
+    ) -> Option<Exchange> {
+        self.stats.packets += 1;
+        self.read_packet(ev, wall_unix_nanos, ifname);
+        self.ready.pop_front()
+    }
+
+    /// The next exchange completed by an earlier `on_packet` call, if any.
+    pub fn take_ready(&mut self) -> Option<Exchange> {
+        self.ready.pop_front()
+    }
+
+    /// Maps a TCP state change to a Connection record: SYN_SENT→ESTABLISHED is
+    /// `CONNECTED` (this host is the client), SYN_RECV→ESTABLISHED is `ACCEPTED`,
+    /// any→CLOSE is `CLOSED`; other changes yield nothing. A close also ends the
+    /// connection's pending requests after [`ParseConfig::close_grace`].
+    pub fn on_conn(&mut self, ev: &ConnEvent, wall_unix_nanos: u64) -> Option<Connection> {
+        let event = match (ev.oldstate, ev.newstate) {
+            (TCP_SYN_SENT, TCP_ESTABLISHED) => connection::Event::Connected,
+            (TCP_SYN_RECV, TCP_ESTABLISHED) => connection::Event::Accepted,
+            (old, TCP_CLOSE) if old != TCP_CLOSE => connection::Event::Closed,
+            _ => return None,
+        };
+        let (Some(local), Some(remote)) = (
+            socket_addr(ev.family, &ev.saddr, ev.sport),
+            socket_addr(ev.family, &ev.daddr, ev.dport),
+        ) else {
+            self.stats.parse_errors.add(ParseError::BadEvent);
+            return None;
+        };
+        let pair = SockPair::new(local, remote);
+        if event == connection::Event::Closed {
+            self.mark_closed(&pair, wall_unix_nanos);
+        }
+        self.stats.connections += 1;
+        Some(Connection {
+            event: event as i32,
+            local: Some(endpoint(local)),
+            remote: Some(endpoint(remote)),
+            unix_nanos: wall_unix_nanos,
+            connection_id: pair.connection_id(),
+        })
+    }
+
+    /// Drops what waited too long: pending requests older than `pending_timeout`
+    /// and closed connections past their grace (both `unanswered_requests`), and
+    /// forgets idle connections with nothing pending. Call it periodically.
+    pub fn expire(&mut self, now_unix_nanos: u64) {
+        let timeout = nanos(self.cfg.pending_timeout);
+        let grace = nanos(self.cfg.close_grace);
+        let idle = nanos(self.cfg.idle_timeout);
+        let stats = &mut self.stats;
+        let mut dropped = 0usize;
+        self.table.retain(|entry| {
+            if let Some(closed) = entry.closed_at
+                && now_unix_nanos >= closed.saturating_add(grace)
+            {
+                dropped += entry.pending_count();
+                return false;
+            }
+            for flow in &mut entry.flows {
+                while flow
+                    .pending
+                    .front()
+                    .is_some_and(|p| now_unix_nanos >= p.start_unix_nanos.saturating_add(timeout))
+                {
+                    flow.pending.pop_front();
+                    dropped += 1;
+                }
+            }
+            entry.pending_count() > 0 || now_unix_nanos < entry.last_seen.saturating_add(idle)
+        });
+        stats.unanswered_requests += dropped as u64;
+        self.pending_total -= dropped;
+        debug_assert_eq!(self.pending_total, self.table.pending_total());
+    }
+
+    pub fn stats(&self) -> ParseStats {
+        let mut s = self.stats.clone();
+        s.tracked_connections = self.table.len() as u64;
+        s.pending_requests = self.pending_total as u64;
+        s
+    }
+
+    fn read_packet(&mut self, ev: &PacketEvent, wall: u64, ifname: &str) {
+        let (Some(src), Some(dst)) = (
+            socket_addr(ev.family, &ev.saddr, ev.sport),
+            socket_addr(ev.family, &ev.daddr, ev.dport),
+        ) else {
+            self.stats.parse_errors.add(ParseError::BadEvent);
+            return;
+        };
+        let side = match ev.direction {
+            DIR_FROM_POD => Side::Client,
+            DIR_TO_POD => Side::Server,
+            _ => {
+                self.stats.parse_errors.add(ParseError::BadEvent);
+                return;
+            }
+        };
+        let captured = &ev.head[..(ev.captured_len as usize).min(HEAD_LEN)];
+        let seg = http::parse_segment(captured, ev.payload_len, self.cfg.redact_query);
+        if let Some(e) = seg.error {
+            self.stats.parse_errors.add(e);
+        }
+        if seg.beyond_capture {
+            self.stats.heads_beyond_capture += 1;
+        }
+        let ack = (ev.tcp_flags & TCP_FLAG_ACK != 0).then_some(ev.ack);
+        for msg in seg.messages {
+            if msg.truncated {
+                self.stats.truncated_heads += 1;
+            }
+            let seg_ref = SegmentRef {
+                src,
+                dst,
+                ifindex: ev.ifindex,
+                seq: ev.seq.wrapping_add(msg.offset),
+                ack,
+                wall,
+                body_bytes: msg.body_bytes,
+            };
+            match msg.head {
+                Head::Request(req) => {
+                    self.stats.requests += 1;
+                    self.on_request(seg_ref, side, req);
+                }
+                Head::Response(resp) => {
+                    self.stats.responses += 1;
+                    self.on_response(seg_ref, resp, ifname);
+                }
+            }
+        }
+    }
+
+    fn on_request(&mut self, seg: SegmentRef, side: Side, req: RequestHead) {
+        let pair = SockPair::new(seg.src, seg.dst);
+        // A request after a close: the 4-tuple was reused by a new connection.
+        if self
+            .table
+            .get_mut(&pair)
+            .is_some_and(|e| e.closed_at.is_some())
+            && let Some(old) = self.table.remove(&pair)
+        {
+            let n = old.pending_count();
+            self.stats.unanswered_requests += n as u64;
+            self.pending_total -= n;
+        }
+        let (flow, evicted) = self.table.flow_or_insert(
+            pair,
+            seg.src,
+            seg.ifindex,
+            seg.wall,
+            self.cfg.max_connections,
+        );
+        self.stats.evicted_connections += evicted.connections;
+        self.stats.evicted_requests += evicted.requests;
+        self.pending_total -= evicted.requests as usize;
+        if let Some(last) = flow.last_request_seq
+            && !seq_after(seg.seq, last)
+        {
+            self.stats.retransmitted_requests += 1;
+        } else if flow.pending.len() >= self.cfg.max_pending_per_conn
+            || self.pending_total >= self.cfg.max_pending_total
+        {
+            // Refuse the newest rather than drop the oldest: the oldest is the one
+            // the next response answers.
+            flow.last_request_seq = Some(seg.seq);
+            self.stats.evicted_requests += 1;
+        } else {
+            flow.last_request_seq = Some(seg.seq);
+            flow.pending.push_back(Pending {
+                seq: seg.seq,
+                ack: seg.ack,
+                start_unix_nanos: seg.wall,
+                side,
+                request_bytes: seg.body_bytes,
+                request: req,
+                interim_seen: false,
+            });
+            self.pending_total += 1;
+        }
+    }
+
+    fn on_response(&mut self, seg: SegmentRef, resp: ResponseHead, ifname: &str) {
+        let pair = SockPair::new(seg.src, seg.dst);
+        let client = seg.dst;
+        self.table.touch(&pair, seg.wall);
+        let Some(flow) = self.table.get_mut(&pair).and_then(|e| {
+            e.flows
+                .iter_mut()
+                .find(|f| f.client == client && f.ifindex == seg.ifindex)
+        }) else {
+            self.stats.unmatched_responses += 1;
+            return;
+        };
+        if let Some(last) = flow.last_response_seq
+            && !seq_after(seg.seq, last)
+        {
+            self.stats.retransmitted_responses += 1;
+            return;
+        }
+        flow.last_response_seq = Some(seg.seq);
+        // Requests whose response came before this one but was not seen.
+        while let [first, second, ..] = flow.pending.make_contiguous()
+            && response_was_missed(first, second, seg.seq)
+        {
+            flow.pending.pop_front();
+            self.pending_total -= 1;
+            self.stats.unanswered_requests += 1;
+        }
+        let Some(front) = flow.pending.front_mut() else {
+            self.stats.unmatched_responses += 1;
+            return;
+        };
+        if let Some(ack) = seg.ack
+            && !seq_after(ack, front.seq)
+        {
+            // The server had not yet received the oldest pending request.
+            self.stats.unmatched_responses += 1;
+            return;
+        }
+        if resp.is_interim() {
+            front.interim_seen = true;
+            self.stats.interim_responses += 1;
+            return;
+        }
+        let Some(req) = flow.pending.pop_front() else {
+            return;
+        };
+        self.pending_total -= 1;
+        let ex = self.exchange(req, &pair, seg, resp, ifname);
+        self.emit(ex);
+    }
+
+    fn exchange(
+        &mut self,
+        req: Pending,
+        pair: &SockPair,
+        seg: SegmentRef,
+        resp: ResponseHead,
+        ifname: &str,
+    ) -> Exchange {
+        let id = self.next_id;
+        self.next_id += 1;
+        let h = req.request.headers;
+        // Proxies often set x-request-id on the response only.
+        let request_id = if h.request_id.is_empty() {
+            resp.headers.request_id
+        } else {
+            h.request_id
+        };
+        Exchange {
+            id,
+            side: req.side as i32,
+            // The response travels server → client.
+            client: Some(endpoint(seg.dst)),
+            server: Some(endpoint(seg.src)),
+            request_seq: req.seq,
+            response_seq: seg.seq,
+            start_unix_nanos: req.start_unix_nanos,
+            end_unix_nanos: seg.wall,
+            method: req.request.method,
+            path: req.request.path,
+            status: u32::from(resp.status),
+            request_bytes: req.request_bytes,
+            response_bytes: seg.body_bytes,
+            traceparent: h.traceparent,
+            tracestate: h.tracestate,
+            host: h.host,
+            request_id,
+            ifindex: seg.ifindex,
+            interface: ifname.to_owned(),
+            connection_id: pair.connection_id(),
+            pid: 0,
+            tid: 0,
+        }
+    }
+
+    fn emit(&mut self, ex: Exchange) {
+        self.stats.exchanges += 1;
+        if self.ready.len() >= MAX_READY {
+            self.stats.ready_overflow += 1;
+            return;
+        }
+        self.ready.push_back(ex);
+    }
+
+    fn mark_closed(&mut self, pair: &SockPair, wall: u64) {
+        if self.cfg.close_grace.is_zero() {
+            if let Some(old) = self.table.remove(pair) {
+                let n = old.pending_count();
+                self.stats.unanswered_requests += n as u64;
+                self.pending_total -= n;
+            }
+        } else if let Some(entry) = self.table.get_mut(pair) {
+            entry.closed_at.get_or_insert(wall);
+        }
+    }
+}
+
+/// Where and when one message was seen.
+#[derive(Clone, Copy)]
+struct SegmentRef {
+    src: SocketAddr,
+    dst: SocketAddr,
+    ifindex: u32,
+    /// TCP seq of the message's first byte.
+    seq: u32,
+    ack: Option<u32>,
+    wall: u64,
+    body_bytes: u64,
+}
+
+/// The client had received server bytes between sending `first` and `second`
+/// (their acks differ): that was `first`'s response (or part of it). A response
+/// starting at or after `second`'s ack is therefore not `first`'s.
+fn response_was_missed(first: &Pending, second: &Pending, response_seq: u32) -> bool {
+    match (first.ack, second.ack) {
+        (Some(a1), Some(a2)) => !first.interim_seen && a1 != a2 && !seq_after(a2, response_seq),
+        _ => false,
+    }
+}
+
+/// `a` comes strictly after `b` in TCP sequence space (RFC 1982 serial arithmetic).
+fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn socket_addr(family: u8, addr: &[u8; 16], port: u16) -> Option<SocketAddr> {
+    let ip = match family {
+        FAMILY_IPV4 => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+        FAMILY_IPV6 => IpAddr::V6(Ipv6Addr::from(*addr)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+fn endpoint(addr: SocketAddr) -> Endpoint {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    Endpoint {
+        ip,
+        port: u32::from(addr.port()),
+    }
+}
