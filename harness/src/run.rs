@@ -1,0 +1,146 @@
+//! Run ownership: claiming a unique prefix, recording the owner process, and removing what
+//! runs whose owner died left behind.
+//!
+//! In: nothing (the machine's state). Out: a [`RunDir`] owned by this process, or clean-up of
+//! stale runs' namespaces (and with them their veths, nft tables and processes).
+
+use crate::sys;
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Parent of every run directory.
+pub(crate) const RUNS_DIR: &str = "/run/weft-harness";
+/// Every prefix starts with this, followed by 4 hex digits.
+const PREFIX_HEAD: &str = "wft";
+const OWNER_FILE: &str = "owner";
+
+/// The directory `/run/weft-harness/<prefix>/` a live run owns.
+#[derive(Debug)]
+pub(crate) struct RunDir {
+    pub prefix: String,
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Claims a fresh prefix: `mkdir` is atomic, so two runs never get the same one.
+    pub fn claim() -> Result<RunDir> {
+        std::fs::create_dir_all(RUNS_DIR).with_context(|| format!("creating {RUNS_DIR}"))?;
+        for _ in 0..100 {
+            let prefix = format!("{PREFIX_HEAD}{:04x}", rand::random::<u16>());
+            let path = Path::new(RUNS_DIR).join(&prefix);
+            match std::fs::create_dir(&path) {
+                Ok(()) => {
+                    let pid = std::process::id() as i32;
+                    let start = sys::start_time(pid).context("reading own start time")?;
+                    std::fs::write(path.join(OWNER_FILE), format!("{pid} {start}\n"))?;
+                    std::fs::create_dir(path.join("logs"))?;
+                    return Ok(RunDir { prefix, path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        }
+        bail!("no free run prefix after 100 tries: clean {RUNS_DIR}")
+    }
+
+    pub fn logs(&self) -> PathBuf {
+        self.path.join("logs")
+    }
+}
+
+/// True if `name` is `wft` + 4 hex digits.
+fn is_prefix(name: &str) -> bool {
+    name.len() == PREFIX_HEAD.len() + 4
+        && name.starts_with(PREFIX_HEAD)
+        && name[PREFIX_HEAD.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// The run prefix a namespace name belongs to, if it looks like one of ours.
+fn netns_prefix(netns: &str) -> Option<&str> {
+    let (prefix, _) = netns.split_once('-')?;
+    is_prefix(prefix).then_some(prefix)
+}
+
+/// Whether the run `prefix` has a live owner: its owner file names a process that still runs
+/// with the same start time (a reused PID does not count) and is not a zombie.
+fn owner_alive(prefix: &str) -> bool {
+    let owner = Path::new(RUNS_DIR).join(prefix).join(OWNER_FILE);
+    let Ok(text) = std::fs::read_to_string(owner) else {
+        return false;
+    };
+    let mut fields = text.split_whitespace();
+    let (Some(pid), Some(start)) = (fields.next(), fields.next()) else {
+        return false;
+    };
+    let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else {
+        return false;
+    };
+    // A zombie owner (killed, not yet reaped) is dead too.
+    sys::start_time(pid) == Some(start) && sys::is_running(pid)
+}
+
+/// Removes every namespace of a run (killing the processes inside first).
+pub(crate) fn destroy_run_netns(prefix: &str, grace: Duration) {
+    let head = format!("{prefix}-");
+    for ns in sys::list_netns() {
+        if ns.starts_with(&head) {
+            sys::destroy_netns(&ns, grace);
+        }
+    }
+}
+
+/// Removes the leftovers of runs whose owning process is dead: their processes (by PID),
+/// network namespaces (and with them every veth, bridge and nft table inside) and run
+/// directories. Runs with a live owner are never touched, so this is safe to call while other
+/// tests run. Returns the prefixes it cleaned.
+pub fn cleanup_stale() -> Vec<String> {
+    let mut stale: Vec<String> = Vec::new();
+    // Runs whose owner file names a dead process.
+    if let Ok(dir) = std::fs::read_dir(RUNS_DIR) {
+        for entry in dir.flatten() {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            // A directory without an owner file is a finished run's kept logs, or a run
+            // being created this instant: leave both alone.
+            if is_prefix(&name) && entry.path().join(OWNER_FILE).exists() && !owner_alive(&name) {
+                stale.push(name);
+            }
+        }
+    }
+    // Namespaces whose run has no owner at all (killed between deleting the owner file and
+    // the namespaces cannot happen: drop deletes namespaces first; but a run directory may
+    // have been removed by hand).
+    for ns in sys::list_netns() {
+        if let Some(prefix) = netns_prefix(&ns)
+            && !owner_alive(prefix)
+            && !stale.iter().any(|s| s == prefix)
+        {
+            stale.push(prefix.to_string());
+        }
+    }
+    for prefix in &stale {
+        destroy_run_netns(prefix, Duration::ZERO);
+        let _ = std::fs::remove_dir_all(Path::new(RUNS_DIR).join(prefix));
+    }
+    stale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_prefixes_and_their_namespaces() {
+        assert!(is_prefix("wft3a7f"));
+        assert!(!is_prefix("wft3A7f"));
+        assert!(!is_prefix("wft3a7"));
+        assert!(!is_prefix("abc3a7f"));
+        assert_eq!(netns_prefix("wft3a7f-node-a"), Some("wft3a7f"));
+        assert_eq!(netns_prefix("wft3a7f"), None);
+        assert_eq!(netns_prefix("cni-1234-5678"), None);
+    }
+}
