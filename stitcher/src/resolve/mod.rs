@@ -4,12 +4,71 @@
 //! Out: an [`Identity`]: the Pod (and its workload), the Service, the Node, or
 //! an external address that stays an IP.
 //!
-//! Sources: a static inventory file (`--inventory`) or the Kubernetes API (watches).
-//! Lookups never wait on the API: they read in-memory state.
+//! Sources: a static inventory file (`--inventory`, [`inventory`]) or the Kubernetes API
+//! (watches, [`kube`]). Both fill one time-aware model of cluster state ([`state`]) that
+//! the hot path reads through a cache ([`directory`]). Lookups never wait on the API:
+//! they read in-memory state.
+//!
+//! # Entry points (for `main`)
+//!
+//! - Flatten [`ResolveArgs`] into the command line (`--inventory`, `--kubernetes`,
+//!   `--deleted-grace`, `--resolve-cache-size`, `--resolve-cache-ttl`; env `WEFT_*`),
+//!   then `resolve::build(&args, &registry).await?` gives an `Arc<dyn Resolve>`.
+//!   Call it inside the tokio runtime: the Kubernetes source spawns its watch tasks there.
+//! - Or directly: [`StaticInventory::from_file`]`(path, cache, &registry)` and
+//!   [`KubeResolver::start`]`(client, &registry).await` ([`KubeResolver::wait_synced`]
+//!   waits for the first full list).
+//!
+//! # What an address resolves to
+//!
+//! A Service ClusterIP → the Service (never a pod). A pod IP → the pod that held it at the
+//! observation's time, named by its workload (Pod → ReplicaSet → Deployment, Pod → Job →
+//! CronJob, StatefulSet, DaemonSet; the pod itself without an owner); deleted pods stay
+//! resolvable for `--deleted-grace`. A node address → the host-network pod that declares
+//! the port as a containerPort, else the Node. An address listed only in an EndpointSlice
+//! (a selector-less Service's backend) → that Service. Anything else stays an IP
+//! ([`Identity::external`]).
+//!
+//! # RBAC (the Helm chart mirrors this list; nothing else is read)
+//!
+//! | apiGroup            | resource         | verbs       |
+//! |---------------------|------------------|-------------|
+//! | `""` (core)         | `pods`           | list, watch |
+//! | `""` (core)         | `services`       | list, watch |
+//! | `""` (core)         | `nodes`          | list, watch |
+//! | `discovery.k8s.io`  | `endpointslices` | list, watch |
+//! | `apps`              | `replicasets`    | list, watch |
+//! | `batch`             | `jobs`           | list, watch |
+//!
+//! `get` is never used (watchers list, then watch). Deployments, StatefulSets, DaemonSets
+//! and CronJobs are named from owner references and are not read.
+//!
+//! # Counters
+//!
+//! `resolve.lookups`, `resolve.cache.hits`, `resolve.cache.misses`, `resolve.unresolved`,
+//! `resolve.watch.errors` (watch restarts), `resolve.watch.relists`,
+//! `resolve.watch.events`, `resolve.watch.deleted_while_disconnected`,
+//! `resolve.objects_skipped`, `resolve.objects.<kind>` (gauges).
+
+pub mod directory;
+pub mod inventory;
+pub mod kube;
+pub mod state;
+
+pub use directory::{CacheConfig, Directory};
+pub use inventory::{Inventory, StaticInventory};
+pub use kube::{KubeOptions, KubeResolver};
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tracing::info;
+
+use crate::metrics::Registry;
 
 /// What kind of thing an address belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -121,4 +180,88 @@ pub fn endpoint_addr(ep: Option<&weft_proto::v1::Endpoint>) -> Option<SocketAddr
         _ => return None,
     };
     Some(SocketAddr::new(ip, port))
+}
+
+/// Whether to watch the Kubernetes API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KubernetesMode {
+    /// When running in a cluster (`KUBERNETES_SERVICE_HOST` set) and no inventory is given.
+    Auto,
+    /// Always (in-cluster config, else kubeconfig).
+    On,
+    /// Never.
+    Off,
+}
+
+/// Resolver flags, for `main` to `#[command(flatten)]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ResolveArgs {
+    /// Static inventory file (YAML: pods, services, nodes) for names outside Kubernetes.
+    #[arg(long, env = "WEFT_INVENTORY", value_name = "PATH")]
+    pub inventory: Option<PathBuf>,
+    /// Watch the Kubernetes API for names: auto (in a cluster), on, off.
+    #[arg(
+        long,
+        env = "WEFT_KUBERNETES",
+        value_enum,
+        default_value = "auto",
+        num_args = 0..=1,
+        default_missing_value = "on"
+    )]
+    pub kubernetes: KubernetesMode,
+    /// How long deleted pods, Services and Nodes stay resolvable.
+    #[arg(long, env = "WEFT_DELETED_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub deleted_grace: Duration,
+    /// Most cached lookups.
+    #[arg(long, env = "WEFT_RESOLVE_CACHE_SIZE", default_value_t = 100_000)]
+    pub resolve_cache_size: u64,
+    /// How long a cached lookup lives.
+    #[arg(long, env = "WEFT_RESOLVE_CACHE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub resolve_cache_ttl: Duration,
+}
+
+impl ResolveArgs {
+    pub fn cache(&self) -> CacheConfig {
+        CacheConfig {
+            capacity: self.resolve_cache_size,
+            ttl: self.resolve_cache_ttl,
+            ..CacheConfig::default()
+        }
+    }
+}
+
+/// Builds the resolver the flags ask for: the inventory, the Kubernetes watches, or none
+/// (every address stays an IP). Must run inside the tokio runtime.
+pub async fn build(args: &ResolveArgs, registry: &Registry) -> anyhow::Result<Arc<dyn Resolve>> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    match (&args.inventory, args.kubernetes) {
+        (Some(_), KubernetesMode::On) => {
+            anyhow::bail!(
+                "--inventory and --kubernetes on exclude each other: choose one source of names"
+            )
+        }
+        (Some(path), _) => {
+            let dir = StaticInventory::from_file(path, args.cache(), registry)?;
+            info!(path = %path.display(), "names from the static inventory");
+            Ok(dir)
+        }
+        (None, KubernetesMode::On) | (None, KubernetesMode::Auto)
+            if args.kubernetes == KubernetesMode::On || in_cluster =>
+        {
+            let client = ::kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+            let opts = KubeOptions {
+                deleted_grace: args.deleted_grace,
+                cache: args.cache(),
+            };
+            let resolver = KubeResolver::start_with(client, registry, opts).await?;
+            info!("names from the Kubernetes API (watching)");
+            Ok(Arc::new(resolver))
+        }
+        _ => {
+            info!("no source of names (no --inventory, not in a cluster): addresses stay IPs");
+            Ok(Arc::new(Unresolved))
+        }
+    }
 }

@@ -1,0 +1,227 @@
+//! The hot path: cluster state behind a lock, and a cache in front of it.
+//!
+//! In: `(ip:port, time)` lookups from the pipeline; state changes from a source.
+//! Out: [`Identity`].
+//!
+//! A lookup first asks the cache (moka, bounded, TTL) under `(ip, port, time bucket)`; the
+//! entry carries the state generation it was computed in, and every change bumps the
+//! generation, so a changed state is never answered from the cache. An answer is cached
+//! only when the whole time bucket lies inside the range over which it holds, so a pod
+//! that took over an address mid-bucket is never hidden behind its predecessor. Addresses
+//! where the port does not matter (everything but host-network addresses) are cached
+//! once per bucket for all ports, so client ephemeral ports share one entry.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moka::sync::Cache;
+use parking_lot::RwLock;
+
+use super::state::{ClusterState, Nanos, ObjectKind};
+use super::{Identity, PeerKind, PeerMeta, Resolve};
+use crate::metrics::{Counter, Registry};
+
+/// Cache sizing.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// Most entries kept.
+    pub capacity: u64,
+    /// How long an entry lives.
+    pub ttl: Duration,
+    /// Width of the time buckets lookups are cached by.
+    pub bucket: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            capacity: 100_000,
+            ttl: Duration::from_secs(30),
+            bucket: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The resolver's counters (names under `resolve.`).
+#[derive(Clone)]
+pub struct ResolveCounters {
+    pub lookups: Counter,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub unresolved: Counter,
+    /// The watcher reported an error and will reconnect (disconnects, 410 Gone, API down).
+    pub watch_errors: Counter,
+    /// Relists after the first list (410 Gone, or a watch that could not resume).
+    pub watch_relists: Counter,
+    pub watch_events: Counter,
+    /// Objects found gone on a relist: deleted while the watch was down.
+    pub deleted_while_disconnected: Counter,
+    /// Objects or fields that could not be used (no uid, an unparsable IP); logged once.
+    pub objects_skipped: Counter,
+    objects: Vec<(ObjectKind, Counter)>,
+}
+
+impl ResolveCounters {
+    pub fn new(registry: &Registry) -> Self {
+        let objects = ObjectKind::ALL
+            .iter()
+            .map(|k| {
+                let name = format!("resolve.objects.{}", k.as_str());
+                (
+                    *k,
+                    registry.counter(&name, "live objects of this kind known to the resolver"),
+                )
+            })
+            .collect();
+        ResolveCounters {
+            lookups: registry.counter("resolve.lookups", "address lookups"),
+            cache_hits: registry.counter("resolve.cache.hits", "lookups answered from the cache"),
+            cache_misses: registry.counter("resolve.cache.misses", "lookups that read the state"),
+            unresolved: registry.counter(
+                "resolve.unresolved",
+                "lookups that found no pod, service or node (address kept as IP)",
+            ),
+            watch_errors: registry.counter(
+                "resolve.watch.errors",
+                "watch failures; the watcher reconnects or relists (watch restarts)",
+            ),
+            watch_relists: registry.counter(
+                "resolve.watch.relists",
+                "full relists after the first (410 Gone or unresumable watch)",
+            ),
+            watch_events: registry.counter("resolve.watch.events", "watch events applied"),
+            deleted_while_disconnected: registry.counter(
+                "resolve.watch.deleted_while_disconnected",
+                "objects found deleted by a relist after a watch outage",
+            ),
+            objects_skipped: registry.counter(
+                "resolve.objects_skipped",
+                "objects or addresses the resolver could not use (see log)",
+            ),
+            objects,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Cached {
+    generation: u64,
+    port_sensitive: bool,
+    kind: PeerKind,
+    meta: Option<Arc<PeerMeta>>,
+}
+
+/// Cluster state shared by a source (writer) and the pipeline (readers).
+pub struct Directory {
+    state: RwLock<ClusterState>,
+    generation: AtomicU64,
+    cache: Cache<(IpAddr, u16, u64), Cached>,
+    bucket_nanos: u64,
+    pub counters: ResolveCounters,
+}
+
+impl Directory {
+    pub fn new(grace: Duration, cache: CacheConfig, registry: &Registry) -> Self {
+        Directory {
+            state: RwLock::new(ClusterState::new(duration_nanos(grace))),
+            generation: AtomicU64::new(0),
+            cache: Cache::builder()
+                .max_capacity(cache.capacity)
+                .time_to_live(cache.ttl)
+                .build(),
+            bucket_nanos: duration_nanos(cache.bucket).max(1),
+            counters: ResolveCounters::new(registry),
+        }
+    }
+
+    /// Applies a change to the state; cached answers from before it are no longer used.
+    pub fn update<R>(&self, change: impl FnOnce(&mut ClusterState) -> R) -> R {
+        let mut state = self.state.write();
+        let out = change(&mut state);
+        // Bumped while the lock is held, after the change: a reader that saw the old
+        // generation can only cache under it, and such entries are never used again.
+        self.generation.fetch_add(1, Ordering::Release);
+        out
+    }
+
+    /// Reads the state (tests, diagnostics).
+    pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
+        f(&self.state.read())
+    }
+
+    /// Refreshes the `resolve.objects.*` gauges (O(objects): call on sync and periodically,
+    /// not per event).
+    pub fn publish_counts(&self) {
+        let state = self.state.read();
+        for (kind, gauge) in &self.counters.objects {
+            gauge.set(state.count(*kind) as u64);
+        }
+    }
+
+    fn cached(&self, key: &(IpAddr, u16, u64), generation: u64) -> Option<Cached> {
+        self.cache.get(key).filter(|c| c.generation == generation)
+    }
+}
+
+impl Resolve for Directory {
+    fn resolve(&self, addr: SocketAddr, at_unix_nanos: u64) -> Identity {
+        self.counters.lookups.inc();
+        let generation = self.generation.load(Ordering::Acquire);
+        let bucket = at_unix_nanos / self.bucket_nanos;
+        let any_port = (addr.ip(), 0, bucket);
+        let hit = match self.cached(&any_port, generation) {
+            Some(c) if c.port_sensitive => {
+                self.cached(&(addr.ip(), addr.port(), bucket), generation)
+            }
+            other => other,
+        };
+        let answer = match hit {
+            Some(c) => {
+                self.counters.cache_hits.inc();
+                c
+            }
+            None => {
+                self.counters.cache_misses.inc();
+                let found = self.state.read().lookup(addr, at_unix_nanos);
+                let c = Cached {
+                    generation,
+                    port_sensitive: found.port_sensitive,
+                    kind: found.kind,
+                    meta: found.meta,
+                };
+                let start = bucket.saturating_mul(self.bucket_nanos);
+                let end = start.saturating_add(self.bucket_nanos);
+                if found.valid_from <= start && end <= found.valid_until {
+                    if c.port_sensitive {
+                        self.cache
+                            .insert((addr.ip(), addr.port(), bucket), c.clone());
+                    }
+                    self.cache.insert(any_port, c.clone());
+                }
+                c
+            }
+        };
+        if answer.kind == PeerKind::External {
+            self.counters.unresolved.inc();
+        }
+        Identity {
+            kind: answer.kind,
+            addr,
+            meta: answer.meta,
+        }
+    }
+}
+
+pub fn duration_nanos(d: Duration) -> Nanos {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Wall-clock time in Unix nanoseconds.
+pub fn now_nanos() -> Nanos {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(duration_nanos)
+        .unwrap_or(0)
+}
