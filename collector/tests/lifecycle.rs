@@ -1,0 +1,322 @@
+//! Acceptance tests of attaching and detaching on real veths in harness clusters (issue 3):
+//! the chain continues after our classifiers (TCX and netlink), the Cilium rules, clean-up
+//! after SIGTERM and after SIGKILL, new pods are followed, and bad traffic is counted.
+//! Needs root (network namespaces, BPF).
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use aya::programs::TcAttachType;
+use common::*;
+use nix::sys::signal::Signal;
+
+const HOOKS: [TcAttachType; 2] = [TcAttachType::Ingress, TcAttachType::Egress];
+
+/// Disables IPv6 in the pod and node namespaces: no router solicitations or ND packets
+/// in the background of a packet count.
+fn quiet(netns: &[&str]) {
+    for ns in netns {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ])
+            .status();
+    }
+}
+
+fn kernel_packets(cluster: &weft_harness::Cluster, netns: &str) -> u64 {
+    metric(
+        &scrape(cluster, netns),
+        r#"weft_collector_kernel_events_total{counter="packets"}"#,
+    )
+}
+
+/// In TCX mode and netlink mode, a classifier attached after ours sees every packet ours saw.
+fn chain_continues(backend: &str, helper: HelperAttach) {
+    let cluster = one_node();
+    let node = cluster.node("a").netns().to_owned();
+    let server = cluster.pod("server");
+    let client = cluster.pod("client");
+    let veth = server.host_veth().to_owned();
+    quiet(&[&node, server.netns(), client.netns()]);
+    let collector = start_collector(
+        &cluster,
+        &node,
+        &["--tc-backend", backend, "--interfaces", &veth],
+    );
+    let counter = Helper::attach(&node, &veth, "wt_counter", helper, &HOOKS);
+    let _srv = start_http_server(server.netns());
+    let addr = server_addr(server.ip(), SERVER_PORT);
+
+    // Settle, then compare increments across a burst of traffic.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ours0, theirs0) = (kernel_packets(&cluster, &node), counter.count());
+    let paths: Vec<String> = (0..200).map(|i| format!("/chain/{i}")).collect();
+    let statuses = http_requests(&cluster, client.netns(), addr, &paths, true);
+    assert!(statuses.iter().all(|&s| s == 200));
+    http_requests(&cluster, client.netns(), addr, &paths[..20], false);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ours1, theirs1) = (kernel_packets(&cluster, &node), counter.count());
+    let (ours, theirs) = (ours1 - ours0, theirs1 - theirs0);
+    assert!(ours >= 400, "ours saw only {ours} packets");
+    assert_eq!(
+        ours, theirs,
+        "the classifier after ours missed packets ({backend})"
+    );
+    drop(counter);
+    collector.stop(Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn tcx_chain_continues_after_ours() {
+    chain_continues("tcx", HelperAttach::TcxLast);
+}
+
+#[test]
+fn netlink_chain_continues_after_ours() {
+    chain_continues("netlink", HelperAttach::Netlink(2));
+}
+
+#[test]
+fn netlink_refuses_beside_cilium_at_priority_1_and_tcx_traces() {
+    let cluster = one_node();
+    let node = cluster.node("a").netns().to_owned();
+    let server = cluster.pod("server");
+    let veth = server.host_veth().to_owned();
+    let cil = Helper::attach(
+        &node,
+        &veth,
+        "cil_from_container",
+        HelperAttach::Netlink(1),
+        &HOOKS,
+    );
+
+    let refused = spawn_collector(&cluster, &node, &["--tc-backend", "netlink"]);
+    let status = refused
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("netlink mode must exit");
+    assert!(
+        !status.success(),
+        "netlink mode must fail beside Cilium at priority 1"
+    );
+    let err = refused.stderr_text();
+    assert!(
+        err.contains("cilium config set bpf-filter-priority 2"),
+        "{err}"
+    );
+    assert!(err.contains("--tc-backend tcx"), "{err}");
+    assert!(err.contains(&veth), "{err}");
+    assert!(
+        !tc_filters(&node, &veth).contains("weft_tc_"),
+        "a refused start must leave nothing attached"
+    );
+
+    let collector = start_collector(&cluster, &node, &["--tc-backend", "tcx"]);
+    let progs = tcx_programs(&cluster, &node, &veth);
+    assert!(progs.iter().any(|p| p == "weft_tc_ingress"), "{progs:?}");
+    assert!(progs.iter().any(|p| p == "weft_tc_egress"), "{progs:?}");
+    // Traces: an HTTP request through the interface is emitted.
+    let _srv = start_http_server(server.netns());
+    let statuses = http_requests(
+        &cluster,
+        cluster.pod("client").netns(),
+        server_addr(server.ip(), SERVER_PORT),
+        &["/traced".to_owned()],
+        false,
+    );
+    assert_eq!(statuses, vec![200]);
+    assert!(wait_for(Duration::from_secs(5), || {
+        metric(
+            &scrape(&cluster, &node),
+            r#"weft_collector_kernel_events_total{counter="emitted"}"#,
+        ) >= 2
+    }));
+    // Cilium's filter is untouched by us.
+    assert!(tc_filters(&node, &veth).contains("cil_from_container"));
+    collector.stop(Duration::from_secs(5)).unwrap();
+    drop(cil);
+}
+
+fn ours_remain(cluster: &weft_harness::Cluster, node: &str, veths: &[String]) -> Vec<String> {
+    let mut left = Vec::new();
+    for v in veths {
+        if tcx_programs(cluster, node, v)
+            .iter()
+            .any(|p| p.starts_with("weft_"))
+        {
+            left.push(format!("{v}: tcx"));
+        }
+        if tc_filters(node, v).contains("weft_tc_") {
+            left.push(format!("{v}: filter"));
+        }
+        if has_clsact(node, v) {
+            left.push(format!("{v}: clsact"));
+        }
+    }
+    left
+}
+
+#[test]
+fn sigterm_removes_everything_and_a_restart_cleans_up_after_sigkill() {
+    let cluster = one_node();
+    let node = cluster.node("a").netns().to_owned();
+    let veths: Vec<String> = cluster
+        .pods()
+        .iter()
+        .map(|p| p.host_veth().to_owned())
+        .collect();
+
+    for backend in ["tcx", "netlink"] {
+        let c = start_collector(&cluster, &node, &["--tc-backend", backend]);
+        assert!(
+            ours_remain(&cluster, &node, &veths).len() >= veths.len(),
+            "{backend}: nothing was attached"
+        );
+        c.signal(Signal::SIGTERM).unwrap();
+        let status = c
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("exits on SIGTERM");
+        assert!(status.success(), "{backend}: {}", c.stderr_text());
+        assert_eq!(
+            ours_remain(&cluster, &node, &veths),
+            Vec::<String>::new(),
+            "{backend}"
+        );
+    }
+
+    // SIGKILL in netlink mode leaves filters and qdiscs behind (TCX links die with the
+    // process); the next start removes them.
+    let c = start_collector(&cluster, &node, &["--tc-backend", "netlink"]);
+    c.signal(Signal::SIGKILL).unwrap();
+    c.wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("killed");
+    let left = ours_remain(&cluster, &node, &veths);
+    assert!(
+        !left.is_empty(),
+        "SIGKILL should leave netlink filters behind"
+    );
+    let c = start_collector(&cluster, &node, &["--tc-backend", "tcx"]);
+    assert!(
+        c.stderr_text().contains("removed leftovers"),
+        "{}",
+        c.stderr_text()
+    );
+    c.signal(Signal::SIGTERM).unwrap();
+    c.wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("exits");
+    assert_eq!(ours_remain(&cluster, &node, &veths), Vec::<String>::new());
+}
+
+#[test]
+fn a_pod_created_later_is_traced_within_one_second() {
+    let cluster = one_node();
+    let node = cluster.node("a").netns().to_owned();
+    let collector = start_collector(&cluster, &node, &[]);
+
+    // A new "pod": a namespace of this run (removed with the cluster) and a host veth.
+    let prefix = cluster.prefix().to_owned();
+    let pod_ns = format!("{prefix}-pod-late");
+    let veth = format!("veth{prefix}-9");
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &pod_ns])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let created = std::time::Instant::now();
+    assert!(
+        Command::new("ip")
+            .args([
+                "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+                &pod_ns
+            ])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let attached = wait_for(Duration::from_secs(3), || {
+        tcx_programs(&cluster, &node, &veth)
+            .iter()
+            .any(|p| p == "weft_tc_ingress")
+    });
+    let took = created.elapsed();
+    assert!(attached, "new veth not traced: {}", collector.stderr_text());
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let series =
+        format!(r#"weft_collector_interface_state{{interface="{veth}",state="attached"}}"#);
+    assert_eq!(metric(&scrape(&cluster, &node), &series), 1);
+
+    // Removed: forgotten.
+    assert!(
+        Command::new("ip")
+            .args(["-n", &node, "link", "del", &veth])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(wait_for(Duration::from_secs(3), || !scrape(
+        &cluster, &node
+    )
+    .contains(&veth)));
+    let _ = Command::new("ip").args(["netns", "del", &pod_ns]).status();
+    collector.stop(Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn garbage_truncated_and_other_protocols_are_counted_without_panic() {
+    let cluster = one_node();
+    let node = cluster.node("a").netns().to_owned();
+    let server = cluster.pod("server");
+    let collector = start_collector(&cluster, &node, &["--print", "json"]);
+    let _srv = start_http_server(server.netns());
+    let addr = server_addr(server.ip(), SERVER_PORT);
+    let chunks: Vec<Vec<u8>> = vec![
+        (0..=255u8).cycle().take(3000).collect(),
+        b"GET /trunc".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: "
+            .iter()
+            .chain([b'a'; 1200].iter())
+            .copied()
+            .collect(),
+        b"POST /x HTTP/1.1\r\nContent-Length: 99999\r\n\r\npartial".to_vec(),
+        b"HTTP/1.1 999 \xff\xfe\r\n\r\n".to_vec(),
+        b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(),
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+        b"GET".to_vec(),
+        vec![0u8; 1],
+    ];
+    send_raw(&cluster, cluster.pod("client").netns(), addr, &chunks);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        collector.try_wait().unwrap().is_none(),
+        "collector died: {}",
+        collector.stderr_text()
+    );
+    let text = scrape(&cluster, &node);
+    let not_http = metric(
+        &text,
+        r#"weft_collector_kernel_events_total{counter="not_http"}"#,
+    );
+    assert!(
+        not_http >= 5,
+        "non-HTTP segments not counted: {not_http}\n{text}"
+    );
+    assert!(
+        !collector.stderr_text().contains("panicked"),
+        "{}",
+        collector.stderr_text()
+    );
+    collector.stop(Duration::from_secs(5)).unwrap();
+}
