@@ -32,6 +32,12 @@ pub trait CollectorSource: Send + Sync {
     fn list(&self) -> Vec<v1::CollectorStatus>;
 }
 
+impl CollectorSource for crate::ingest::Collectors {
+    fn list(&self) -> Vec<v1::CollectorStatus> {
+        crate::ingest::Collectors::list(self)
+    }
+}
+
 impl<F> CollectorSource for F
 where
     F: Fn() -> Vec<v1::CollectorStatus> + Send + Sync,

