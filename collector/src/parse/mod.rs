@@ -13,8 +13,11 @@
 //! exchange. The response travels the other way on the same connection.
 //!
 //! Pairing rules beyond plain FIFO, all from TCP sequence numbers:
-//! - A segment whose seq is not after the last request (response) seq seen on its
-//!   flow is a retransmission and is ignored (`retransmitted_requests`/`_responses`).
+//! - A segment whose seq is at or shortly before (within 16 MiB) the last request
+//!   (response) seq seen on its flow is a retransmission and is ignored
+//!   (`retransmitted_requests`/`_responses`). A request far before it starts a new
+//!   connection on a reused 4-tuple whose close was not seen: what was pending on
+//!   the old one is unanswered.
 //! - A response whose ack does not cover the oldest pending request's first byte
 //!   cannot answer it (the server had not received it): `unmatched_responses`.
 //! - If the client had received server bytes between two pending requests (their
@@ -354,11 +357,22 @@ impl Parser {
         self.stats.evicted_connections += evicted.connections;
         self.stats.evicted_requests += evicted.requests;
         self.pending_total -= evicted.requests as usize;
-        if let Some(last) = flow.last_request_seq
-            && !seq_after(seg.seq, last)
-        {
-            self.stats.retransmitted_requests += 1;
-        } else if flow.pending.len() >= self.cfg.max_pending_per_conn
+        match flow.last_request_seq.map(|last| behind(seg.seq, last)) {
+            Some(Behind::Retransmission) => {
+                self.stats.retransmitted_requests += 1;
+                return;
+            }
+            Some(Behind::FarBehind) => {
+                // A new connection on the same 4-tuple whose close was not seen.
+                let n = flow.pending.len();
+                self.stats.unanswered_requests += n as u64;
+                self.pending_total -= n;
+                flow.pending.clear();
+                flow.last_response_seq = None;
+            }
+            None | Some(Behind::Ahead) => {}
+        }
+        if flow.pending.len() >= self.cfg.max_pending_per_conn
             || self.pending_total >= self.cfg.max_pending_total
         {
             // Refuse the newest rather than drop the oldest: the oldest is the one
@@ -393,7 +407,7 @@ impl Parser {
             return;
         };
         if let Some(last) = flow.last_response_seq
-            && !seq_after(seg.seq, last)
+            && behind(seg.seq, last) == Behind::Retransmission
         {
             self.stats.retransmitted_responses += 1;
             return;
@@ -517,6 +531,32 @@ fn response_was_missed(first: &Pending, second: &Pending, response_seq: u32) -> 
     match (first.ack, second.ack) {
         (Some(a1), Some(a2)) => !first.interim_seen && a1 != a2 && !seq_after(a2, response_seq),
         _ => false,
+    }
+}
+
+/// How far behind the last seq seen on its flow a message starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behind {
+    /// After the last one: a new message.
+    Ahead,
+    /// At or shortly before it: the segment was sent again.
+    Retransmission,
+    /// Far before it: not this connection's stream any more (the 4-tuple was
+    /// reused by a connection with another initial sequence number).
+    FarBehind,
+}
+
+/// A retransmission starts at most this far before the newest message seen (it
+/// lies within the data in flight, bounded by the send window).
+const RETRANSMIT_WINDOW: u32 = 1 << 24;
+
+fn behind(seq: u32, last: u32) -> Behind {
+    if seq_after(seq, last) {
+        Behind::Ahead
+    } else if last.wrapping_sub(seq) < RETRANSMIT_WINDOW {
+        Behind::Retransmission
+    } else {
+        Behind::FarBehind
     }
 }
 

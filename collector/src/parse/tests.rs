@@ -770,6 +770,45 @@ fn close_without_grace_drops_at_once_and_a_reused_tuple_starts_afresh() {
 }
 
 #[test]
+fn a_reused_tuple_without_a_close_event_is_not_a_retransmission() {
+    let mut p = parser();
+    p.on_packet(
+        &pkt(DIR_FROM_POD, POD, SVC, 1_000_000_000, 5000, GET_ITEMS),
+        T0,
+        "v",
+    );
+    // Shortly before the last request: a retransmission.
+    p.on_packet(
+        &pkt(DIR_FROM_POD, POD, SVC, 999_999_000, 5000, GET_ITEMS),
+        T0,
+        "v",
+    );
+    assert_eq!(p.stats().retransmitted_requests, 1);
+    // Far before it: a new connection with a lower initial sequence number.
+    p.on_packet(
+        &pkt(DIR_FROM_POD, POD, SVC, 10, 77, GET_ITEMS),
+        T0 + MS,
+        "v",
+    );
+    let s = p.stats();
+    assert_eq!(
+        (
+            s.retransmitted_requests,
+            s.unanswered_requests,
+            s.pending_requests
+        ),
+        (1, 1, 1)
+    );
+    let ex = p.on_packet(
+        &pkt(DIR_TO_POD, SVC, POD, 77, 10 + GET_ITEMS.len() as u32, OK_5),
+        T0,
+        "v",
+    );
+    assert_eq!(ex.map(|e| e.request_seq), Some(10));
+    assert_balanced(&p.stats());
+}
+
+#[test]
 fn connection_events_map_state_changes() {
     let mut p = parser();
     let c = p
@@ -934,5 +973,40 @@ fn assert_balanced(s: &ParseStats) {
         s.responses,
         s.retransmitted_responses + s.unmatched_responses + s.interim_responses + s.exchanges,
         "{s:?}"
+    );
+}
+
+/// Benchmark, not a timed test: prints the parse stage's throughput.
+/// `cargo test -p weft-collector --release --lib parse::tests::bench_parse_throughput -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn bench_parse_throughput() {
+    let mut p = parser();
+    let (conns, rounds) = (1_000u32, 200u32);
+    let start = std::time::Instant::now();
+    let mut exchanges = 0u64;
+    for round in 0..rounds {
+        for c in 0..conns {
+            let client = format!("10.244.{}.{}:{}", c / 250, c % 250 + 1, 30_000 + c);
+            let (q, r) = (GET_ITEMS.len() as u32, OK_5.len() as u32);
+            let (cseq, sseq) = (1 + round * q, 1 + round * r);
+            let t = T0 + u64::from(round) * MS;
+            p.on_packet(
+                &pkt(DIR_FROM_POD, &client, SVC, cseq, sseq, GET_ITEMS),
+                t,
+                "v",
+            );
+            let resp = pkt(DIR_TO_POD, SVC, &client, sseq, cseq + q, OK_5);
+            exchanges += u64::from(p.on_packet(&resp, t + 1, "v").is_some());
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let events = f64::from(2 * conns * rounds);
+    assert_eq!(exchanges, u64::from(conns * rounds));
+    println!(
+        "parse: {events} events ({exchanges} exchanges, {conns} connections) in {secs:.3}s: \
+         {:.0} events/s, {:.0} ns/event (includes building the events)",
+        events / secs,
+        secs * 1e9 / events
     );
 }
