@@ -357,12 +357,12 @@ impl Parser {
         self.stats.evicted_connections += evicted.connections;
         self.stats.evicted_requests += evicted.requests;
         self.pending_total -= evicted.requests as usize;
-        match flow.last_request_seq.map(|last| behind(seg.seq, last)) {
-            Some(Behind::Retransmission) => {
+        match flow.last_request_seq.map(|last| position(seg.seq, last)) {
+            Some(SeqPosition::Retransmission) => {
                 self.stats.retransmitted_requests += 1;
                 return;
             }
-            Some(Behind::FarBehind) => {
+            Some(SeqPosition::Reused) => {
                 // A new connection on the same 4-tuple whose close was not seen.
                 let n = flow.pending.len();
                 self.stats.unanswered_requests += n as u64;
@@ -370,7 +370,7 @@ impl Parser {
                 flow.pending.clear();
                 flow.last_response_seq = None;
             }
-            None | Some(Behind::Ahead) => {}
+            None | Some(SeqPosition::Ahead) => {}
         }
         if flow.pending.len() >= self.cfg.max_pending_per_conn
             || self.pending_total >= self.cfg.max_pending_total
@@ -407,7 +407,7 @@ impl Parser {
             return;
         };
         if let Some(last) = flow.last_response_seq
-            && behind(seg.seq, last) == Behind::Retransmission
+            && position(seg.seq, last) == SeqPosition::Retransmission
         {
             self.stats.retransmitted_responses += 1;
             return;
@@ -536,27 +536,27 @@ fn response_was_missed(first: &Pending, second: &Pending, response_seq: u32) -> 
 
 /// How far behind the last seq seen on its flow a message starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Behind {
+enum SeqPosition {
     /// After the last one: a new message.
     Ahead,
     /// At or shortly before it: the segment was sent again.
     Retransmission,
     /// Far before it: not this connection's stream any more (the 4-tuple was
     /// reused by a connection with another initial sequence number).
-    FarBehind,
+    Reused,
 }
 
 /// A retransmission starts at most this far before the newest message seen (it
 /// lies within the data in flight, bounded by the send window).
 const RETRANSMIT_WINDOW: u32 = 1 << 24;
 
-fn behind(seq: u32, last: u32) -> Behind {
+fn position(seq: u32, last: u32) -> SeqPosition {
     if seq_after(seq, last) {
-        Behind::Ahead
+        SeqPosition::Ahead
     } else if last.wrapping_sub(seq) < RETRANSMIT_WINDOW {
-        Behind::Retransmission
+        SeqPosition::Retransmission
     } else {
-        Behind::FarBehind
+        SeqPosition::Reused
     }
 }
 
