@@ -540,9 +540,10 @@ fn check_stitcher_wiring(r: &Rendered) -> &Value {
 fn check_stitcher_basics(r: &Rendered) {
     let svc = check_stitcher_wiring(r);
     let st = r.stitcher();
-    assert!(
-        args(st).iter().any(|a| a == "--kubernetes"),
-        "stitcher needs --kubernetes"
+    assert_eq!(
+        flag(st, "--kubernetes").as_deref(),
+        Some("on"),
+        "the stitcher's resolver watches the API"
     );
     let grpc = listen_port(st, "--listen");
     let metrics = listen_port(st, "--metrics-listen");
@@ -1024,5 +1025,107 @@ fn kubernetes_validate_rejects_a_broken_manifest() {
             .unwrap_or_else(|| panic!("no ERROR line:\n{report}"));
         assert!(error.contains("daemonset/weft-collector"), "{error}");
         assert!(error.contains(complaint), "{error}");
+    }
+}
+
+/// The flags of a binary as its clap `Cli` in `<crate>/src/cli.rs` declares them: flag name ->
+/// the accepted values when the field's type is an enum declared in that file.
+fn cli_flags(crate_dir: &str) -> BTreeMap<String, Option<BTreeSet<String>>> {
+    let source = std::fs::read_to_string(repo_root().join(crate_dir).join("src/cli.rs"))
+        .unwrap_or_else(|e| panic!("read {crate_dir}/src/cli.rs: {e}"));
+    let kebab = |name: &str| -> String {
+        let mut out = String::new();
+        for (i, c) in name.chars().enumerate() {
+            if c.is_uppercase() && i > 0 {
+                out.push('-');
+            }
+            out.push(c.to_ascii_lowercase());
+        }
+        out
+    };
+    // enum Name { A, B, ... } -> {"a", "b"} (clap's ValueEnum names are kebab-case).
+    let mut enums: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut lines = source.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        if let Some(name) = line
+            .strip_prefix("pub enum ")
+            .and_then(|l| l.strip_suffix(" {"))
+        {
+            let variants = lines
+                .by_ref()
+                .take_while(|l| *l != "}")
+                .filter(|l| !l.starts_with("//") && !l.starts_with('#') && !l.is_empty())
+                .map(|l| kebab(l.trim_end_matches(',')))
+                .collect();
+            enums.insert(name.to_string(), variants);
+        }
+    }
+    // Fields after a #[arg(long ...)] attribute: `pub snake_name: Type,`.
+    let mut flags = BTreeMap::new();
+    let mut is_arg = false;
+    for line in source.lines().map(str::trim) {
+        if line.starts_with("#[arg(") && line.contains("long") {
+            is_arg = true;
+        } else if let Some(field) = line.strip_prefix("pub ").filter(|_| is_arg)
+            && let Some((name, ty)) = field.split_once(": ")
+        {
+            let ty = ty.trim_end_matches(',');
+            flags.insert(
+                format!("--{}", name.replace('_', "-")),
+                enums.get(ty).cloned(),
+            );
+            is_arg = false;
+        }
+    }
+    assert!(
+        !flags.is_empty(),
+        "no flags found in {crate_dir}/src/cli.rs"
+    );
+    flags
+}
+
+/// Every flag the chart passes exists in the binary, with a value the binary accepts where the
+/// flag takes one of an enum's values. Checked for every value set.
+#[test]
+fn rendered_flags_exist_in_the_binaries() {
+    let sets: [&[&str]; 6] = [
+        &[],
+        &["netlink"],
+        &["jaeger"],
+        &["tempo"],
+        &["privileged"],
+        &["minimal-privileges"],
+    ];
+    let binaries = [("collector", "DaemonSet"), ("stitcher", "Deployment")];
+    let declared: BTreeMap<&str, _> = binaries
+        .iter()
+        .map(|(dir, kind)| (*kind, cli_flags(dir)))
+        .collect();
+    for set in sets {
+        let r = render(RenderOptions {
+            value_sets: set,
+            ..Default::default()
+        });
+        for (dir, kind) in binaries {
+            for arg in args(r.one(kind)) {
+                let (name, value) = match arg.split_once('=') {
+                    Some((n, v)) => (n.to_string(), Some(v.to_string())),
+                    None => (arg.clone(), None),
+                };
+                let accepted = declared[kind].get(&name).unwrap_or_else(|| {
+                    panic!("{set:?}: the chart passes {name}, which {dir}/src/cli.rs lacks")
+                });
+                assert!(
+                    value.is_some(),
+                    "{set:?}: {arg}: the chart always uses --flag=value"
+                );
+                if let (Some(accepted), Some(value)) = (accepted, &value) {
+                    assert!(
+                        accepted.contains(value),
+                        "{set:?}: {arg}: {dir} accepts only {accepted:?}"
+                    );
+                }
+            }
+        }
     }
 }
