@@ -104,6 +104,7 @@ impl Cli {
             max_streams: self.max_streams.max(1),
             instance_idle_ttl: self.instance_idle_ttl,
             dedup_window: self.dedup_window.max(1),
+            print_exchanges: self.print_exchanges,
             ..IngestConfig::default()
         }
     }

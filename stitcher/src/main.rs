@@ -4,7 +4,8 @@
 //! speaks only the latter) and `grpc.health.v1.Health`; Prometheus `/metrics` and
 //! `/healthz` on `--metrics-listen`.
 //!
-//! Until the pipeline stages land, ingested batches go to the `--print-exchanges` sink.
+//! Until the pipeline stages land, a stand-in consumer takes the ingested batches;
+//! `--print-exchanges` shows them.
 
 mod cli;
 
@@ -38,7 +39,8 @@ async fn main() -> anyhow::Result<()> {
     let registry = Registry::new();
     let (batches_tx, batches_rx) = mpsc::channel(cli.ingest_buffer.max(1));
     let ingest = Ingest::new(cli.ingest(), batches_tx, &registry);
-    let consumer = ingest::print::spawn(cli.print_exchanges, batches_rx, &registry);
+    // The pipeline stages are not wired yet: a stand-in consumer takes every batch.
+    let consumer = ingest::print::spawn_drain(batches_rx, &registry);
 
     let metrics = TcpListener::bind(cli.metrics_listen)
         .await
@@ -84,6 +86,9 @@ async fn serve_grpc(cli: &cli::Cli, ingest: Ingest) -> anyhow::Result<()> {
         .timeout(cli.request_timeout)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        // Batches are large: windows big enough for a few in flight per stream.
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
         .layer(layers)
         .add_service(ingest.server())
         .add_service(health_service)

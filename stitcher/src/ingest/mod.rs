@@ -47,6 +47,8 @@ pub struct IngestConfig {
     pub dedup_window: usize,
     /// Acks buffered per stream before we stop reading that stream.
     pub ack_buffer: usize,
+    /// Debug: print each new batch's exchanges before acknowledging it.
+    pub print_exchanges: print::PrintFormat,
 }
 
 impl Default for IngestConfig {
@@ -57,6 +59,7 @@ impl Default for IngestConfig {
             instance_idle_ttl: Duration::from_secs(600),
             dedup_window: 4096,
             ack_buffer: 256,
+            print_exchanges: print::PrintFormat::Off,
         }
     }
 }
@@ -124,6 +127,7 @@ struct Shared {
     collectors: Collectors,
     counters: Counters,
     streams: Arc<Semaphore>,
+    tap: print::Tap,
     cfg: IngestConfig,
 }
 
@@ -149,6 +153,7 @@ impl Ingest {
             collectors: Collectors::new(cfg.instance_idle_ttl),
             counters: Counters::new(registry),
             streams: Arc::new(Semaphore::new(cfg.max_streams)),
+            tap: print::Tap::new(cfg.print_exchanges, registry),
             cfg,
         };
         Ingest {
@@ -311,6 +316,7 @@ impl StreamTask {
                 exchanges: b.exchanges,
                 connections: b.connections,
             };
+            self.shared.tap.write(&observed);
             if self.shared.out.send(observed).await.is_err() {
                 self.shared.dedup.release(instance, seq);
                 c.forward_failed.inc();

@@ -1,21 +1,24 @@
-//! Debug sink for ingested batches (`--print-exchanges`): one line per exchange on stdout.
+//! Debug tap of ingested batches (`--print-exchanges`): one line per exchange on stdout.
 //!
-//! In: [`ObservedBatch`]es (what ingest forwards). Out: lines on stdout, flushed per
-//! batch, so a test can count exactly which exchanges this stitcher process took:
+//! In: each new (deduplicated) [`ObservedBatch`], written by the ingest stream *before* the
+//! batch is forwarded and acknowledged. Out: lines on stdout, flushed per batch. So every
+//! acknowledged exchange has been printed, and a test can count exactly which exchanges
+//! each stitcher process took, also across a SIGKILL:
 //!
 //! ```text
 //! json: {"node":"node-a","instance":"5b0c…","seq":12,"id":11001}
 //! text: node-a 5b0c… seq=12 id=11001 CLIENT GET /api/items 200
 //! ```
 //!
-//! It is also the stand-in consumer while no pipeline is wired: with format `off` it only
-//! drains the channel (and counts).
+//! [`spawn_drain`] is the stand-in consumer of the pipeline channel while no pipeline is
+//! wired.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::mpsc;
 
-use crate::metrics::Registry;
+use crate::metrics::{Counter, Registry};
 use crate::model::ObservedBatch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -25,41 +28,67 @@ pub enum PrintFormat {
     Json,
 }
 
-/// Consumes `rx` until every sender is gone, printing each exchange in `format`.
-pub fn spawn(
+/// Writes the lines of one batch to stdout and flushes, before the batch is acknowledged.
+pub struct Tap {
     format: PrintFormat,
+    printed: Counter,
+    write_errors: Counter,
+    logged_error: AtomicBool,
+}
+
+impl Tap {
+    pub fn new(format: PrintFormat, registry: &Registry) -> Self {
+        Tap {
+            format,
+            printed: registry.counter(
+                "ingest.printed_exchanges",
+                "exchanges printed by --print-exchanges",
+            ),
+            write_errors: registry.counter(
+                "ingest.print_errors",
+                "batches whose lines could not be written to stdout",
+            ),
+            logged_error: AtomicBool::new(false),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.format != PrintFormat::Off
+    }
+
+    /// Blocking write (a debug mode: a slow reader of stdout slows ingest down).
+    pub fn write(&self, batch: &ObservedBatch) {
+        if !self.enabled() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(64 * batch.exchanges.len());
+        render(self.format, batch, &mut buf);
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        match out.write_all(&buf).and_then(|()| out.flush()) {
+            Ok(()) => self.printed.add(batch.exchanges.len() as u64),
+            Err(e) => {
+                self.write_errors.inc();
+                if !self.logged_error.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "cannot write exchanges to stdout (logged once)");
+                }
+            }
+        }
+    }
+}
+
+/// Stand-in consumer while no pipeline is wired: takes every batch and counts it.
+pub fn spawn_drain(
     mut rx: mpsc::Receiver<ObservedBatch>,
     registry: &Registry,
 ) -> tokio::task::JoinHandle<()> {
-    let printed = registry.counter(
-        "ingest.printed_exchanges",
-        "exchanges printed by --print-exchanges",
+    let drained = registry.counter(
+        "ingest.drained_batches",
+        "batches consumed by the stand-in consumer (no pipeline wired)",
     );
-    let write_errors = registry.counter(
-        "ingest.print_errors",
-        "batches whose lines could not be written to stdout",
-    );
-    tokio::task::spawn_blocking(move || {
-        let stdout = std::io::stdout();
-        let mut buf = Vec::with_capacity(64 << 10);
-        let mut logged_error = false;
-        while let Some(batch) = rx.blocking_recv() {
-            if format == PrintFormat::Off {
-                continue;
-            }
-            buf.clear();
-            render(format, &batch, &mut buf);
-            let mut out = stdout.lock();
-            match out.write_all(&buf).and_then(|()| out.flush()) {
-                Ok(()) => printed.add(batch.exchanges.len() as u64),
-                Err(e) => {
-                    write_errors.inc();
-                    if !logged_error {
-                        tracing::error!(error = %e, "cannot write exchanges to stdout (logged once)");
-                        logged_error = true;
-                    }
-                }
-            }
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            drained.inc();
         }
     })
 }
