@@ -470,3 +470,55 @@ fn grpcurl_lists_describes_and_queries_the_store() {
     assert_eq!(num(&c["query.invalid_argument"]), 2);
     drop(server);
 }
+
+/// The README section's commands, run as written (only the address replaced).
+#[test]
+fn query_md_commands_work_as_written() {
+    let grpcurl_dir = grpcurl().parent().expect("dir").to_path_buf();
+    let registry = Registry::new();
+    let store = Arc::new(Store::new(StoreConfig::default(), &registry));
+    let now = now_unix_nanos();
+    let traces: Vec<CompletedTrace> = (0..3u64)
+        .map(|i| demo_trace(now - (10 - i) * SEC, 200 * MS, 500))
+        .collect();
+    for t in &traces {
+        store.on_trace(&Arc::new(t.clone()));
+    }
+    let server = Server::start(store, vec![], registry);
+
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/QUERY.md"))
+        .expect("stitcher/QUERY.md");
+    let blocks: Vec<&str> = doc
+        .split("```sh\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap_or(""))
+        .collect();
+    assert!(!blocks.is_empty(), "no sh block in QUERY.md");
+    let script = blocks
+        .join("\n")
+        .replace("localhost:9400", &server.addr.to_string());
+    let commands = script.lines().filter(|l| l.contains("grpcurl ")).count();
+    assert!(commands >= 10, "{commands} commands");
+
+    let path = std::env::join_paths(std::iter::once(grpcurl_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .expect("PATH");
+    let out = Command::new("bash")
+        .args(["-eo", "pipefail", "-c", &script])
+        .env("PATH", path)
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "QUERY.md commands failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The newest trace is listed (ListTraces, twice) and fetched (GetTrace: its id once
+    // in the response and once per span).
+    let newest = traces[2].trace_id.to_hex();
+    assert!(stdout.matches(&newest).count() >= 2 + 1 + 3, "{stdout}");
+    assert!(stdout.contains("\"status\": \"SERVING\""), "{stdout}");
+    assert!(stdout.contains("\"frontend.demo\""), "{stdout}");
+}
