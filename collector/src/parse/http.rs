@@ -77,6 +77,19 @@ impl ParseError {
         }
     }
 
+    /// The label of this loss among [`super::ParseStats::losses`].
+    pub const fn loss_label(self) -> &'static str {
+        match self {
+            ParseError::NotHttp => "parse_error_not_http",
+            ParseError::BadRequestLine => "parse_error_bad_request_line",
+            ParseError::BadStatusLine => "parse_error_bad_status_line",
+            ParseError::BadHeader => "parse_error_bad_header",
+            ParseError::TooManyHeaders => "parse_error_too_many_headers",
+            ParseError::BadEvent => "parse_error_bad_event",
+            ParseError::Empty => "parse_error_empty",
+        }
+    }
+
     pub(crate) const fn index(self) -> usize {
         self as usize
     }

@@ -66,10 +66,11 @@ pub struct ParseConfig {
     /// Requests waiting for a response on one connection; more are dropped and
     /// counted (`evicted_requests`). Default 64.
     pub max_pending_per_conn: usize,
-    /// Requests waiting over all connections (bounds memory). Default 65,536.
+    /// Requests waiting over all connections (bounds memory: a pending request
+    /// holds at most a head's worth of strings). Default 16,384.
     pub max_pending_total: usize,
     /// Connections tracked; a new one beyond evicts the least recently used
-    /// (`evicted_connections`, its pending requests `evicted_requests`). Default 65,536.
+    /// (`evicted_connections`, its pending requests `evicted_requests`). Default 32,768.
     pub max_connections: usize,
     /// A request without a response after this long is dropped by [`Parser::expire`]
     /// (`unanswered_requests`). Default 60 s.
@@ -88,8 +89,8 @@ impl Default for ParseConfig {
         ParseConfig {
             redact_query: true,
             max_pending_per_conn: 64,
-            max_pending_total: 65_536,
-            max_connections: 65_536,
+            max_pending_total: 16_384,
+            max_connections: 32_768,
             pending_timeout: Duration::from_secs(60),
             close_grace: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(300),
@@ -117,6 +118,38 @@ impl ParseErrors {
 
     fn add(&mut self, reason: ParseError) {
         self.0[reason.index()] += 1;
+    }
+}
+
+impl ParseStats {
+    /// Every counter that stands for something lost, with a stable label (for the
+    /// batch's drop map and metrics): `parse_error_<reason>` per [`ParseError`],
+    /// then `head_beyond_capture`, `unmatched_response`, `unanswered_request`,
+    /// `evicted_connection`, `evicted_request`, `ready_overflow`.
+    pub fn losses(&self) -> Vec<(&'static str, u64)> {
+        let mut out: Vec<_> = ParseError::ALL
+            .iter()
+            .map(|r| (r.loss_label(), self.parse_errors.get(*r)))
+            .collect();
+        out.extend([
+            ("head_beyond_capture", self.heads_beyond_capture),
+            ("unmatched_response", self.unmatched_responses),
+            ("unanswered_request", self.unanswered_requests),
+            ("evicted_connection", self.evicted_connections),
+            ("evicted_request", self.evicted_requests),
+            ("ready_overflow", self.ready_overflow),
+        ]);
+        out
+    }
+
+    fn loss_total(&self) -> u64 {
+        self.parse_errors.total()
+            + self.heads_beyond_capture
+            + self.unmatched_responses
+            + self.unanswered_requests
+            + self.evicted_connections
+            + self.evicted_requests
+            + self.ready_overflow
     }
 }
 
@@ -175,6 +208,10 @@ pub struct Parser {
     pending_total: usize,
     next_id: u64,
     ready: VecDeque<Exchange>,
+    /// Losses are logged once per kind (bit i = `ParseStats::losses()[i]`).
+    logged_losses: u32,
+    /// `loss_total` when losses were last looked at (a cheap "anything new?").
+    seen_loss_total: u64,
 }
 
 impl Parser {
@@ -186,6 +223,8 @@ impl Parser {
             pending_total: 0,
             next_id: 1,
             ready: VecDeque::new(),
+            logged_losses: 0,
+            seen_loss_total: 0,
         }
     }
 
@@ -203,6 +242,7 @@ impl Parser {
     ) -> Option<Exchange> {
         self.stats.packets += 1;
         self.read_packet(ev, wall_unix_nanos, ifname);
+        self.log_new_losses();
         self.ready.pop_front()
     }
 
@@ -227,11 +267,13 @@ impl Parser {
             socket_addr(ev.family, &ev.daddr, ev.dport),
         ) else {
             self.stats.parse_errors.add(ParseError::BadEvent);
+            self.log_new_losses();
             return None;
         };
         let pair = SockPair::new(local, remote);
         if event == connection::Event::Closed {
             self.mark_closed(&pair, wall_unix_nanos);
+            self.log_new_losses();
         }
         self.stats.connections += 1;
         Some(Connection {
@@ -245,7 +287,8 @@ impl Parser {
 
     /// Drops what waited too long: pending requests older than `pending_timeout`
     /// and closed connections past their grace (both `unanswered_requests`), and
-    /// forgets idle connections with nothing pending. Call it periodically.
+    /// forgets idle connections with nothing pending. Call it periodically (every
+    /// second or so); it visits every tracked connection.
     pub fn expire(&mut self, now_unix_nanos: u64) {
         let timeout = nanos(self.cfg.pending_timeout);
         let grace = nanos(self.cfg.close_grace);
@@ -274,6 +317,27 @@ impl Parser {
         stats.unanswered_requests += dropped as u64;
         self.pending_total -= dropped;
         debug_assert_eq!(self.pending_total, self.table.pending_total());
+        self.log_new_losses();
+    }
+
+    /// Logs the first loss of each kind, with its reason; later ones are only
+    /// counted (the metrics carry them).
+    fn log_new_losses(&mut self) {
+        let total = self.stats.loss_total();
+        if total == self.seen_loss_total {
+            return;
+        }
+        self.seen_loss_total = total;
+        for (i, (reason, count)) in self.stats.losses().into_iter().enumerate() {
+            let bit = 1u32 << i;
+            if count > 0 && self.logged_losses & bit == 0 {
+                self.logged_losses |= bit;
+                tracing::warn!(
+                    reason,
+                    "parse: first loss of this kind; further ones are counted, not logged"
+                );
+            }
+        }
     }
 
     pub fn stats(&self) -> ParseStats {

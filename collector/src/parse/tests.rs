@@ -958,6 +958,38 @@ fn garbage_never_panics_and_is_accounted() {
     assert!(s.exchanges > 0 && s.unmatched_responses > 0 && s.truncated_heads > 0);
 }
 
+#[test]
+fn losses_list_every_loss_counter_with_stable_labels() {
+    let mut p = Parser::new(ParseConfig {
+        max_connections: 1,
+        ..ParseConfig::default()
+    });
+    p.on_packet(&pkt(DIR_FROM_POD, POD, SVC, 1, 1, b"\x00garbage"), T0, "v");
+    p.on_packet(&pkt(DIR_TO_POD, SVC, POD, 1, 1, OK_5), T0, "v");
+    p.on_packet(&pkt(DIR_FROM_POD, POD, SVC, 1, 1, GET_ITEMS), T0, "v");
+    p.on_packet(
+        &pkt(DIR_FROM_POD, "10.0.0.1:1", SVC, 1, 1, GET_ITEMS),
+        T0,
+        "v",
+    );
+    let losses = p.stats().losses();
+    let get = |label: &str| {
+        losses
+            .iter()
+            .find(|(l, _)| *l == label)
+            .map(|(_, n)| *n)
+            .unwrap_or_else(|| panic!("no {label} in {losses:?}"))
+    };
+    assert_eq!(get("parse_error_not_http"), 1);
+    assert_eq!(get("unmatched_response"), 1);
+    assert_eq!(get("evicted_connection"), 1);
+    assert_eq!(get("evicted_request"), 1);
+    assert_eq!(get("unanswered_request"), 0);
+    assert_eq!(losses.len(), ParseError::COUNT + 6);
+    let total: u64 = losses.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, p.stats().loss_total());
+}
+
 /// Every request and response read is accounted for exactly once.
 fn assert_balanced(s: &ParseStats) {
     assert_eq!(
