@@ -19,9 +19,11 @@
 //!   between nodes.
 //!
 //! A half that finds no partner within `window` (a caller outside the cluster, a server
-//! outside it, or a node without a collector) is emitted alone and counted by side in
-//! `join.unmatched.client` / `join.unmatched.server`, never dropped. The bound on pending
-//! halves emits the oldest early (also unmatched, and counted in `join.evicted`).
+//! outside it, or a node without a collector) is emitted alone, never dropped, and counted
+//! by the side that is missing: `join.unmatched.client` when no client side was seen (a
+//! SERVER half alone: the caller is outside the cluster or unobserved),
+//! `join.unmatched.server` when no server side was seen (a CLIENT half alone). The bound on
+//! pending halves emits the oldest early (also unmatched, and counted in `join.evicted`).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -128,11 +130,11 @@ impl Joiner {
                 matched: metrics.counter("join.matched", "requests whose two halves were joined"),
                 unmatched_client: metrics.counter(
                     "join.unmatched.client",
-                    "client halves without server half after the join window (server outside the cluster)",
+                    "requests whose client side was not seen (server half alone: caller outside the cluster or unobserved)",
                 ),
                 unmatched_server: metrics.counter(
                     "join.unmatched.server",
-                    "server halves without client half after the join window (caller outside the cluster)",
+                    "requests whose server side was not seen (client half alone: server outside the cluster or unobserved)",
                 ),
                 evicted: metrics.counter(
                     "join.evicted",
@@ -250,13 +252,13 @@ impl Joiner {
 
     fn alone(&self, half: Half) -> Call {
         if half.side == Side::Client {
-            self.counters.unmatched_client.inc();
+            self.counters.unmatched_server.inc();
             Call {
                 client: Some(half),
                 server: None,
             }
         } else {
-            self.counters.unmatched_server.inc();
+            self.counters.unmatched_client.inc();
             Call {
                 client: None,
                 server: Some(half),
@@ -478,7 +480,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn unmatched_halves_are_emitted_alone_after_the_window_and_counted_by_side() {
+    fn unmatched_halves_are_emitted_alone_after_the_window_and_counted_by_missing_side() {
         let reg = Registry::new();
         let mut j = joiner(&reg);
         let mut out = Vec::new();
@@ -507,6 +509,9 @@ pub(crate) mod tests {
         j.expire(1_000, &mut out);
         assert_eq!(out.len(), 1);
         assert!(out[0].client.is_some() && out[0].server.is_none());
+        // A client half alone: the server side is what was not seen.
+        assert_eq!(reg.snapshot()["join.unmatched.server"], 1);
+        assert_eq!(reg.snapshot()["join.unmatched.client"], 0);
         j.expire(1_500, &mut out);
         assert_eq!(out.len(), 2);
         assert!(out[1].server.is_some() && out[1].client.is_none());

@@ -1,1 +1,427 @@
-//! pipeline: stage placeholder (being written).
+//! pipeline: the stitch path chained on one thread.
+//!
+//! In: [`ObservedBatch`]es from ingest (a bounded tokio mpsc). Out: [`CompletedTrace`]s,
+//! shared with every [`TraceSink`] (OTLP exporter, printer, store).
+//!
+//! ```text
+//! ObservedBatch ─resolve→ Half ─join→ Call ─link→ LinkedCall ─assemble→ CompletedTrace ─→ sinks
+//!                           └──(SERVER halves, at once)→ link's candidate index
+//! ```
+//!
+//! One thread owns all pending state ([`Stitcher`]): no locks on the hot path, and the
+//! stages see every event in one order. A periodic tick (`tick`, default 50 ms) drives
+//! the windows (join, link wait, trace idle). Every time in the stages is the stitcher's
+//! monotonic clock; event timestamps only serve matching (join proximity, link
+//! containment), so collectors' batching delays never reorder decisions.
+//!
+//! The windows nest on purpose: `link_wait` < `join_window` < `trace_idle`, so a call's
+//! parent (decided after `link_wait`) and a lone half (emitted after `join_window`)
+//! reach their trace before it goes idle.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use weft_proto::v1;
+
+use crate::assemble::{AssembleConfig, Assembler};
+use crate::export::LogOnce;
+use crate::join::{Call, JoinConfig, Joiner};
+use crate::link::{LinkConfig, LinkedCall, Linker};
+use crate::metrics::{Counter, Registry};
+use crate::model::{CompletedTrace, Half, ObservedBatch, SpanId, TraceParent, TraceSink};
+use crate::resolve::{Resolve, endpoint_addr};
+
+pub mod synth;
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// How long a half waits for its other half.
+    pub join_window: Duration,
+    /// Clock difference tolerated between nodes when confirming a join.
+    pub max_clock_skew: Duration,
+    /// How long a call waits for the server span that caused it.
+    pub link_wait: Duration,
+    /// How long a server span stays a candidate parent.
+    pub link_retention: Duration,
+    /// A trace is complete after this long without new spans (`--trace-idle`).
+    pub trace_idle: Duration,
+    /// How long an exported trace accepts late spans under its id.
+    pub late_grace: Duration,
+    pub max_pending_halves: usize,
+    pub max_pending_calls: usize,
+    pub max_link_candidates: usize,
+    pub max_pending_spans: usize,
+    pub max_remembered_spans: usize,
+    /// Period of the clock that drives the windows.
+    pub tick: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            join_window: Duration::from_secs(1),
+            max_clock_skew: Duration::from_millis(250),
+            link_wait: Duration::from_millis(500),
+            link_retention: Duration::from_secs(5),
+            trace_idle: Duration::from_secs(2),
+            late_grace: Duration::from_secs(10),
+            max_pending_halves: 1 << 20,
+            max_pending_calls: 1 << 20,
+            max_link_candidates: 1 << 20,
+            max_pending_spans: 1 << 21,
+            max_remembered_spans: 1 << 21,
+            tick: Duration::from_millis(50),
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// Sets `trace_idle` and shrinks the inner windows to fit under it.
+    pub fn with_trace_idle(mut self, idle: Duration) -> Self {
+        self.trace_idle = idle;
+        self.join_window = self.join_window.min(idle / 2);
+        self.link_wait = self.link_wait.min(idle / 4);
+        self
+    }
+
+    fn nanos(d: Duration) -> u64 {
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn join(&self) -> JoinConfig {
+        JoinConfig {
+            window_nanos: Self::nanos(self.join_window),
+            max_skew_nanos: Self::nanos(self.max_clock_skew),
+            max_pending: self.max_pending_halves,
+        }
+    }
+
+    fn link(&self) -> LinkConfig {
+        LinkConfig {
+            wait_nanos: Self::nanos(self.link_wait),
+            retention_nanos: Self::nanos(self.link_retention.max(self.link_wait * 2)),
+            max_pending: self.max_pending_calls,
+            max_candidates: self.max_link_candidates,
+        }
+    }
+
+    fn assemble(&self) -> AssembleConfig {
+        AssembleConfig {
+            idle_nanos: Self::nanos(self.trace_idle),
+            late_grace_nanos: Self::nanos(self.late_grace),
+            max_pending_spans: self.max_pending_spans,
+            max_remembered_spans: self.max_remembered_spans,
+        }
+    }
+}
+
+struct Counters {
+    batches: Counter,
+    exchanges: Counter,
+    invalid: Counter,
+    bad_traceparent: Counter,
+    pending_halves: Counter,
+    pending_calls: Counter,
+    pending_bytes: Counter,
+}
+
+/// All pending state of the stitch path, driven by an explicit monotonic clock (nanos).
+pub struct Stitcher {
+    resolver: Arc<dyn Resolve>,
+    joiner: Joiner,
+    linker: Linker,
+    assembler: Assembler,
+    /// Method names are few: one shared string each.
+    methods: HashMap<String, Arc<str>>,
+    calls: Vec<Call>,
+    linked: Vec<LinkedCall>,
+    counters: Counters,
+    log_invalid: LogOnce,
+}
+
+impl Stitcher {
+    pub fn new(cfg: &PipelineConfig, resolver: Arc<dyn Resolve>, metrics: &Registry) -> Self {
+        let c = |name: &str, help| metrics.counter(name, help);
+        Stitcher {
+            resolver,
+            joiner: Joiner::new(cfg.join(), metrics),
+            linker: Linker::new(cfg.link(), metrics),
+            assembler: Assembler::new(cfg.assemble(), metrics),
+            methods: HashMap::new(),
+            calls: Vec::new(),
+            linked: Vec::new(),
+            counters: Counters {
+                batches: c("pipeline.batches", "batches taken into the stitch path"),
+                exchanges: c("pipeline.exchanges", "exchanges taken into the stitch path"),
+                invalid: c(
+                    "pipeline.invalid_exchanges",
+                    "exchanges dropped: malformed endpoint or side",
+                ),
+                bad_traceparent: c(
+                    "pipeline.bad_traceparent",
+                    "exchanges whose traceparent was malformed (ignored; the exchange is kept)",
+                ),
+                pending_halves: c(
+                    "pipeline.pending_halves",
+                    "halves waiting to be joined (gauge)",
+                ),
+                pending_calls: c(
+                    "pipeline.pending_calls",
+                    "calls waiting to be linked (gauge)",
+                ),
+                pending_bytes: c(
+                    "pipeline.pending_bytes",
+                    "approximate bytes of pending stitch state (gauge)",
+                ),
+            },
+            log_invalid: LogOnce::default(),
+        }
+    }
+
+    /// Takes one batch at stitcher time `now`; completed traces (bounds) go to `out`.
+    pub fn push_batch(&mut self, batch: ObservedBatch, now: u64, out: &mut Vec<CompletedTrace>) {
+        self.counters.batches.inc();
+        self.counters.exchanges.add(batch.exchanges.len() as u64);
+        let ObservedBatch {
+            node,
+            instance,
+            exchanges,
+            ..
+        } = batch;
+        for ex in exchanges {
+            match self.resolve(&node, &instance, ex) {
+                Ok(half) => {
+                    if half.side == v1::Side::Server {
+                        self.linker.observe_server(&half, now);
+                    }
+                    self.joiner.push(half, now, &mut self.calls);
+                }
+                Err(reason) => {
+                    self.counters.invalid.inc();
+                    self.log_invalid
+                        .warn("dropping malformed exchanges", reason);
+                }
+            }
+        }
+        self.advance(now, out);
+    }
+
+    /// Moves the windows to `now`.
+    pub fn tick(&mut self, now: u64, out: &mut Vec<CompletedTrace>) {
+        self.joiner.expire(now, &mut self.calls);
+        self.advance(now, out);
+        self.linker.tick(now, &mut self.linked);
+        self.drain_linked(now, out);
+        self.assembler.tick(now, out);
+        self.counters
+            .pending_halves
+            .set(self.joiner.pending() as u64);
+        self.counters
+            .pending_calls
+            .set(self.linker.pending() as u64);
+    }
+
+    /// Completes everything pending (shutdown).
+    pub fn flush(&mut self, now: u64, out: &mut Vec<CompletedTrace>) {
+        self.joiner.flush(&mut self.calls);
+        self.advance(now, out);
+        self.linker.flush(&mut self.linked);
+        self.drain_linked(now, out);
+        self.assembler.flush(now, out);
+    }
+
+    fn advance(&mut self, now: u64, out: &mut Vec<CompletedTrace>) {
+        for call in self.calls.drain(..) {
+            self.linker.push(call, now, &mut self.linked);
+        }
+        self.drain_linked(now, out);
+    }
+
+    fn drain_linked(&mut self, now: u64, out: &mut Vec<CompletedTrace>) {
+        for lc in self.linked.drain(..) {
+            self.assembler.push(lc, now, out);
+        }
+    }
+
+    /// Halves, calls and spans pending, in that order.
+    pub fn pending(&self) -> (usize, usize, usize) {
+        (
+            self.joiner.pending(),
+            self.linker.pending(),
+            self.assembler.pending_spans(),
+        )
+    }
+
+    /// Approximate bytes of pending state: halves, calls, open traces and link
+    /// candidates (not the late-arrival index, see [`Stitcher::remembered_bytes`]).
+    pub fn pending_bytes(&self) -> usize {
+        let b = self.joiner.pending_bytes()
+            + self.linker.pending_bytes()
+            + self.assembler.pending_bytes();
+        self.counters.pending_bytes.set(b as u64);
+        b
+    }
+
+    /// Bytes of the index of exported span ids kept for late arrivals.
+    pub fn remembered_bytes(&self) -> usize {
+        self.assembler.remembered_bytes()
+    }
+
+    /// resolve: one wire exchange → a [`Half`], both ends named as of its start time.
+    fn resolve(
+        &mut self,
+        node: &Arc<str>,
+        instance: &Arc<str>,
+        ex: v1::Exchange,
+    ) -> Result<Half, &'static str> {
+        let side = v1::Side::try_from(ex.side).map_err(|_| "unknown side")?;
+        if side == v1::Side::Unspecified {
+            return Err("unspecified side");
+        }
+        let client = endpoint_addr(ex.client.as_ref()).ok_or("malformed client endpoint")?;
+        let server = endpoint_addr(ex.server.as_ref()).ok_or("malformed server endpoint")?;
+        let start = ex.start_unix_nanos;
+        let traceparent = if ex.traceparent.is_empty() {
+            None
+        } else {
+            let tp = TraceParent::parse(&ex.traceparent);
+            if tp.is_none() {
+                self.counters.bad_traceparent.inc();
+            }
+            tp
+        };
+        let span_id = match (side, traceparent) {
+            // The header on a request names the span that sent it: the CLIENT span.
+            (v1::Side::Client, Some(tp)) => tp.parent_id,
+            _ => SpanId::random(),
+        };
+        let method = match self.methods.get(ex.method.as_str()) {
+            Some(m) => m.clone(),
+            None if self.methods.len() < 64 => {
+                let m: Arc<str> = Arc::from(ex.method.as_str());
+                self.methods.insert(ex.method.clone(), m.clone());
+                m
+            }
+            None => Arc::from(ex.method.as_str()),
+        };
+        Ok(Half {
+            span_id,
+            side,
+            node: node.clone(),
+            instance: instance.clone(),
+            exchange_id: ex.id,
+            client: self.resolver.resolve(client, start),
+            server: self.resolver.resolve(server, start),
+            request_seq: ex.request_seq,
+            response_seq: ex.response_seq,
+            start_unix_nanos: start,
+            end_unix_nanos: ex.end_unix_nanos.max(start),
+            method,
+            path: ex.path.into_boxed_str(),
+            status: ex.status,
+            request_bytes: ex.request_bytes,
+            response_bytes: ex.response_bytes,
+            traceparent,
+            pid: ex.pid,
+            tid: ex.tid,
+        })
+    }
+}
+
+/// The running pipeline. Dropping every sender of its channel stops it: it then
+/// completes and delivers everything still pending.
+pub struct PipelineHandle {
+    done: tokio::sync::oneshot::Receiver<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PipelineHandle {
+    /// Waits until the pipeline has stopped and delivered everything.
+    pub async fn stopped(mut self) {
+        let _ = (&mut self.done).await;
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Starts the pipeline on its own thread.
+pub fn spawn(
+    cfg: PipelineConfig,
+    resolver: Arc<dyn Resolve>,
+    metrics: Registry,
+    rx: mpsc::Receiver<ObservedBatch>,
+    sinks: Vec<Arc<dyn TraceSink>>,
+) -> PipelineHandle {
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("weft-stitch".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(rt) => rt.block_on(run(cfg, resolver, metrics, rx, sinks)),
+                Err(e) => tracing::error!(error = %e, "cannot start the stitch pipeline"),
+            }
+            let _ = done_tx.send(());
+        })
+        .expect("spawning the stitch thread");
+    PipelineHandle {
+        done,
+        thread: Some(thread),
+    }
+}
+
+async fn run(
+    cfg: PipelineConfig,
+    resolver: Arc<dyn Resolve>,
+    metrics: Registry,
+    mut rx: mpsc::Receiver<ObservedBatch>,
+    sinks: Vec<Arc<dyn TraceSink>>,
+) {
+    let mut stitcher = Stitcher::new(&cfg, resolver, &metrics);
+    let epoch = Instant::now();
+    let now = || u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let mut ticker = tokio::time::interval(cfg.tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    let mut last_gauge = Instant::now();
+    loop {
+        tokio::select! {
+            batch = rx.recv() => match batch {
+                Some(batch) => {
+                    let t = now();
+                    stitcher.push_batch(batch, t, &mut out);
+                    // Take what else is queued before going back to the clock.
+                    while let Ok(batch) = rx.try_recv() {
+                        stitcher.push_batch(batch, t, &mut out);
+                        if out.len() > 1024 { break; }
+                    }
+                }
+                None => break,
+            },
+            _ = ticker.tick() => {
+                stitcher.tick(now(), &mut out);
+                if last_gauge.elapsed() > Duration::from_secs(1) {
+                    stitcher.pending_bytes();
+                    last_gauge = Instant::now();
+                }
+            }
+        }
+        deliver(&mut out, &sinks);
+    }
+    stitcher.flush(now(), &mut out);
+    deliver(&mut out, &sinks);
+}
+
+fn deliver(out: &mut Vec<CompletedTrace>, sinks: &[Arc<dyn TraceSink>]) {
+    for trace in out.drain(..) {
+        let trace = Arc::new(trace);
+        for sink in sinks {
+            sink.on_trace(&trace);
+        }
+    }
+}

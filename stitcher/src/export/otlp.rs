@@ -1,0 +1,574 @@
+//! OTLP export: completed traces → `ExportTraceServiceRequest`s to `--otlp-endpoint`.
+//!
+//! In: completed traces (through [`TraceSink`]). Out: OTLP over gRPC (default) or HTTP
+//! with protobuf bodies (`/v1/traces`).
+//!
+//! Why hand-built OTLP protobuf (`opentelemetry-proto`, the messages and tonic client that
+//! `opentelemetry-otlp` itself uses) rather than the SDK's `SpanExporter`: every id,
+//! timestamp and parent is ours, not a live tracer's, and Weft exports *one resource per
+//! workload* in the same request; the SDK exporter carries one resource per exporter. The
+//! generated `TraceServiceClient` speaks exactly the same wire protocol.
+//!
+//! Mapping: spans are grouped by the workload they belong to (the caller for a CLIENT
+//! span, the callee for a SERVER span) and its pod: resource attributes `service.name`
+//! (workload, or the IP when unnamed), `service.namespace`, `k8s.namespace.name`,
+//! `k8s.pod.name`, `k8s.node.name`, `k8s.deployment.name` (for Deployments). Span: name
+//! `METHOD route`, kind CLIENT/SERVER, attributes `http.request.method`, `url.path`,
+//! `http.response.status_code`, `server.address`, `server.port`, `client.address`,
+//! `network.peer.address`, `weft.link` (absent on roots), `weft.joined`, `weft.node`;
+//! status ERROR for 5xx (SERVER) and 4xx/5xx (CLIENT).
+//!
+//! Delivery: a bounded queue of traces (full → dropped and counted), a worker that
+//! batches up to `max_batch_spans` or `flush_interval`, retries retryable failures with
+//! exponential backoff, and counts what it finally drops (`export.otlp.dropped`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{
+    ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode,
+};
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use weft_proto::v1::Side;
+
+use super::{LogOnce, owner, peer};
+use crate::metrics::{Counter, Registry};
+use crate::model::{CompletedTrace, LinkKind, SpanRecord, TraceSink};
+use crate::resolve::Identity;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OtlpProtocol {
+    #[default]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies.
+    HttpProtobuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct OtlpConfig {
+    /// `http://host:4317` (gRPC) or `http://host:4318` (HTTP; `/v1/traces` is appended
+    /// unless present).
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    /// Traces waiting for export; beyond it new traces are dropped and counted.
+    pub queue_traces: usize,
+    pub max_batch_spans: usize,
+    pub flush_interval: Duration,
+    pub timeout: Duration,
+    /// Attempts per request (the first included).
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl OtlpConfig {
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        OtlpConfig {
+            endpoint: endpoint.into(),
+            protocol: OtlpProtocol::Grpc,
+            queue_traces: 8192,
+            max_batch_spans: 4096,
+            flush_interval: Duration::from_millis(200),
+            timeout: Duration::from_secs(10),
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Counters {
+    sent: Counter,
+    requests: Counter,
+    retries: Counter,
+    dropped_queue: Counter,
+    dropped_failed: Counter,
+    rejected: Counter,
+}
+
+/// A [`TraceSink`] that exports over OTLP. Create inside a tokio runtime.
+pub struct OtlpExporter {
+    tx: mpsc::Sender<Arc<CompletedTrace>>,
+    counters: Counters,
+    log: LogOnce,
+}
+
+impl OtlpExporter {
+    /// Starts the export worker on the current tokio runtime.
+    pub fn spawn(cfg: OtlpConfig, metrics: &Registry) -> anyhow::Result<Arc<OtlpExporter>> {
+        let c = |name: &str, help| metrics.counter(name, help);
+        let counters = Counters {
+            sent: c("export.otlp.spans", "spans accepted by the OTLP endpoint"),
+            requests: c("export.otlp.requests", "OTLP export requests sent"),
+            retries: c("export.otlp.retries", "OTLP export attempts retried"),
+            dropped_queue: c(
+                "export.otlp.dropped_queue_full",
+                "spans dropped because the OTLP export queue was full",
+            ),
+            dropped_failed: c(
+                "export.otlp.dropped",
+                "spans dropped after the OTLP endpoint failed every attempt",
+            ),
+            rejected: c(
+                "export.otlp.rejected",
+                "spans the OTLP endpoint reported as rejected (partial success)",
+            ),
+        };
+        let transport = Transport::new(&cfg)?;
+        let (tx, rx) = mpsc::channel(cfg.queue_traces.max(1));
+        tokio::spawn(run(cfg, transport, rx, counters.clone()));
+        Ok(Arc::new(OtlpExporter {
+            tx,
+            counters,
+            log: LogOnce::default(),
+        }))
+    }
+}
+
+impl TraceSink for OtlpExporter {
+    fn on_trace(&self, trace: &Arc<CompletedTrace>) {
+        if let Err(e) = self.tx.try_send(trace.clone()) {
+            let (reason, t) = match e {
+                mpsc::error::TrySendError::Full(t) => ("queue full", t),
+                mpsc::error::TrySendError::Closed(t) => ("exporter stopped", t),
+            };
+            self.counters.dropped_queue.add(t.spans.len() as u64);
+            self.log.warn("OTLP export drops spans", reason);
+        }
+    }
+}
+
+/// The worker: batch, send, retry, count.
+async fn run(
+    cfg: OtlpConfig,
+    mut transport: Transport,
+    mut rx: mpsc::Receiver<Arc<CompletedTrace>>,
+    counters: Counters,
+) {
+    let log_failed = LogOnce::default();
+    let mut batch: Vec<Arc<CompletedTrace>> = Vec::new();
+    let mut spans = 0usize;
+    loop {
+        let next = if batch.is_empty() {
+            rx.recv().await
+        } else {
+            match tokio::time::timeout(cfg.flush_interval, rx.recv()).await {
+                Ok(t) => t,
+                Err(_) => {
+                    flush(&cfg, &mut transport, &mut batch, &counters, &log_failed).await;
+                    spans = 0;
+                    continue;
+                }
+            }
+        };
+        let Some(trace) = next else {
+            flush(&cfg, &mut transport, &mut batch, &counters, &log_failed).await;
+            return;
+        };
+        spans += trace.spans.len();
+        batch.push(trace);
+        if spans >= cfg.max_batch_spans {
+            flush(&cfg, &mut transport, &mut batch, &counters, &log_failed).await;
+            spans = 0;
+        }
+    }
+}
+
+async fn flush(
+    cfg: &OtlpConfig,
+    transport: &mut Transport,
+    batch: &mut Vec<Arc<CompletedTrace>>,
+    counters: &Counters,
+    log_failed: &LogOnce,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let n: u64 = batch.iter().map(|t| t.spans.len() as u64).sum();
+    let request = to_request(batch);
+    batch.clear();
+    let mut backoff = cfg.initial_backoff;
+    for attempt in 1..=cfg.max_attempts.max(1) {
+        counters.requests.inc();
+        match transport.send(&request, cfg.timeout).await {
+            Ok(rejected) => {
+                counters.rejected.add(rejected);
+                counters.sent.add(n.saturating_sub(rejected));
+                return;
+            }
+            Err(e) if e.retryable && attempt < cfg.max_attempts => {
+                counters.retries.inc();
+                tracing::debug!(error = %e.message, attempt, "OTLP export failed, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(cfg.max_backoff);
+            }
+            Err(e) => {
+                counters.dropped_failed.add(n);
+                log_failed.warn("OTLP export drops spans", &e.message);
+                return;
+            }
+        }
+    }
+}
+
+struct SendError {
+    retryable: bool,
+    message: String,
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+enum Transport {
+    Grpc(TraceServiceClient<Channel>),
+    Http {
+        client: Box<HttpClient>,
+        uri: hyper::Uri,
+    },
+}
+
+impl Transport {
+    fn new(cfg: &OtlpConfig) -> anyhow::Result<Transport> {
+        match cfg.protocol {
+            OtlpProtocol::Grpc => {
+                let channel = tonic::transport::Endpoint::from_shared(cfg.endpoint.clone())
+                    .map_err(|e| anyhow::anyhow!("bad OTLP endpoint {:?}: {e}", cfg.endpoint))?
+                    .connect_timeout(cfg.timeout)
+                    .timeout(cfg.timeout)
+                    .connect_lazy();
+                Ok(Transport::Grpc(TraceServiceClient::new(channel)))
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let base = cfg.endpoint.trim_end_matches('/');
+                let url = if base.ends_with("/v1/traces") {
+                    base.to_string()
+                } else {
+                    format!("{base}/v1/traces")
+                };
+                let uri: hyper::Uri = url
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("bad OTLP endpoint {url:?}: {e}"))?;
+                let client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build_http();
+                Ok(Transport::Http {
+                    client: Box::new(client),
+                    uri,
+                })
+            }
+        }
+    }
+
+    /// Sends one request; returns the number of spans the endpoint rejected.
+    async fn send(
+        &mut self,
+        req: &ExportTraceServiceRequest,
+        timeout: Duration,
+    ) -> Result<u64, SendError> {
+        match self {
+            Transport::Grpc(client) => match client.export(req.clone()).await {
+                Ok(resp) => Ok(resp
+                    .into_inner()
+                    .partial_success
+                    .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))),
+                Err(status) => Err(SendError {
+                    retryable: matches!(
+                        status.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::ResourceExhausted
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Aborted
+                            | tonic::Code::Cancelled
+                            | tonic::Code::Unknown
+                            | tonic::Code::Internal
+                    ),
+                    message: format!("{}: {}", status.code(), status.message()),
+                }),
+            },
+            Transport::Http { client, uri } => {
+                let body = Full::new(Bytes::from(req.encode_to_vec()));
+                let request = hyper::Request::post(uri.clone())
+                    .header("content-type", "application/x-protobuf")
+                    .body(body)
+                    .map_err(|e| SendError {
+                        retryable: false,
+                        message: e.to_string(),
+                    })?;
+                let resp = tokio::time::timeout(timeout, client.request(request))
+                    .await
+                    .map_err(|_| SendError {
+                        retryable: true,
+                        message: "timed out".into(),
+                    })?
+                    .map_err(|e| SendError {
+                        retryable: true,
+                        message: e.to_string(),
+                    })?;
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                if status.is_success() {
+                    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+                    let rejected = ExportTraceServiceResponse::decode(body)
+                        .ok()
+                        .and_then(|r| r.partial_success)
+                        .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0));
+                    Ok(rejected)
+                } else {
+                    Err(SendError {
+                        retryable: matches!(status.as_u16(), 429 | 502 | 503 | 504),
+                        message: format!("HTTP {status}"),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Builds one OTLP request: one `ResourceSpans` per workload pod.
+pub fn to_request(traces: &[Arc<CompletedTrace>]) -> ExportTraceServiceRequest {
+    let mut by_resource: HashMap<ResourceKey, Vec<Span>> = HashMap::new();
+    for trace in traces {
+        for s in &trace.spans {
+            by_resource
+                .entry(ResourceKey::of(owner(s)))
+                .or_default()
+                .push(to_span(s));
+        }
+    }
+    let scope = InstrumentationScope {
+        name: "weft".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    };
+    ExportTraceServiceRequest {
+        resource_spans: by_resource
+            .into_iter()
+            .map(|(key, spans)| ResourceSpans {
+                resource: Some(key.resource()),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(scope.clone()),
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+/// What distinguishes one resource from another.
+#[derive(Hash, PartialEq, Eq)]
+struct ResourceKey {
+    service: String,
+    namespace: Option<String>,
+    pod: Option<String>,
+    node: Option<String>,
+    deployment: Option<String>,
+}
+
+impl ResourceKey {
+    fn of(id: &Identity) -> ResourceKey {
+        match id.meta.as_deref() {
+            Some(m) => ResourceKey {
+                service: m.workload.clone(),
+                namespace: Some(m.namespace.clone()).filter(|n| !n.is_empty()),
+                pod: m.pod.clone(),
+                node: m.node.clone(),
+                deployment: (m.workload_kind == "Deployment").then(|| m.workload.clone()),
+            },
+            None => ResourceKey {
+                service: id.addr.ip().to_string(),
+                namespace: None,
+                pod: None,
+                node: None,
+                deployment: None,
+            },
+        }
+    }
+
+    fn resource(self) -> Resource {
+        let mut attributes = vec![kv("service.name", s(self.service))];
+        if let Some(ns) = self.namespace {
+            attributes.push(kv("service.namespace", s(ns.clone())));
+            attributes.push(kv("k8s.namespace.name", s(ns)));
+        }
+        if let Some(p) = self.pod {
+            attributes.push(kv("k8s.pod.name", s(p)));
+        }
+        if let Some(n) = self.node {
+            attributes.push(kv("k8s.node.name", s(n)));
+        }
+        if let Some(d) = self.deployment {
+            attributes.push(kv("k8s.deployment.name", s(d)));
+        }
+        Resource {
+            attributes,
+            ..Default::default()
+        }
+    }
+}
+
+fn kv(key: &str, value: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    }
+}
+
+fn s(v: impl Into<String>) -> any_value::Value {
+    any_value::Value::StringValue(v.into())
+}
+
+fn i(v: i64) -> any_value::Value {
+    any_value::Value::IntValue(v)
+}
+
+fn b(v: bool) -> any_value::Value {
+    any_value::Value::BoolValue(v)
+}
+
+/// One span in OTLP form.
+pub fn to_span(r: &SpanRecord) -> Span {
+    let mut attributes = vec![
+        kv("http.request.method", s(r.method.clone())),
+        kv("url.path", s(r.path.clone())),
+        kv("http.response.status_code", i(i64::from(r.status))),
+        kv("server.address", s(r.server.addr.ip().to_string())),
+        kv("server.port", i(i64::from(r.server.addr.port()))),
+        kv("client.address", s(r.client.addr.ip().to_string())),
+        kv("network.peer.address", s(peer(r).addr.ip().to_string())),
+        kv("weft.joined", b(r.joined)),
+        kv("weft.node", s(r.node.to_string())),
+    ];
+    if r.link != LinkKind::Root {
+        attributes.push(kv("weft.link", s(r.link.as_str())));
+    }
+    if let Some(name) = peer(r).meta.as_ref().map(|_| peer(r).name()) {
+        attributes.push(kv("weft.peer.name", s(name)));
+    }
+    Span {
+        trace_id: r.trace_id.0.to_vec(),
+        span_id: r.span_id.0.to_vec(),
+        parent_span_id: r.parent.map(|p| p.0.to_vec()).unwrap_or_default(),
+        name: r.name.clone(),
+        kind: match r.side {
+            Side::Client => SpanKind::Client,
+            _ => SpanKind::Server,
+        } as i32,
+        start_time_unix_nano: r.start_unix_nanos,
+        end_time_unix_nano: r.end_unix_nanos,
+        attributes,
+        status: Some(Status {
+            message: if r.error {
+                format!("HTTP {}", r.status)
+            } else {
+                String::new()
+            },
+            code: if r.error {
+                StatusCode::Error
+            } else {
+                StatusCode::Unset
+            } as i32,
+        }),
+        // W3C trace flags: sampled.
+        flags: 0x01,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::printer::tests::example_trace;
+
+    fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+        attrs
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| v.value.as_ref())
+    }
+
+    #[test]
+    fn one_resource_per_workload_pod_with_semantic_attributes() {
+        let mut t = example_trace();
+        t.spans[1].status = 503;
+        t.spans[1].error = true;
+        let req = to_request(&[Arc::new(t)]);
+        assert_eq!(req.resource_spans.len(), 2);
+        let backend = req
+            .resource_spans
+            .iter()
+            .find(|r| {
+                attr(&r.resource.as_ref().unwrap().attributes, "service.name")
+                    == Some(&s("backend"))
+            })
+            .unwrap();
+        let res = &backend.resource.as_ref().unwrap().attributes;
+        assert_eq!(attr(res, "k8s.namespace.name"), Some(&s("demo")));
+        assert_eq!(attr(res, "k8s.pod.name"), Some(&s("backend-0")));
+        assert_eq!(attr(res, "k8s.deployment.name"), Some(&s("backend")));
+        let span = &backend.scope_spans[0].spans[0];
+        assert_eq!(span.kind, SpanKind::Server as i32);
+        assert_eq!(span.name, "GET /api/items");
+        assert_eq!(hex::encode(&span.parent_span_id), "00f067aa0ba902b7");
+        assert_eq!(attr(&span.attributes, "weft.link"), Some(&s("join")));
+        assert_eq!(
+            attr(&span.attributes, "http.response.status_code"),
+            Some(&i(503))
+        );
+        assert_eq!(
+            attr(&span.attributes, "network.peer.address"),
+            Some(&s("10.244.1.9"))
+        );
+        assert_eq!(span.status.as_ref().unwrap().code, StatusCode::Error as i32);
+        let frontend = req
+            .resource_spans
+            .iter()
+            .find(|r| !std::ptr::eq(*r, backend))
+            .unwrap();
+        let client = &frontend.scope_spans[0].spans[0];
+        assert!(client.parent_span_id.is_empty());
+        assert_eq!(
+            attr(&client.attributes, "weft.link"),
+            None,
+            "roots carry no link"
+        );
+        assert_eq!(
+            attr(&client.attributes, "server.address"),
+            Some(&s("10.96.0.20"))
+        );
+        assert_eq!(
+            client.status.as_ref().unwrap().code,
+            StatusCode::Unset as i32
+        );
+    }
+
+    #[test]
+    fn client_spans_are_errors_from_4xx_server_spans_from_5xx() {
+        let mut t = example_trace();
+        t.spans[0].status = 404;
+        t.spans[0].error = true;
+        let span = to_span(&t.spans[0]);
+        assert_eq!(span.status.unwrap().code, StatusCode::Error as i32);
+    }
+}
