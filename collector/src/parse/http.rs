@@ -158,8 +158,8 @@ pub struct SegmentParse {
     pub messages: Vec<Message>,
     /// Why reading stopped early, if it did (the messages before it are still valid).
     pub error: Option<ParseError>,
-    /// A further message begins in the payload but after the captured bytes, so it
-    /// could not be read.
+    /// A further message begins in the payload but was not read: it starts after
+    /// the captured bytes, or after `MAX_MESSAGES_PER_SEGMENT` messages.
     pub beyond_capture: bool,
 }
 
@@ -211,6 +211,10 @@ pub fn parse_segment(captured: &[u8], payload_len: u32, redact_query: bool) -> S
             truncated: parsed.head_len.is_none(),
         });
         match next {
+            Some(n) if n < captured.len() && out.messages.len() == MAX_MESSAGES_PER_SEGMENT => {
+                out.beyond_capture = true;
+                break;
+            }
             Some(n) if n < captured.len() => offset = n,
             Some(n) if n < payload_len => {
                 out.beyond_capture = true;
@@ -590,6 +594,18 @@ Cookie: id=1\r\nUser-Agent: curl\r\n\r\n",
         let seg = parse_segment(a, a.len() as u32 + 10 + 20, true);
         assert_eq!(seg.messages.len(), 1);
         assert!(seg.beyond_capture);
+    }
+
+    #[test]
+    fn messages_per_segment_are_bounded_and_the_rest_reported() {
+        let all = b"GET / HTTP/1.1\r\n\r\n".repeat(MAX_MESSAGES_PER_SEGMENT + 2);
+        let seg = parse_segment(&all, all.len() as u32, true);
+        assert_eq!(seg.messages.len(), MAX_MESSAGES_PER_SEGMENT);
+        assert!(seg.beyond_capture);
+        let all = b"GET / HTTP/1.1\r\n\r\n".repeat(MAX_MESSAGES_PER_SEGMENT);
+        let seg = parse_segment(&all, all.len() as u32, true);
+        assert_eq!(seg.messages.len(), MAX_MESSAGES_PER_SEGMENT);
+        assert!(!seg.beyond_capture);
     }
 
     #[test]

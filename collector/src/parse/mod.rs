@@ -171,7 +171,8 @@ pub struct ParseStats {
     /// Heads cut by the capture bound or spanning segments; they still yield their
     /// first line and the header lines captured whole.
     pub truncated_heads: u64,
-    /// A further pipelined message began after the captured bytes and was not read.
+    /// A further pipelined message in a segment was not read (it began after the
+    /// captured bytes, or past the per-segment message limit).
     pub heads_beyond_capture: u64,
     /// Retransmitted request heads (seq not after the last one seen), ignored.
     pub retransmitted_requests: u64,
@@ -293,7 +294,6 @@ impl Parser {
         let timeout = nanos(self.cfg.pending_timeout);
         let grace = nanos(self.cfg.close_grace);
         let idle = nanos(self.cfg.idle_timeout);
-        let stats = &mut self.stats;
         let mut dropped = 0usize;
         self.table.retain(|entry| {
             if let Some(closed) = entry.closed_at
@@ -314,7 +314,7 @@ impl Parser {
             }
             entry.pending_count() > 0 || now_unix_nanos < entry.last_seen.saturating_add(idle)
         });
-        stats.unanswered_requests += dropped as u64;
+        self.stats.unanswered_requests += dropped as u64;
         self.pending_total -= dropped;
         debug_assert_eq!(self.pending_total, self.table.pending_total());
         self.log_new_losses();
