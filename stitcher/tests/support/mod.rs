@@ -1,0 +1,3 @@
+//! Helpers shared by the stitcher's integration tests.
+
+pub mod fake_apiserver;
