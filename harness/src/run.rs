@@ -33,7 +33,11 @@ impl RunDir {
                 Ok(()) => {
                     let pid = std::process::id() as i32;
                     let start = sys::start_time(pid).context("reading own start time")?;
-                    std::fs::write(path.join(OWNER_FILE), format!("{pid} {start}\n"))?;
+                    // Written aside and renamed: a cleaner must never read a half-written
+                    // owner file and take a live run for a dead one.
+                    let aside = path.join(format!("{OWNER_FILE}.new"));
+                    std::fs::write(&aside, format!("{pid} {start}\n"))?;
+                    std::fs::rename(&aside, path.join(OWNER_FILE))?;
                     std::fs::create_dir(path.join("logs"))?;
                     return Ok(RunDir { prefix, path });
                 }

@@ -144,9 +144,17 @@ fn wait_all_gone(pids: &[i32], limit: Duration) {
 /// effort and must go on with the next item.
 pub(crate) fn destroy_netns(name: &str, grace: Duration) {
     kill_netns_processes(name, grace);
-    if Path::new(NETNS_DIR).join(name).exists() {
-        let _ = run("ip", &["netns", "delete", name]);
-    }
+    delete_netns(name);
+}
+
+/// What `ip netns delete` does, but idempotent: detach the bind mount, then remove the file.
+/// Two cleaners racing (two tests removing the same stale run) both end with the file gone;
+/// with `ip netns delete` the loser fails on the unmount and returns before the winner's unlink.
+fn delete_netns(name: &str) {
+    let path = Path::new(NETNS_DIR).join(name);
+    // EINVAL (no longer a mount point) or ENOENT: someone else got there first.
+    let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_file(&path);
 }
 
 /// Runs `f` on a new thread that has entered the named network namespace.

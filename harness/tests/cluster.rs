@@ -61,21 +61,29 @@ fn start_backend(cluster: &Cluster, pod: &str) -> Proc {
 
 /// Runs `weft-demo-app load` in `netns` and returns its JSON summary; fails the test if it
 /// fails or does not finish.
-fn run_load(cluster: &Cluster, netns: &str, url: &str, requests: u32) -> serde_json::Value {
+fn run_load(
+    cluster: &Cluster,
+    netns: &str,
+    url: &str,
+    requests: u32,
+    extra: &[&str],
+) -> serde_json::Value {
     let load = cluster
         .spawn(
             netns,
-            Command::new(DEMO_APP).args([
-                "load",
-                "--url",
-                url,
-                "--requests",
-                &requests.to_string(),
-                "--concurrency",
-                "4",
-                "--timeout-s",
-                "30",
-            ]),
+            Command::new(DEMO_APP)
+                .args([
+                    "load",
+                    "--url",
+                    url,
+                    "--requests",
+                    &requests.to_string(),
+                    "--concurrency",
+                    "4",
+                    "--timeout-s",
+                    "30",
+                ])
+                .args(extra),
         )
         .expect("spawn load");
     let status = load
@@ -164,7 +172,7 @@ fn service_call_across_nodes_reaches_backend_without_snat_and_drop_removes_every
 
     let server = start_backend(&cluster, "backend-0");
     let url = format!("http://{cluster_ip}:80/api/items");
-    let summary = run_load(&cluster, client.netns(), &url, 100);
+    let summary = run_load(&cluster, client.netns(), &url, 100, &[]);
     assert_eq!(summary["ok"], 100, "{summary}");
     assert_eq!(summary["errors"], 0, "{summary}");
 
@@ -241,7 +249,7 @@ fn service_call_to_a_backend_on_the_same_node_works() {
         "http://{}:80/local",
         cluster.service("backend").cluster_ip()
     );
-    let summary = run_load(&cluster, client.netns(), &url, 100);
+    let summary = run_load(&cluster, client.netns(), &url, 100, &[]);
     assert_eq!(summary["ok"], 100, "{summary}");
     let peers = request_peers(&server);
     assert_eq!(peers.len(), 100);
@@ -270,7 +278,7 @@ fn service_balances_over_backends_on_both_nodes_and_control_reaches_it() {
         "http://{}:80/spread",
         cluster.service("backend").cluster_ip()
     );
-    let summary = run_load(&cluster, client.netns(), &url, 200);
+    let summary = run_load(&cluster, client.netns(), &url, 200, &["--no-keepalive"]);
     assert_eq!(summary["ok"], 200, "{summary}");
     let counts: Vec<usize> = servers.iter().map(|s| request_peers(s).len()).collect();
     assert_eq!(counts.iter().sum::<usize>(), 200, "{counts:?}");
@@ -283,7 +291,7 @@ fn service_balances_over_backends_on_both_nodes_and_control_reaches_it() {
     }
 
     // The control namespace (where a stitcher runs) reaches Services and pods on every node.
-    let summary = run_load(&cluster, cluster.control_netns(), &url, 20);
+    let summary = run_load(&cluster, cluster.control_netns(), &url, 20, &[]);
     assert_eq!(summary["ok"], 20, "{summary}");
     let control_peers: usize = servers
         .iter()
