@@ -21,20 +21,6 @@ const KUBE_VERSIONS: [&str; 2] = ["1.27.0", "1.35.0"];
 const RELEASE: &str = "weft";
 const NAMESPACE: &str = "weft-system";
 
-/// The kinds the stitcher's resolver reads, as (API group, resource). This mirrors the resolver
-/// (stitcher/src/resolve) and `weft.resolverRules` in the chart; change all three together.
-const RESOLVER_RESOURCES: [(&str, &str); 10] = [
-    ("", "pods"),
-    ("", "services"),
-    ("", "nodes"),
-    ("discovery.k8s.io", "endpointslices"),
-    ("apps", "replicasets"),
-    ("apps", "deployments"),
-    ("apps", "statefulsets"),
-    ("apps", "daemonsets"),
-    ("batch", "jobs"),
-    ("batch", "cronjobs"),
-];
 const READ_VERBS: [&str; 3] = ["get", "list", "watch"];
 
 // ---------------------------------------------------------------------------------------------
@@ -391,6 +377,56 @@ fn set_of(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
+/// What the stitcher's resolver reads, as (API group, resource), derived from its source: the
+/// kinds it starts watchers for (`spawn_watch::<Kind>`) and the k8s_openapi modules they are
+/// imported from. A kind added there fails the RBAC check until the chart grants it.
+fn resolver_resources() -> BTreeSet<(String, String)> {
+    let path = repo_root().join("stitcher/src/resolve/kube.rs");
+    let source =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    // `use k8s_openapi::api::<module>::v1::{A, B};` -> kind -> API group.
+    let mut group_of = BTreeMap::new();
+    for line in source.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix("use k8s_openapi::api::") else {
+            continue;
+        };
+        let Some((module, kinds)) = rest.split_once("::v1::") else {
+            continue;
+        };
+        let group = match module {
+            "core" => "",
+            "apps" | "batch" => module,
+            "discovery" => "discovery.k8s.io",
+            other => panic!("k8s_openapi module {other}: add its API group to this table"),
+        };
+        for kind in kinds
+            .trim_end_matches(';')
+            .trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+        {
+            group_of.insert(kind.trim().to_string(), group.to_string());
+        }
+    }
+    let watched: BTreeSet<(String, String)> = source
+        .split("spawn_watch::<")
+        .skip(1)
+        .map(|rest| {
+            let kind = &rest[..rest.find('>').expect("closing >")];
+            let group = group_of
+                .get(kind)
+                .unwrap_or_else(|| panic!("resolver watches {kind}, imported from where?"));
+            // Every kind the resolver uses pluralises with an "s" (pods, endpointslices, jobs).
+            (group.clone(), format!("{}s", kind.to_lowercase()))
+        })
+        .collect();
+    assert!(
+        watched.contains(&(String::new(), "pods".to_string())),
+        "no watched kinds found in {} (spawn_watch::<Kind> renamed?)",
+        path.display()
+    );
+    watched
+}
+
 // ---------------------------------------------------------------------------------------------
 // Checks shared by several value sets
 
@@ -601,10 +637,7 @@ fn check_rbac(r: &Rendered) {
             }
         }
     }
-    let expected: BTreeSet<(String, String)> = RESOLVER_RESOURCES
-        .iter()
-        .map(|(g, r)| (g.to_string(), r.to_string()))
-        .collect();
+    let expected = resolver_resources();
     assert_eq!(
         granted, expected,
         "ClusterRole must cover exactly the resolver's kinds"
@@ -1028,59 +1061,102 @@ fn kubernetes_validate_rejects_a_broken_manifest() {
     }
 }
 
-/// The flags of a binary as its clap `Cli` in `<crate>/src/cli.rs` declares them: flag name ->
-/// the accepted values when the field's type is an enum declared in that file.
-fn cli_flags(crate_dir: &str) -> BTreeMap<String, Option<BTreeSet<String>>> {
-    let source = std::fs::read_to_string(repo_root().join(crate_dir).join("src/cli.rs"))
-        .unwrap_or_else(|e| panic!("read {crate_dir}/src/cli.rs: {e}"));
-    let kebab = |name: &str| -> String {
-        let mut out = String::new();
-        for (i, c) in name.chars().enumerate() {
-            if c.is_uppercase() && i > 0 {
-                out.push('-');
-            }
-            out.push(c.to_ascii_lowercase());
+/// The `.rs` files under a directory, recursively.
+fn rust_sources(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("read dir {}: {e}", dir.display()));
+    for entry in entries {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            out.extend(rust_sources(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
         }
-        out
-    };
-    // enum Name { A, B, ... } -> {"a", "b"} (clap's ValueEnum names are kebab-case).
+    }
+    out
+}
+
+fn kebab(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('-');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// The flags a binary declares with clap derive anywhere in `<crate>/src` (flattened argument
+/// groups included): flag name -> the accepted values when its type is a `ValueEnum`.
+fn cli_flags(crate_dir: &str) -> BTreeMap<String, Option<BTreeSet<String>>> {
+    let sources: Vec<String> = rust_sources(&repo_root().join(crate_dir).join("src"))
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("read source"))
+        .collect();
+    // #[derive(.. ValueEnum ..)] enum Name { A, B } -> {"a", "b"} (clap's kebab-case names).
     let mut enums: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut lines = source.lines().map(str::trim);
-    while let Some(line) = lines.next() {
-        if let Some(name) = line
-            .strip_prefix("pub enum ")
-            .and_then(|l| l.strip_suffix(" {"))
-        {
-            let variants = lines
+    for source in &sources {
+        let mut value_enum = false;
+        let mut lines = source.lines().map(str::trim);
+        while let Some(line) = lines.next() {
+            if line.starts_with("#[derive(") {
+                value_enum = line.contains("ValueEnum");
+            }
+            let Some(name) = line
+                .strip_prefix("pub enum ")
+                .and_then(|l| l.strip_suffix(" {"))
+            else {
+                continue;
+            };
+            let variants: BTreeSet<String> = lines
                 .by_ref()
                 .take_while(|l| *l != "}")
                 .filter(|l| !l.starts_with("//") && !l.starts_with('#') && !l.is_empty())
                 .map(|l| kebab(l.trim_end_matches(',')))
                 .collect();
-            enums.insert(name.to_string(), variants);
+            if std::mem::take(&mut value_enum) {
+                enums.entry(name.to_string()).or_default().extend(variants);
+            }
         }
     }
-    // Fields after a #[arg(long ...)] attribute: `pub snake_name: Type,`.
+    // A field after an #[arg(..long..)] attribute: `pub snake_name: Type,`.
     let mut flags = BTreeMap::new();
-    let mut is_arg = false;
-    for line in source.lines().map(str::trim) {
-        if line.starts_with("#[arg(") && line.contains("long") {
-            is_arg = true;
-        } else if let Some(field) = line.strip_prefix("pub ").filter(|_| is_arg)
-            && let Some((name, ty)) = field.split_once(": ")
-        {
-            let ty = ty.trim_end_matches(',');
-            flags.insert(
-                format!("--{}", name.replace('_', "-")),
-                enums.get(ty).cloned(),
-            );
-            is_arg = false;
+    for source in &sources {
+        let mut attr = String::new();
+        let mut in_attr = false;
+        let mut is_long_arg = false;
+        for line in source.lines().map(str::trim) {
+            if line.starts_with("#[arg(") {
+                attr.clear();
+                in_attr = true;
+            }
+            if in_attr {
+                attr.push_str(line);
+                if line.ends_with(")]") {
+                    in_attr = false;
+                    is_long_arg = attr.contains("long");
+                }
+                continue;
+            }
+            if let Some(field) = line.strip_prefix("pub ").filter(|_| is_long_arg)
+                && let Some((name, ty)) = field.split_once(": ")
+            {
+                let ty = ty.trim_end_matches(',');
+                let inner = ty
+                    .strip_prefix("Option<")
+                    .and_then(|t| t.strip_suffix('>'))
+                    .unwrap_or(ty);
+                flags.insert(
+                    format!("--{}", name.replace('_', "-")),
+                    enums.get(inner).cloned(),
+                );
+                is_long_arg = false;
+            }
         }
     }
-    assert!(
-        !flags.is_empty(),
-        "no flags found in {crate_dir}/src/cli.rs"
-    );
+    assert!(!flags.is_empty(), "no clap flags found in {crate_dir}/src");
     flags
 }
 
@@ -1101,6 +1177,18 @@ fn rendered_flags_exist_in_the_binaries() {
         .iter()
         .map(|(dir, kind)| (*kind, cli_flags(dir)))
         .collect();
+    // The value check must not be vacuous: these flags take enum values.
+    for (kind, flag) in [
+        ("DaemonSet", "--tc-backend"),
+        ("DaemonSet", "--print"),
+        ("Deployment", "--print"),
+        ("Deployment", "--kubernetes"),
+    ] {
+        assert!(
+            matches!(declared[kind].get(flag), Some(Some(values)) if values.len() >= 2),
+            "{kind} {flag}: its ValueEnum was not found"
+        );
+    }
     for set in sets {
         let r = render(RenderOptions {
             value_sets: set,
@@ -1113,7 +1201,7 @@ fn rendered_flags_exist_in_the_binaries() {
                     None => (arg.clone(), None),
                 };
                 let accepted = declared[kind].get(&name).unwrap_or_else(|| {
-                    panic!("{set:?}: the chart passes {name}, which {dir}/src/cli.rs lacks")
+                    panic!("{set:?}: the chart passes {name}, which {dir}/src does not declare")
                 });
                 assert!(
                     value.is_some(),

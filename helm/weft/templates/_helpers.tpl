@@ -79,12 +79,14 @@ The URL the collectors stream to: collector.stitcher, or this chart's stitcher S
 
 {{/*
 The ClusterRole rules of the stitcher's resolver: the ONE place that lists what it reads.
-It must match the kinds the resolver (stitcher/src/resolve) watches; read-only, nothing else.
-  core               pods (IP -> pod, workload owner), services (ClusterIP -> service),
+They must match the kinds stitcher/src/resolve/kube.rs watches (helm/tests/chart.rs derives
+its expectation from that file); read-only, nothing else.
+  core               pods (IP -> pod and its owner), services (ClusterIP -> service),
                      nodes (node IP -> node, host-network pods)
   discovery.k8s.io   endpointslices (service -> backing pod IPs)
-  apps               replicasets (pod -> deployment), deployments, statefulsets, daemonsets
-  batch              jobs (pod -> job -> cronjob), cronjobs
+  apps               replicasets (their owner reference names the Deployment)
+  batch              jobs (their owner reference names the CronJob)
+Deployments, StatefulSets, DaemonSets and CronJobs are not read: owner references name them.
 */}}
 {{- define "weft.resolverRules" -}}
 - apiGroups: [""]
@@ -94,9 +96,9 @@ It must match the kinds the resolver (stitcher/src/resolve) watches; read-only, 
   resources: ["endpointslices"]
   verbs: ["get", "list", "watch"]
 - apiGroups: ["apps"]
-  resources: ["replicasets", "deployments", "statefulsets", "daemonsets"]
+  resources: ["replicasets"]
   verbs: ["get", "list", "watch"]
 - apiGroups: ["batch"]
-  resources: ["jobs", "cronjobs"]
+  resources: ["jobs"]
   verbs: ["get", "list", "watch"]
 {{- end }}
