@@ -14,6 +14,8 @@ pub(crate) const RUNS_DIR: &str = "/run/weft-harness";
 /// Every prefix starts with this, followed by 4 hex digits.
 const PREFIX_HEAD: &str = "wft";
 const OWNER_FILE: &str = "owner";
+/// How long the logs of a run that failed (panicked) are kept.
+const KEEP_LOGS_FOR: Duration = Duration::from_secs(24 * 3600);
 
 /// The directory `/run/weft-harness/<prefix>/` a live run owns.
 #[derive(Debug)]
@@ -86,6 +88,14 @@ fn owner_alive(prefix: &str) -> bool {
     sys::start_time(pid) == Some(start) && sys::is_running(pid)
 }
 
+fn older_than(path: &Path, age: Duration) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|elapsed| elapsed > age)
+}
+
 /// Removes every namespace of a run (killing the processes inside first).
 pub(crate) fn destroy_run_netns(prefix: &str, grace: Duration) {
     let head = format!("{prefix}-");
@@ -98,8 +108,9 @@ pub(crate) fn destroy_run_netns(prefix: &str, grace: Duration) {
 
 /// Removes the leftovers of runs whose owning process is dead: their processes (by PID),
 /// network namespaces (and with them every veth, bridge and nft table inside) and run
-/// directories. Runs with a live owner are never touched, so this is safe to call while other
-/// tests run. Returns the prefixes it cleaned.
+/// directories; and, after a day, the logs that failed runs kept. Runs with a live owner are
+/// never touched, so this is safe to call while other tests run. Returns the prefixes it
+/// cleaned.
 pub fn cleanup_stale() -> Vec<String> {
     let mut stale: Vec<String> = Vec::new();
     // Runs whose owner file names a dead process.
@@ -108,16 +119,23 @@ pub fn cleanup_stale() -> Vec<String> {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            // A directory without an owner file is a finished run's kept logs, or a run
-            // being created this instant: leave both alone.
-            if is_prefix(&name) && entry.path().join(OWNER_FILE).exists() && !owner_alive(&name) {
-                stale.push(name);
+            if !is_prefix(&name) {
+                continue;
+            }
+            if entry.path().join(OWNER_FILE).exists() {
+                if !owner_alive(&name) {
+                    stale.push(name);
+                }
+            } else if older_than(&entry.path(), KEEP_LOGS_FOR) {
+                // Logs a failed run kept; younger ones (and a run being created this
+                // instant, which has no owner file for a moment) are left alone.
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
-    // Namespaces whose run has no owner at all (killed between deleting the owner file and
-    // the namespaces cannot happen: drop deletes namespaces first; but a run directory may
-    // have been removed by hand).
+    // Namespaces of a run without a live owner whose run directory is gone (removed by
+    // hand, say). Drop removes namespaces before the owner file, so a finished run never
+    // leaves namespaces that look like this.
     for ns in sys::list_netns() {
         if let Some(prefix) = netns_prefix(&ns)
             && !owner_alive(prefix)

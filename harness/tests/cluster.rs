@@ -305,6 +305,39 @@ fn service_balances_over_backends_on_both_nodes_and_control_reaches_it() {
     assert_eq!(control_peers, 20);
 }
 
+#[test]
+fn a_panicking_test_still_removes_its_cluster_and_keeps_its_logs() {
+    let prefix = std::sync::Mutex::new(String::new());
+    let result = std::panic::catch_unwind(|| {
+        let spec = ClusterSpec {
+            nodes: vec![node("node-a", vec![pod("doomed-0", "doomed")])],
+            services: vec![backend_service()],
+        };
+        let cluster = Cluster::up(&spec).expect("cluster up");
+        *prefix.lock().unwrap() = cluster.prefix().to_string();
+        let _sleeper = cluster
+            .spawn(
+                cluster.pod("doomed-0").netns(),
+                Command::new("sleep").arg("300"),
+            )
+            .expect("spawn sleep");
+        panic!("the test fails while the cluster is up");
+    });
+    assert!(result.is_err());
+    let prefix = prefix.into_inner().unwrap();
+    let run_dir = std::path::Path::new("/run/weft-harness").join(&prefix);
+    let logs = std::fs::read_dir(run_dir.join("logs"))
+        .expect("logs kept")
+        .count();
+    assert_eq!(logs, 2, "stdout and stderr of the one process");
+    assert!(
+        !run_dir.join("owner").exists(),
+        "a kept run must not look live"
+    );
+    std::fs::remove_dir_all(&run_dir).unwrap();
+    assert_run_gone(&prefix);
+}
+
 /// Not a test of its own: the body of the child process that the stale-run tests kill.
 #[test]
 #[ignore = "helper: run by the stale-run tests in a child process"]
