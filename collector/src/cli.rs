@@ -5,9 +5,12 @@ use std::net::SocketAddr;
 
 use clap::{Parser, ValueEnum};
 
+pub use crate::print::PrintMode;
+use crate::ship::ShipArgs;
+
 /// Pod-side veth names of common CNIs: plain veth pairs and the bridge plugin (`veth*`),
 /// Cilium (`lxc*`), Calico (`cali*`), the CNI reference plugins (`cni*`), AWS VPC CNI (`eni*`),
-/// GKE (`gke*`), and the test harness (`wh*`).
+/// GKE (`gke*`). The test harness names host veths `veth<run prefix>-<n>`.
 pub const DEFAULT_INTERFACES: &str = "veth*,lxc*,cali*,cni*,eni*,gke*";
 
 #[derive(Debug, Clone, Parser)]
@@ -17,11 +20,7 @@ pub struct Cli {
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node_name: Option<String>,
 
-    /// Stitcher URL, e.g. http://10.0.0.1:9400. Absent: local only (print/metrics).
-    #[arg(long, env = "WEFT_STITCHER")]
-    pub stitcher: Option<String>,
-
-    /// Comma-separated globs of interface names to trace.
+    /// Comma-separated globs of interface names to trace (veth and netkit devices only).
     #[arg(long, env = "WEFT_INTERFACES", default_value = DEFAULT_INTERFACES, value_delimiter = ',')]
     pub interfaces: Vec<String>,
 
@@ -32,6 +31,10 @@ pub struct Cli {
     /// Print exchanges locally: `off`, `text` or `json` (one object per line).
     #[arg(long, env = "WEFT_PRINT", value_enum, default_value_t = PrintMode::Off)]
     pub print: PrintMode,
+
+    /// Shipping to the stitcher (`--stitcher` absent: local only).
+    #[command(flatten)]
+    pub ship: ShipArgs,
 
     /// Address of the Prometheus `/metrics` and `/healthz` endpoint.
     #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "0.0.0.0:9401")]
@@ -51,11 +54,4 @@ pub enum TcBackendArg {
     Auto,
     Tcx,
     Netlink,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PrintMode {
-    Off,
-    Text,
-    Json,
 }

@@ -10,5 +10,6 @@ pub mod capture;
 pub mod cli;
 pub mod metrics;
 pub mod parse;
+pub mod pipeline;
 pub mod print;
 pub mod ship;

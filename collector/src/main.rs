@@ -6,16 +6,19 @@ use anyhow::Context as _;
 use aya::Ebpf;
 use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 use weft_collector::{
     attach::{
         self, AttachError, Attacher, Backend, Iface,
         links::{self, InterfaceFilter, LinkEvent, LinkWatcher},
         tracefs,
     },
-    capture::{Capture, Captured},
+    capture::Capture,
     cli::Cli,
     metrics::{self, Metrics},
+    parse::ParseConfig,
+    pipeline::Pipeline,
+    ship::Shipper,
 };
 
 /// The kernel programs, built by build.rs.
@@ -84,7 +87,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut attacher = Attacher::new(ebpf, backend, rtnl, metrics.clone())?;
     info!(backend = backend.as_str(), "attaching");
-    for iface in present.iter().filter(|i| filter.matches(&i.name)) {
+    for iface in present.iter().filter(|i| filter.traces(i)) {
         if let Err(e) = attach_one(&mut attacher, iface).await {
             // A refusal at start is fatal: the operator must fix the configuration first.
             attacher.shutdown().await;
@@ -92,33 +95,88 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
 
+    let node_name = node_name(&cli);
+    let shipper = Shipper::spawn(cli.ship.config(node_name.clone()));
+    let mut pipeline = Pipeline::new(
+        ParseConfig {
+            redact_query: !cli.keep_query,
+            ..ParseConfig::default()
+        },
+        cli.print,
+        &node_name,
+        shipper.sender(),
+        metrics.clone(),
+    );
+    pipeline.set_interfaces(attacher.ifnames());
+
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut events = 0u64;
-    info!("running");
+    info!(node = %node_name, "running");
     loop {
-        tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
-            ev = watcher.next() => match ev {
-                Some(ev) => on_link_event(&mut attacher, &filter, ev).await,
-                None => { warn!("the rtnetlink link subscription closed: new pods are no longer followed"); watcher = LinkWatcher::subscribe()?; }
-            },
-            res = capture.drain(|c| {
-                events += 1;
-                on_captured(c);
-            }) => res?,
-            _ = tick.tick() => {
-                let s = capture.stats();
-                metrics.record_read(s.packets, s.conns, s.malformed);
-                metrics.record_kernel(&capture.kernel_counters());
+        // Each branch only says what happened; the work is done below, where nothing else
+        // borrows the pipeline or the attacher.
+        let wake = tokio::select! {
+            _ = sigterm.recv() => Wake::Stop("SIGTERM"),
+            _ = sigint.recv() => Wake::Stop("SIGINT"),
+            ev = watcher.next() => Wake::Link(ev),
+            res = capture.drain(|c| pipeline.on_captured(c)) => { res?; continue; }
+            _ = tick.tick() => Wake::Tick,
+        };
+        match wake {
+            Wake::Stop(sig) => {
+                info!("{sig}: detaching");
+                break;
+            }
+            Wake::Link(Some(ev)) => {
+                on_link_event(&mut attacher, &filter, ev).await;
+                pipeline.set_interfaces(attacher.ifnames());
+            }
+            Wake::Link(None) => {
+                warn!("the rtnetlink link subscription closed; subscribing again");
+                watcher = LinkWatcher::subscribe()?;
+            }
+            Wake::Tick => {
+                pipeline.tick(now_unix_nanos(), &capture, &shipper.stats());
+                shipper.set_info(pipeline.info(
+                    backend.as_str(),
+                    attacher.attached_names(),
+                    &capture,
+                ));
             }
         }
     }
     attacher.shutdown().await;
-    info!(events, "stopped");
+    // Drain what the kernel still holds, then let the shipper deliver.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(100),
+        capture.drain(|c| pipeline.on_captured(c)),
+    )
+    .await;
+    shipper.shutdown().await;
+    info!("stopped");
     Ok(())
+}
+
+enum Wake {
+    Stop(&'static str),
+    Link(Option<LinkEvent>),
+    Tick,
+}
+
+fn node_name(cli: &Cli) -> String {
+    cli.node_name.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".to_owned())
+    })
+}
+
+fn now_unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Attaches to one interface; only a Cilium refusal is an error (other failures are logged
@@ -136,7 +194,7 @@ async fn attach_one(attacher: &mut Attacher, iface: &Iface) -> Result<(), Attach
 
 async fn on_link_event(attacher: &mut Attacher, filter: &InterfaceFilter, ev: LinkEvent) {
     match ev {
-        LinkEvent::Present(iface) if filter.matches(&iface.name) => {
+        LinkEvent::Present(iface) if filter.traces(&iface) => {
             if !attacher.is_attached(iface.index)
                 && let Err(e) = attach_one(attacher, &iface).await
             {
@@ -146,33 +204,5 @@ async fn on_link_event(attacher: &mut Attacher, filter: &InterfaceFilter, ev: Li
         // Renamed to something we do not trace.
         LinkEvent::Present(iface) => attacher.detach(iface.index, false).await,
         LinkEvent::Gone(index) => attacher.detach(index, true).await,
-    }
-}
-
-fn on_captured(c: Captured<'_>) {
-    match c {
-        Captured::Packet {
-            event,
-            wall_unix_nanos,
-        } => debug!(
-            ifindex = event.ifindex,
-            dir = event.direction,
-            seq = event.seq,
-            len = event.payload_len,
-            wall_unix_nanos,
-            head = %String::from_utf8_lossy(&event.head[..(event.captured_len as usize).min(event.head.len())]).lines().next().unwrap_or(""),
-            "packet"
-        ),
-        Captured::Conn {
-            event,
-            wall_unix_nanos,
-        } => debug!(
-            old = event.oldstate,
-            new = event.newstate,
-            sport = event.sport,
-            dport = event.dport,
-            wall_unix_nanos,
-            "conn"
-        ),
     }
 }

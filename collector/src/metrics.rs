@@ -55,6 +55,7 @@ pub struct Metrics {
     parse_failures: Counter,
     exchanges: Counter,
     connections: Counter,
+    stages: Family<Labels, Counter>,
 }
 
 /// Raises a monotonically increasing counter to `total` (the sources keep running totals).
@@ -89,6 +90,7 @@ impl Metrics {
             parse_failures: Counter::default(),
             exchanges: Counter::default(),
             connections: Counter::default(),
+            stages: Family::default(),
         };
         {
             let mut r = m.registry.lock();
@@ -136,6 +138,11 @@ impl Metrics {
                 "connections",
                 "Connection events produced",
                 m.connections.clone(),
+            );
+            r.register(
+                "stage_events",
+                "Counters of the parse and ship stages by kind (drops, retransmissions, ...)",
+                m.stages.clone(),
             );
         }
         m
@@ -215,12 +222,15 @@ impl Metrics {
         raise_to(&self.parse_failures, failures);
     }
 
-    pub fn inc_exchanges(&self) {
-        self.exchanges.inc();
-    }
-
-    pub fn inc_connections(&self) {
-        self.connections.inc();
+    /// Running totals of a stage, by kind.
+    pub fn record_stage(&self, stage: &str, counters: &[(&str, u64)]) {
+        for (kind, total) in counters {
+            let labels = vec![
+                ("stage".to_owned(), stage.to_owned()),
+                ("kind".to_owned(), (*kind).to_owned()),
+            ];
+            raise_to(&self.stages.get_or_create(&labels), *total);
+        }
     }
 
     /// The Prometheus text exposition of everything registered.

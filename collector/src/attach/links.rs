@@ -9,7 +9,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::{
     RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
 };
 use rtnetlink::{Handle, MulticastGroup};
 
@@ -33,6 +33,13 @@ impl InterfaceFilter {
     pub fn matches(&self, name: &str) -> bool {
         self.set.is_match(name)
     }
+
+    /// Traced: a pod's host-side device (veth or netkit) whose name matches. Bridges such as
+    /// `cni0` match `cni*` too, but routed pod traffic crosses them after the pod's veth:
+    /// tracing both would report every exchange twice.
+    pub fn traces(&self, iface: &Iface) -> bool {
+        iface.pod_side && self.matches(&iface.name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,12 +56,20 @@ pub fn ifindex(name: &str) -> std::io::Result<u32> {
 }
 
 fn iface_of(msg: &LinkMessage) -> Option<Iface> {
-    msg.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(name) => Some(Iface {
-            index: msg.header.index,
-            name: name.clone(),
-        }),
+    let name = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.clone()),
         _ => None,
+    })?;
+    let pod_side = msg.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth | InfoKind::Netkit))),
+        _ => false,
+    });
+    Some(Iface {
+        index: msg.header.index,
+        name,
+        pod_side,
     })
 }
 

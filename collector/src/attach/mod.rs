@@ -86,6 +86,8 @@ fn prog_name(hook: Hook) -> &'static str {
 pub struct Iface {
     pub index: u32,
     pub name: String,
+    /// A veth or netkit device: the host side of a pod's interface.
+    pub pod_side: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +153,14 @@ impl Attacher {
         let mut v: Vec<String> = self.attached.values().map(|a| a.name.clone()).collect();
         v.sort();
         v
+    }
+
+    /// ifindex → name of every interface we are attached to.
+    pub fn ifnames(&self) -> HashMap<u32, String> {
+        self.attached
+            .iter()
+            .map(|(i, a)| (*i, a.name.clone()))
+            .collect()
     }
 
     pub fn is_attached(&self, ifindex: u32) -> bool {

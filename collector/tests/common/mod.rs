@@ -100,11 +100,9 @@ pub fn http_get(cluster: &Cluster, netns: &str, addr: &str, path: &str) -> Optio
     cluster.run_in(netns, move || {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
+        // One write: `write!` would send the pieces as separate segments.
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
         let (head, body) = out.split_once("\r\n\r\n")?;
@@ -246,11 +244,9 @@ pub fn http_requests(
             }
             let (s, r) = conn.as_mut().unwrap();
             let c = if keep_alive { "keep-alive" } else { "close" };
-            write!(
-                s,
-                "GET {p} HTTP/1.1\r\nHost: backend\r\nConnection: {c}\r\n\r\n"
-            )
-            .unwrap();
+            // One write, so the request line starts a segment with the whole head.
+            let req = format!("GET {p} HTTP/1.1\r\nHost: backend\r\nConnection: {c}\r\n\r\n");
+            s.write_all(req.as_bytes()).unwrap();
             statuses.push(read_response(r));
             if !keep_alive {
                 conn = None;

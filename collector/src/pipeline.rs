@@ -1,0 +1,154 @@
+//! The collector's data path after capture, in one place: `Captured` events in; `parse` turns
+//! them into Exchanges and Connections, which go to `print` (local output) and `ship` (the
+//! stitcher); the counters of every stage go to `metrics`.
+
+use std::{collections::HashMap, sync::Arc};
+
+use tracing::warn;
+use weft_proto::v1::{CollectorInfo, Exchange};
+
+use crate::{
+    capture::{Capture, Captured},
+    metrics::Metrics,
+    parse::{ParseConfig, ParseStats, Parser},
+    print::{PrintMode, Printer},
+    ship::{Event, EventSender, ShipStats},
+};
+
+pub struct Pipeline {
+    parser: Parser,
+    printer: Printer,
+    sender: EventSender,
+    metrics: Arc<Metrics>,
+    /// ifindex → name of the traced interfaces (kept by the caller from `attach`).
+    ifnames: HashMap<u32, String>,
+    print_failed: bool,
+}
+
+impl Pipeline {
+    pub fn new(
+        parse: ParseConfig,
+        print: PrintMode,
+        node_name: &str,
+        sender: EventSender,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            parser: Parser::new(parse),
+            printer: Printer::new(print, node_name),
+            sender,
+            metrics,
+            ifnames: HashMap::new(),
+            print_failed: false,
+        }
+    }
+
+    pub fn set_interfaces(&mut self, ifnames: HashMap<u32, String>) {
+        self.ifnames = ifnames;
+    }
+
+    /// One kernel event through parse, print and ship.
+    pub fn on_captured(&mut self, c: Captured<'_>) {
+        match c {
+            Captured::Packet {
+                event,
+                wall_unix_nanos,
+            } => {
+                let ifname = self.ifnames.get(&event.ifindex).map_or("", String::as_str);
+                let mut next = self.parser.on_packet(event, wall_unix_nanos, ifname);
+                while let Some(ex) = next {
+                    self.emit(ex);
+                    next = self.parser.take_ready();
+                }
+            }
+            Captured::Conn {
+                event,
+                wall_unix_nanos,
+            } => {
+                if let Some(conn) = self.parser.on_conn(event, wall_unix_nanos) {
+                    self.sender.try_send(Event::Connection(conn));
+                }
+            }
+        }
+    }
+
+    fn emit(&mut self, ex: Exchange) {
+        if let Err(e) = self.printer.print(&ex)
+            && !self.print_failed
+        {
+            // Logged once: a closed stdout would otherwise flood the log.
+            warn!("printing exchanges failed, further failures are not logged: {e}");
+            self.print_failed = true;
+        }
+        self.sender.try_send(Event::Exchange(ex));
+    }
+
+    /// Periodic work: expire what waited too long and publish every stage's counters.
+    pub fn tick(&mut self, now_unix_nanos: u64, capture: &Capture, ship: &ShipStats) {
+        self.parser.expire(now_unix_nanos);
+        let read = capture.stats();
+        self.metrics
+            .record_read(read.packets, read.conns, read.malformed);
+        self.metrics.record_kernel(&capture.kernel_counters());
+        let p = self.parser.stats();
+        self.metrics
+            .record_parse(p.exchanges, p.connections, p.parse_errors.total());
+        self.metrics.record_stage("parse", &parse_counters(&p));
+        for (reason, n) in p.parse_errors.iter() {
+            self.metrics.record_stage("parse_error", &[(reason, n)]);
+        }
+        let mut ship_counters = vec![
+            ("sent_events", ship.sent_events),
+            ("acked_events", ship.acked_events),
+            ("retransmitted_batches", ship.retransmitted_batches),
+            ("reconnects", ship.reconnects),
+        ];
+        ship_counters.extend(ship.dropped.iter().map(|(k, v)| (k.as_str(), *v)));
+        self.metrics.record_stage("ship", &ship_counters);
+    }
+
+    /// The drops of every stage so far, by reason (for `CollectorInfo.drops`).
+    pub fn drops(&self, capture: &Capture) -> Vec<(String, u64)> {
+        use weft_ebpf_common::Counter;
+        let k = capture.kernel_counters();
+        let p = self.parser.stats();
+        vec![
+            ("ring_full".into(), k[Counter::RingFull as usize]),
+            ("conn_ring_full".into(), k[Counter::ConnRingFull as usize]),
+            ("copy_failed".into(), k[Counter::CopyFailed as usize]),
+            ("ring_malformed".into(), capture.stats().malformed),
+            ("parse_error".into(), p.parse_errors.total()),
+            ("unanswered_requests".into(), p.unanswered_requests),
+            ("unmatched_responses".into(), p.unmatched_responses),
+            ("evicted_requests".into(), p.evicted_requests),
+            ("ready_overflow".into(), p.ready_overflow),
+        ]
+    }
+
+    pub fn info(&self, backend: &str, interfaces: Vec<String>, capture: &Capture) -> CollectorInfo {
+        CollectorInfo {
+            tc_backend: backend.to_owned(),
+            interfaces,
+            drops: self.drops(capture).into_iter().collect(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+}
+
+fn parse_counters(p: &ParseStats) -> Vec<(&'static str, u64)> {
+    vec![
+        ("packets", p.packets),
+        ("requests", p.requests),
+        ("responses", p.responses),
+        ("interim_responses", p.interim_responses),
+        ("truncated_heads", p.truncated_heads),
+        ("heads_beyond_capture", p.heads_beyond_capture),
+        ("retransmitted_requests", p.retransmitted_requests),
+        ("retransmitted_responses", p.retransmitted_responses),
+        ("unmatched_responses", p.unmatched_responses),
+        ("unanswered_requests", p.unanswered_requests),
+        ("evicted_connections", p.evicted_connections),
+        ("evicted_requests", p.evicted_requests),
+        ("ready_overflow", p.ready_overflow),
+    ]
+}

@@ -1,0 +1,140 @@
+//! Acceptance test 1 of issue 3: every HTTP/1.1 request from a pod on node A to a ClusterIP
+//! backed by a pod on node B is reported once as CLIENT by node A's collector and once as
+//! SERVER by node B's, with the right method, path and status and the same TCP seqs on both
+//! sides (Service DNAT rewrites addresses, not sequence numbers). Needs root.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+const REQUESTS: usize = 1000;
+
+/// The exchanges a collector printed (`--print json`), by path.
+fn exchanges_by_path(stdout: &str) -> HashMap<String, Vec<Value>> {
+    let mut by_path: HashMap<String, Vec<Value>> = HashMap::new();
+    for line in stdout.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let path = v["path"].as_str().expect("path").to_owned();
+        by_path.entry(path).or_default().push(v);
+    }
+    by_path
+}
+
+#[test]
+fn thousand_requests_through_a_cluster_ip_are_seen_on_both_nodes_with_the_same_seqs() {
+    let cluster = two_nodes();
+    let (node_a, node_b) = (cluster.node("a").netns(), cluster.node("b").netns());
+    let a = start_collector(&cluster, node_a, &["--print", "json", "--node-name", "a"]);
+    let b = start_collector(&cluster, node_b, &["--print", "json", "--node-name", "b"]);
+    let _server = start_http_server(cluster.pod("backend").netns());
+    let svc = cluster.service("backend");
+    let addr = server_addr(svc.cluster_ip(), svc.port());
+
+    // Every 10th path answers 404; half keep-alive (5 connections), half one per request.
+    let paths: Vec<String> = (0..REQUESTS)
+        .map(|i| {
+            if i % 10 == 3 {
+                format!("/missing/{i}")
+            } else {
+                format!("/item/{i}")
+            }
+        })
+        .collect();
+    let client = cluster.pod("client").netns();
+    let mut statuses = Vec::new();
+    for chunk in paths[..REQUESTS / 2].chunks(100) {
+        statuses.extend(http_requests(&cluster, client, addr, chunk, true));
+    }
+    statuses.extend(http_requests(
+        &cluster,
+        client,
+        addr,
+        &paths[REQUESTS / 2..],
+        false,
+    ));
+    assert_eq!(statuses.len(), REQUESTS);
+
+    let count = |p: &weft_harness::Proc| p.stdout_text().lines().count();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (count(&a) < REQUESTS || count(&b) < REQUESTS) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Anything beyond 1,000 (duplicates) would show now too.
+    std::thread::sleep(Duration::from_millis(500));
+    let diag = |ns: &str| {
+        scrape(&cluster, ns)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (diag_a, diag_b) = (diag(node_a), diag(node_b));
+    let client_side = exchanges_by_path(&a.stdout_text());
+    let server_side = exchanges_by_path(&b.stdout_text());
+    assert_eq!(
+        client_side.values().map(Vec::len).sum::<usize>(),
+        REQUESTS,
+        "node A: {diag_a}\n{}",
+        a.stderr_text()
+    );
+    assert_eq!(
+        server_side.values().map(Vec::len).sum::<usize>(),
+        REQUESTS,
+        "node B: {diag_b}\n{}",
+        b.stderr_text()
+    );
+
+    let backend_ip = cluster.pod("backend").ip().to_string();
+    let client_ip = cluster.pod("client").ip().to_string();
+    for (path, status) in paths.iter().zip(&statuses) {
+        let c = client_side
+            .get(path)
+            .unwrap_or_else(|| panic!("node A missed {path}"));
+        let s = server_side
+            .get(path)
+            .unwrap_or_else(|| panic!("node B missed {path}"));
+        assert_eq!((c.len(), s.len()), (1, 1), "{path} reported more than once");
+        let (c, s) = (&c[0], &s[0]);
+        let expected = if path.starts_with("/missing") {
+            404
+        } else {
+            200
+        };
+        assert_eq!(*status, expected);
+        for (side, ex) in [("CLIENT", c), ("SERVER", s)] {
+            assert_eq!(ex["side"], side, "{ex}");
+            assert_eq!(ex["method"], "GET", "{ex}");
+            assert_eq!(ex["status"], expected, "{ex}");
+        }
+        assert_eq!(c["request_seq"], s["request_seq"], "{path}: {c} vs {s}");
+        assert_eq!(c["response_seq"], s["response_seq"], "{path}: {c} vs {s}");
+        // Client side sees the ClusterIP, server side the pod (after DNAT).
+        assert_eq!(c["server"], addr.to_string(), "{c}");
+        assert!(
+            s["server"].as_str().unwrap().starts_with(&backend_ip),
+            "{s}"
+        );
+        assert!(c["client"].as_str().unwrap().starts_with(&client_ip), "{c}");
+        assert_eq!(c["client"], s["client"], "no SNAT: same client endpoint");
+    }
+    let metrics = scrape(&cluster, node_a);
+    assert_eq!(
+        metric(&metrics, "weft_collector_exchanges_total"),
+        REQUESTS as u64
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"weft_collector_ring_drops_total{ring="packets"}"#
+        ),
+        0
+    );
+    a.stop(Duration::from_secs(5)).unwrap();
+    b.stop(Duration::from_secs(5)).unwrap();
+}
