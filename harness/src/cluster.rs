@@ -20,6 +20,13 @@ const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 254);
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 const UNDERLAY_BRIDGE: &str = "underlay0";
 const NODE_BRIDGE: &str = "cni0";
+/// The cluster is IPv4 only: without IPv6 no router solicitations, MLD reports or DAD probes
+/// cross the pod veths, so captures there hold only what the test sent. `all` covers links
+/// that exist already, `default` those created later.
+const IPV6_OFF: [(&str, &str); 2] = [
+    ("net.ipv6.conf.all.disable_ipv6", "1"),
+    ("net.ipv6.conf.default.disable_ipv6", "1"),
+];
 /// How long processes still running at teardown get between SIGTERM and SIGKILL.
 const TEARDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -237,6 +244,7 @@ impl Cluster {
             sys::run("ip", &["netns", "add", &node.netns])?;
         }
         ip_batch(ns, &cmds)?;
+        sys::sysctls_in(ns, &IPV6_OFF)?;
         let mut routes: Vec<String> = self
             .nodes
             .iter()
@@ -260,6 +268,8 @@ impl Cluster {
                 ("net.ipv4.conf.default.send_redirects", "0"),
                 ("net.ipv4.conf.all.rp_filter", "0"),
                 ("net.ipv4.conf.default.rp_filter", "0"),
+                IPV6_OFF[0],
+                IPV6_OFF[1],
             ],
         )?;
         let mut cmds = vec![
@@ -290,6 +300,7 @@ impl Cluster {
     fn build_pod(&self, pod: &Pod) -> Result<()> {
         let node = self.node(&pod.node);
         sys::run("ip", &["netns", "add", &pod.netns])?;
+        sys::sysctls_in(&pod.netns, &IPV6_OFF)?;
         ip_batch(
             &node.netns,
             &[

@@ -210,6 +210,36 @@ fn service_call_across_nodes_reaches_backend_without_snat_and_drop_removes_every
     });
     assert_eq!(local, client.ip());
 
+    // IPv4 only: no IPv6 address (not even link-local) in pods or on the host-side veth.
+    for (ns, dev) in [
+        (client.netns(), "eth0"),
+        (cluster.node("node-a").netns(), client.host_veth()),
+    ] {
+        let v6 = Command::new("ip")
+            .args(["-n", ns, "-6", "addr", "show", "dev", dev])
+            .output()
+            .unwrap();
+        assert!(v6.status.success());
+        assert_eq!(String::from_utf8_lossy(&v6.stdout), "", "{ns} {dev}");
+    }
+
+    let inventory: serde_yaml::Value = serde_yaml::from_str(&cluster.inventory_yaml()).unwrap();
+    assert_eq!(inventory["pods"].as_sequence().unwrap().len(), 2);
+    assert_eq!(inventory["pods"][1]["name"], "backend-0");
+    assert_eq!(inventory["pods"][1]["node"], "node-b");
+    assert_eq!(
+        inventory["pods"][1]["ip"],
+        backend.ip().to_string().as_str()
+    );
+    assert_eq!(
+        inventory["services"][0]["cluster_ip"],
+        cluster_ip.to_string().as_str()
+    );
+    assert_eq!(inventory["services"][0]["ports"][0]["target_port"], 8080);
+    assert_eq!(
+        inventory["nodes"][0]["ip"],
+        cluster.node("node-a").underlay_ip().to_string().as_str()
+    );
     let inventory = cluster.inventory_yaml();
     assert!(inventory.contains(&format!(
         "{{name: client-0, namespace: demo, workload: client, node: node-a, ip: {}}}",
