@@ -33,6 +33,14 @@
 //! Every namespace name starts with `<prefix>-`. A run whose owner process is gone (or whose
 //! namespaces have no run directory) is stale: [`cleanup_stale`], also called by
 //! [`Cluster::up`], kills the processes still inside its namespaces by PID and deletes them.
+//!
+//! Processes started with [`Cluster::spawn`] write to `logs/<n>-<where>-<program>.stdout` and
+//! `.stderr` in the run directory. The cluster removes the directory on drop, except when the
+//! test is panicking or `WEFT_HARNESS_KEEP_LOGS` is set: then it keeps the logs (without the
+//! owner file) and prints where; stale clean-up removes kept logs after a day.
+//!
+//! Timing (`cargo run -p weft-harness --example cluster_timing -- 3 4`): 3 nodes × 4 pods up
+//! in about 0.3 s, dropped in about 10 ms.
 
 mod cluster;
 mod inventory;

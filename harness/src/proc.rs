@@ -43,8 +43,15 @@ impl IntoSignal for i32 {
 impl Proc {
     /// Starts `cmd` inside `netns` through `ip netns exec` (which execs the program, so the
     /// PID is the program's). Keeps the command's arguments, environment changes and working
-    /// directory; `label` names the log files `<label>.stdout` / `<label>.stderr` in `logs`.
+    /// directory (not `env_clear`, which `Command` does not expose); `label` names the log files `<label>.stdout` / `<label>.stderr` in `logs`.
     pub(crate) fn spawn(netns: &str, cmd: &Command, logs: &Path, label: &str) -> Result<Proc> {
+        let program = Path::new(cmd.get_program());
+        // `ip netns exec` would start fine and then fail to exec: report it here instead.
+        anyhow::ensure!(
+            program.components().count() == 1 || program.exists(),
+            "cannot start {}: no such file",
+            program.display()
+        );
         let stdout = logs.join(format!("{label}.stdout"));
         let stderr = logs.join(format!("{label}.stderr"));
         let mut wrapped = Command::new("ip");
