@@ -241,3 +241,26 @@ fn load_is_bounded_by_its_timeout() {
         "load ran {took:?} past a 0.5 s timeout"
     );
 }
+
+#[test]
+fn head_gets_the_length_without_a_body_on_a_kept_alive_connection() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[]);
+    let mut s = std::net::TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /g HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let responses: Vec<&str> = out.split("HTTP/1.1 ").filter(|r| !r.is_empty()).collect();
+    assert_eq!(responses.len(), 2, "{out}");
+    assert!(
+        responses[0].ends_with("\r\n\r\n"),
+        "HEAD answer has a body: {out}"
+    );
+    let (_, get_body) = responses[1].split_once("\r\n\r\n").unwrap();
+    assert!(
+        get_body.starts_with('{') && get_body.contains("\"n\":2"),
+        "{out}"
+    );
+}

@@ -234,8 +234,15 @@ pub fn write_get(
     conn.write_all(req.as_bytes())
 }
 
+/// What follows a response head.
+pub enum Body<'a> {
+    Full(&'a str),
+    /// Content-Length of this many bytes, no body (answers to HEAD).
+    LengthOnly(usize),
+}
+
 /// Writes a response with a JSON body.
-pub fn write_response(conn: &mut Conn, status: u16, body: &str, keep_alive: bool) -> Result<()> {
+pub fn write_response(conn: &mut Conn, status: u16, body: Body, keep_alive: bool) -> Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -244,9 +251,12 @@ pub fn write_response(conn: &mut Conn, status: u16, body: &str, keep_alive: bool
         _ => "Unknown",
     };
     let connection = if keep_alive { "keep-alive" } else { "close" };
+    let (len, text) = match body {
+        Body::Full(text) => (text.len(), text),
+        Body::LengthOnly(len) => (len, ""),
+    };
     let resp = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: {connection}\r\n\r\n{text}"
     );
     conn.write_all(resp.as_bytes())
 }

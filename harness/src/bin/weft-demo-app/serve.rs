@@ -98,13 +98,19 @@ impl Server {
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     let body = serde_json::json!({"error": format!("{e:#}")}).to_string();
-                    let _ = http::write_response(&mut conn, 400, &body, false);
+                    let _ = http::write_response(&mut conn, 400, http::Body::Full(&body), false);
                     return Err(e);
                 }
             };
             let keep_alive = head.keep_alive();
             let (status, body) = self.handle(&head, peer);
-            http::write_response(&mut conn, status, &body, keep_alive)?;
+            // A HEAD response announces the body's length but carries none.
+            let body = if head.method == "HEAD" {
+                http::Body::LengthOnly(body.len())
+            } else {
+                http::Body::Full(&body)
+            };
+            http::write_response(&mut conn, status, body, keep_alive)?;
             if !keep_alive {
                 return Ok(());
             }
