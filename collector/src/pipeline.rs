@@ -94,9 +94,7 @@ impl Pipeline {
         self.metrics
             .record_parse(p.exchanges, p.connections, p.parse_errors.total());
         self.metrics.record_stage("parse", &parse_counters(&p));
-        for (reason, n) in p.parse_errors.iter() {
-            self.metrics.record_stage("parse_error", &[(reason, n)]);
-        }
+        self.metrics.record_stage("parse_loss", &p.losses());
         let mut ship_counters = vec![
             ("sent_events", ship.sent_events),
             ("acked_events", ship.acked_events),
@@ -111,18 +109,20 @@ impl Pipeline {
     pub fn drops(&self, capture: &Capture) -> Vec<(String, u64)> {
         use weft_ebpf_common::Counter;
         let k = capture.kernel_counters();
-        let p = self.parser.stats();
-        vec![
+        let mut drops: Vec<(String, u64)> = vec![
             ("ring_full".into(), k[Counter::RingFull as usize]),
             ("conn_ring_full".into(), k[Counter::ConnRingFull as usize]),
             ("copy_failed".into(), k[Counter::CopyFailed as usize]),
             ("ring_malformed".into(), capture.stats().malformed),
-            ("parse_error".into(), p.parse_errors.total()),
-            ("unanswered_requests".into(), p.unanswered_requests),
-            ("unmatched_responses".into(), p.unmatched_responses),
-            ("evicted_requests".into(), p.evicted_requests),
-            ("ready_overflow".into(), p.ready_overflow),
-        ]
+        ];
+        drops.extend(
+            self.parser
+                .stats()
+                .losses()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v)),
+        );
+        drops
     }
 
     pub fn info(&self, backend: &str, interfaces: Vec<String>, capture: &Capture) -> CollectorInfo {

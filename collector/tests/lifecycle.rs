@@ -294,6 +294,7 @@ fn garbage_truncated_and_other_protocols_are_counted_without_panic() {
         b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(),
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(),
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+        b"GET /\x01bad HTTP/1.1\r\n\r\n".to_vec(),
         b"GET".to_vec(),
         vec![0u8; 1],
     ];
