@@ -51,7 +51,10 @@ impl SpanLine {
         let rest: Vec<&str> = fields.collect();
         let rest = rest.join(" ");
         let (peers, rest) = rest.split_once(" size:")?;
-        let (from, to) = peers.strip_prefix('[')?.strip_suffix(']')?.split_once("]->[")?;
+        let (from, to) = peers
+            .strip_prefix('[')?
+            .strip_suffix(']')?
+            .split_once("]->[")?;
         let service = between(rest, "svc=[", "]")?;
         let tp = between(rest, "traceparent=[00-", "]-01]")?;
         let (trace_id, ids) = tp.split_once('-')?;

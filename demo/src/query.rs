@@ -31,9 +31,9 @@ impl<'a> Query<'a> {
     }
 
     pub fn service_map(&self, window_seconds: u64) -> Result<ServiceMapResponse> {
-        self.call(move |mut c| async move {
-            c.service_map(ServiceMapRequest { window_seconds }).await
-        })
+        self.call(
+            move |mut c| async move { c.service_map(ServiceMapRequest { window_seconds }).await },
+        )
     }
 
     pub fn list_traces(&self, limit: u32) -> Result<ListTracesResponse> {

@@ -37,9 +37,9 @@ pub fn run(cli: &Cli) -> Result<Report> {
     let otlp = match (cli.otlp, &tools.rotel) {
         (Otlp::Off, _) => false,
         (_, Some(_)) => true,
-        (Otlp::On, None) => bail!(
-            "--otlp on: rotel not found (`pip install rotel`, or `cargo xtask setup`)"
-        ),
+        (Otlp::On, None) => {
+            bail!("--otlp on: rotel not found (`pip install rotel`, or `cargo xtask setup`)")
+        }
         (Otlp::Auto, None) => {
             say("rotel not found (`pip install rotel`): running without OTLP export");
             false

@@ -86,7 +86,9 @@ impl Stack {
 
     /// Every process of the stack with its PID.
     pub fn pids(&self) -> Vec<(String, i32)> {
-        self.parts().map(|p| (p.name.clone(), p.proc.pid())).collect()
+        self.parts()
+            .map(|p| (p.name.clone(), p.proc.pid()))
+            .collect()
     }
 
     fn parts(&self) -> impl Iterator<Item = &Part> {

@@ -81,7 +81,11 @@ impl Report {
                     .map(|s| (s.span_id.as_str(), s.parent_id.as_str()))
                     .collect();
                 self.seen.traces[*id].iter().all(|s| {
-                    let parent = if s.is_root() { "" } else { s.parent_id.as_str() };
+                    let parent = if s.is_root() {
+                        ""
+                    } else {
+                        s.parent_id.as_str()
+                    };
                     got.contains(&(s.span_id.as_str(), parent))
                 })
             })
@@ -98,7 +102,9 @@ impl Report {
             t.requests,
             t.ok,
             t.http_5xx,
-            t.transport_errors + t.requests.saturating_sub(t.ok + t.http_5xx + t.transport_errors)
+            t.transport_errors
+                + t.requests
+                    .saturating_sub(t.ok + t.http_5xx + t.transport_errors)
         );
         let whole = self.whole_traces().len();
         let _ = writeln!(
