@@ -58,7 +58,7 @@ impl SpanLine {
         let service = between(rest, "svc=[", "]")?;
         let tp = between(rest, "traceparent=[00-", "]-01]")?;
         let (trace_id, ids) = tp.split_once('-')?;
-        let (span_id, parent_id) = ids.strip_suffix(']')?.split_once('[')?;
+        let (span_id, parent_id) = ids.split_once('[')?;
         let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
         if !hex(trace_id, 32) || !hex(span_id, 16) || !hex(parent_id, 16) {
             return None;

@@ -294,9 +294,9 @@ mod tests {
                 let parent = if i == 0 {
                     root.to_string()
                 } else {
-                    format!("{:016x}", i - 1)
+                    format!("{i:016x}")
                 };
-                span(&format!("{i:016x}"), &parent)
+                span(&format!("{:016x}", i + 1), &parent)
             })
             .collect();
         assert!(is_whole(&chain));
