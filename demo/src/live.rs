@@ -24,7 +24,7 @@ pub struct SpanLine {
     pub status: u16,
     pub method: String,
     pub path: String,
-    /// `ip as workload.namespace:port` (or `ip:port` when unnamed).
+    /// `ip as workload.namespace:port` (`ip as ip:port` when unnamed).
     pub from: String,
     pub to: String,
     /// `namespace/workload` of the span's owner.
@@ -81,12 +81,12 @@ impl SpanLine {
         self.parent_id.bytes().all(|b| b == b'0')
     }
 
-    /// The workload name (`frontend.demo`) of the server side as printed, if named.
+    /// The name (`frontend.demo`, or the IP when unnamed) of the server side as printed.
     pub fn server_name(&self) -> Option<&str> {
         name_of(&self.to)
     }
 
-    /// The workload name of the client side as printed, if named.
+    /// The name of the client side as printed.
     pub fn client_name(&self) -> Option<&str> {
         name_of(&self.from)
     }
@@ -234,11 +234,11 @@ mod tests {
 
     #[test]
     fn parses_roots_unjoined_and_unnamed_peers() {
-        let line = "2026-11-22 10:00:00.000000001 (1.00ms[-]) HTTP 500 GET /store/17 [10.244.2.2:40000]->[10.244.3.2 as store.demo:8080] size:0B svc=[demo/store] traceparent=[00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331[0000000000000000]-01]";
+        let line = "2026-11-22 10:00:00.000000001 (1.00ms[-]) HTTP 500 GET /store/17 [10.244.2.2 as 10.244.2.2:40000]->[10.244.3.2 as store.demo:8080] size:0B svc=[demo/store] traceparent=[00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331[0000000000000000]-01]";
         let s = SpanLine::parse(line).unwrap();
         assert!(!s.client);
         assert_eq!(s.status, 500);
-        assert_eq!(s.client_name(), None);
+        assert_eq!(s.client_name(), Some("10.244.2.2"));
         assert_eq!(s.server_name(), Some("store.demo"));
         assert!(s.is_root());
     }

@@ -68,9 +68,12 @@ pub fn run(cli: &Cli) -> Result<Report> {
         ..Report::default()
     };
     say(format!(
-        "ready: logs in {}",
+        "ready; logs in {}:",
         cluster.run_dir().join("logs").display()
     ));
+    for (name, label) in stack.log_labels() {
+        println!("  {name:<24} {label}.{{stdout,stderr}}");
+    }
     say("query the running stitcher from another terminal:");
     for cmd in &report.grpcurl {
         println!("  $ {cmd}");

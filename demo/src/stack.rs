@@ -91,6 +91,21 @@ impl Stack {
             .collect()
     }
 
+    /// Each part's log files, as `<label>` of `<label>.stdout` / `<label>.stderr`.
+    pub fn log_labels(&self) -> Vec<(String, String)> {
+        self.parts()
+            .map(|p| {
+                let label = p
+                    .proc
+                    .log_path()
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (p.name.clone(), label)
+            })
+            .collect()
+    }
+
     fn parts(&self) -> impl Iterator<Item = &Part> {
         self.apps
             .iter()
