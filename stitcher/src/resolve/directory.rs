@@ -146,6 +146,17 @@ impl Directory {
         out
     }
 
+    /// Applies a change that reports whether it changed anything visible; only then are
+    /// cached answers dropped.
+    pub fn update_if(&self, change: impl FnOnce(&mut ClusterState) -> bool) -> bool {
+        let mut state = self.state.write();
+        let changed = change(&mut state);
+        if changed {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        changed
+    }
+
     /// Reads the state (tests, diagnostics).
     pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
         f(&self.state.read())

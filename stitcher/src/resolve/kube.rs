@@ -190,8 +190,9 @@ trait Watched:
     const KIND: ObjectKind;
     /// The key [`ClusterState::resync`] knows the object by.
     fn state_key(&self) -> Option<String>;
-    fn apply(&self, st: &mut ClusterState, now: Nanos, skips: &Skips);
-    fn delete(&self, st: &mut ClusterState, now: Nanos);
+    /// Applies the object; false when nothing visible changed.
+    fn apply(&self, st: &mut ClusterState, now: Nanos, skips: &Skips) -> bool;
+    fn delete(&self, st: &mut ClusterState, now: Nanos) -> bool;
 }
 
 fn spawn_watch<K: Watched>(
@@ -248,11 +249,15 @@ async fn watch_kind<K: Watched>(api: Api<K>, dir: Arc<Directory>, sync: Arc<Sync
                 if let (Some(live), Some(key)) = (listing.as_mut(), obj.state_key()) {
                     live.insert(key);
                 }
-                dir.update(|st| obj.apply(st, now, &skips));
+                dir.update_if(|st| obj.apply(st, now, &skips));
             }
             Event::InitDone => {
                 let live = listing.take().unwrap_or_default();
-                let gone = dir.update(|st| st.resync(K::KIND, &live, now));
+                let mut gone = 0;
+                dir.update_if(|st| {
+                    gone = st.resync(K::KIND, &live, now);
+                    gone > 0
+                });
                 if gone > 0 {
                     counters.deleted_while_disconnected.add(gone as u64);
                     info!(
@@ -266,11 +271,11 @@ async fn watch_kind<K: Watched>(api: Api<K>, dir: Arc<Directory>, sync: Arc<Sync
             }
             Event::Apply(obj) => {
                 counters.watch_events.inc();
-                dir.update(|st| obj.apply(st, now, &skips));
+                dir.update_if(|st| obj.apply(st, now, &skips));
             }
             Event::Delete(obj) => {
                 counters.watch_events.inc();
-                dir.update(|st| obj.delete(st, now));
+                dir.update_if(|st| obj.delete(st, now));
             }
         }
     }
@@ -289,7 +294,7 @@ async fn prune_loop(dir: Arc<Directory>, grace: Duration) {
     loop {
         tick.tick().await;
         let now = now_nanos();
-        dir.update(|st| st.prune(now));
+        dir.update_if(|st| st.prune(now) > 0);
         dir.publish_counts();
     }
 }
@@ -403,14 +408,12 @@ impl Watched for Pod {
     fn state_key(&self) -> Option<String> {
         self.metadata.uid.clone()
     }
-    fn apply(&self, st: &mut ClusterState, now: Nanos, skips: &Skips) {
-        if let Some(rec) = pod_record(self, now, skips) {
-            st.apply_pod(rec);
-        }
+    fn apply(&self, st: &mut ClusterState, now: Nanos, skips: &Skips) -> bool {
+        pod_record(self, now, skips).is_some_and(|rec| st.apply_pod(rec))
     }
-    fn delete(&self, st: &mut ClusterState, now: Nanos) {
+    fn delete(&self, st: &mut ClusterState, now: Nanos) -> bool {
         let Some(uid) = self.metadata.uid.as_deref() else {
-            return;
+            return false;
         };
         // deletionTimestamp is when the kubelet must have stopped it (graceful deadline).
         let at = self
@@ -418,7 +421,7 @@ impl Watched for Pod {
             .deletion_timestamp
             .as_ref()
             .map_or(now, |t| time_nanos(t).min(now));
-        st.delete_pod(uid, at, now);
+        st.delete_pod(uid, at, now)
     }
 }
 
@@ -427,11 +430,11 @@ impl Watched for Service {
     fn state_key(&self) -> Option<String> {
         self.metadata.uid.clone()
     }
-    fn apply(&self, st: &mut ClusterState, _now: Nanos, skips: &Skips) {
+    fn apply(&self, st: &mut ClusterState, _now: Nanos, skips: &Skips) -> bool {
         let meta = &self.metadata;
         let Some(uid) = meta.uid.clone() else {
             skips.skip(&name_of(meta), "no metadata.uid");
-            return;
+            return false;
         };
         let spec = self.spec.as_ref();
         let listed: Vec<&str> = match spec.and_then(|s| s.cluster_ips.as_ref()) {
@@ -455,12 +458,13 @@ impl Watched for Service {
                 .filter_map(|p| u16::try_from(p.port).ok())
                 .collect(),
             from: meta.creation_timestamp.as_ref().map_or(0, time_nanos),
-        });
+        })
     }
-    fn delete(&self, st: &mut ClusterState, now: Nanos) {
-        if let Some(uid) = self.metadata.uid.as_deref() {
-            st.delete_service(uid, now);
-        }
+    fn delete(&self, st: &mut ClusterState, now: Nanos) -> bool {
+        self.metadata
+            .uid
+            .as_deref()
+            .is_some_and(|uid| st.delete_service(uid, now))
     }
 }
 
@@ -469,11 +473,11 @@ impl Watched for Node {
     fn state_key(&self) -> Option<String> {
         self.metadata.name.clone()
     }
-    fn apply(&self, st: &mut ClusterState, _now: Nanos, skips: &Skips) {
+    fn apply(&self, st: &mut ClusterState, _now: Nanos, skips: &Skips) -> bool {
         let meta = &self.metadata;
         let Some(name) = meta.name.clone() else {
             skips.skip(&name_of(meta), "no metadata.name");
-            return;
+            return false;
         };
         let addrs = self
             .status
@@ -487,12 +491,13 @@ impl Watched for Node {
             name,
             ips: parse_ips(addrs, meta, skips),
             from: meta.creation_timestamp.as_ref().map_or(0, time_nanos),
-        });
+        })
     }
-    fn delete(&self, st: &mut ClusterState, now: Nanos) {
-        if let Some(name) = self.metadata.name.as_deref() {
-            st.delete_node(name, now);
-        }
+    fn delete(&self, st: &mut ClusterState, now: Nanos) -> bool {
+        self.metadata
+            .name
+            .as_deref()
+            .is_some_and(|name| st.delete_node(name, now))
     }
 }
 
@@ -518,12 +523,12 @@ impl Watched for ReplicaSet {
     fn state_key(&self) -> Option<String> {
         owner_state_key(&self.metadata, "ReplicaSet")
     }
-    fn apply(&self, st: &mut ClusterState, _now: Nanos, _skips: &Skips) {
-        st.apply_owner(owner_record(&self.metadata, "ReplicaSet"));
+    fn apply(&self, st: &mut ClusterState, _now: Nanos, _skips: &Skips) -> bool {
+        st.apply_owner(owner_record(&self.metadata, "ReplicaSet"))
     }
-    fn delete(&self, st: &mut ClusterState, _now: Nanos) {
+    fn delete(&self, st: &mut ClusterState, _now: Nanos) -> bool {
         let r = owner_record(&self.metadata, "ReplicaSet");
-        st.delete_owner(&r.namespace, &r.kind, &r.name);
+        st.delete_owner(&r.namespace, &r.kind, &r.name)
     }
 }
 
@@ -532,12 +537,12 @@ impl Watched for Job {
     fn state_key(&self) -> Option<String> {
         owner_state_key(&self.metadata, "Job")
     }
-    fn apply(&self, st: &mut ClusterState, _now: Nanos, _skips: &Skips) {
-        st.apply_owner(owner_record(&self.metadata, "Job"));
+    fn apply(&self, st: &mut ClusterState, _now: Nanos, _skips: &Skips) -> bool {
+        st.apply_owner(owner_record(&self.metadata, "Job"))
     }
-    fn delete(&self, st: &mut ClusterState, _now: Nanos) {
+    fn delete(&self, st: &mut ClusterState, _now: Nanos) -> bool {
         let r = owner_record(&self.metadata, "Job");
-        st.delete_owner(&r.namespace, &r.kind, &r.name);
+        st.delete_owner(&r.namespace, &r.kind, &r.name)
     }
 }
 
@@ -546,11 +551,11 @@ impl Watched for EndpointSlice {
     fn state_key(&self) -> Option<String> {
         self.metadata.uid.clone()
     }
-    fn apply(&self, st: &mut ClusterState, _now: Nanos, skips: &Skips) {
+    fn apply(&self, st: &mut ClusterState, _now: Nanos, skips: &Skips) -> bool {
         let meta = &self.metadata;
         let Some(uid) = meta.uid.clone() else {
             skips.skip(&name_of(meta), "no metadata.uid");
-            return;
+            return false;
         };
         let service = meta
             .labels
@@ -558,7 +563,7 @@ impl Watched for EndpointSlice {
             .and_then(|l| l.get("kubernetes.io/service-name"));
         let Some(service) = service.cloned() else {
             skips.skip(&name_of(meta), "no kubernetes.io/service-name label");
-            return;
+            return false;
         };
         // FQDN slices name hosts, not addresses.
         let ips = if self.address_type == "IPv4" || self.address_type == "IPv6" {
@@ -572,11 +577,12 @@ impl Watched for EndpointSlice {
             namespace: meta.namespace.clone().unwrap_or_default(),
             service,
             ips,
-        });
+        })
     }
-    fn delete(&self, st: &mut ClusterState, _now: Nanos) {
-        if let Some(uid) = self.metadata.uid.as_deref() {
-            st.delete_slice(uid);
-        }
+    fn delete(&self, st: &mut ClusterState, _now: Nanos) -> bool {
+        self.metadata
+            .uid
+            .as_deref()
+            .is_some_and(|uid| st.delete_slice(uid))
     }
 }

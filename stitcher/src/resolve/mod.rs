@@ -11,10 +11,13 @@
 //!
 //! # Entry points (for `main`)
 //!
-//! - Flatten [`ResolveArgs`] into the command line (`--inventory`, `--kubernetes`,
-//!   `--deleted-grace`, `--resolve-cache-size`, `--resolve-cache-ttl`; env `WEFT_*`),
-//!   then `resolve::build(&args, &registry).await?` gives an `Arc<dyn Resolve>`.
-//!   Call it inside the tokio runtime: the Kubernetes source spawns its watch tasks there.
+//! - Flatten [`ResolveArgs`] into the command line (`--inventory`, `--kubernetes
+//!   [auto|on|off]` (bare `--kubernetes` = on), `--deleted-grace 60s`,
+//!   `--resolve-cache-size`, `--resolve-cache-ttl`; env `WEFT_*`), or fill its public
+//!   fields from flags of your own; then `resolve::build(&args, &registry).await?` gives
+//!   an `Arc<dyn Resolve>`. Call it inside the tokio runtime: the Kubernetes source
+//!   spawns its watch tasks there. `--inventory` wins over `--kubernetes auto`;
+//!   `--inventory` with `--kubernetes on` is an error.
 //! - Or directly: [`StaticInventory::from_file`]`(path, cache, &registry)` and
 //!   [`KubeResolver::start`]`(client, &registry).await` ([`KubeResolver::wait_synced`]
 //!   waits for the first full list).
@@ -220,7 +223,28 @@ pub struct ResolveArgs {
     pub resolve_cache_ttl: Duration,
 }
 
+impl Default for ResolveArgs {
+    /// The flags' defaults (Kubernetes `auto`, no inventory).
+    fn default() -> Self {
+        ResolveArgs {
+            inventory: None,
+            kubernetes: KubernetesMode::Auto,
+            deleted_grace: Duration::from_secs(60),
+            resolve_cache_size: CacheConfig::default().capacity,
+            resolve_cache_ttl: CacheConfig::default().ttl,
+        }
+    }
+}
+
 impl ResolveArgs {
+    /// No source of names: every address stays an IP.
+    pub fn default_off() -> Self {
+        ResolveArgs {
+            kubernetes: KubernetesMode::Off,
+            ..Self::default()
+        }
+    }
+
     pub fn cache(&self) -> CacheConfig {
         CacheConfig {
             capacity: self.resolve_cache_size,
@@ -233,35 +257,83 @@ impl ResolveArgs {
 /// Builds the resolver the flags ask for: the inventory, the Kubernetes watches, or none
 /// (every address stays an IP). Must run inside the tokio runtime.
 pub async fn build(args: &ResolveArgs, registry: &Registry) -> anyhow::Result<Arc<dyn Resolve>> {
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    match (&args.inventory, args.kubernetes) {
-        (Some(_), KubernetesMode::On) => {
+    if let Some(path) = &args.inventory {
+        if args.kubernetes == KubernetesMode::On {
             anyhow::bail!(
                 "--inventory and --kubernetes on exclude each other: choose one source of names"
-            )
+            );
         }
-        (Some(path), _) => {
-            let dir = StaticInventory::from_file(path, args.cache(), registry)?;
-            info!(path = %path.display(), "names from the static inventory");
-            Ok(dir)
-        }
-        (None, KubernetesMode::On) | (None, KubernetesMode::Auto)
-            if args.kubernetes == KubernetesMode::On || in_cluster =>
-        {
-            let client = ::kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
-            let opts = KubeOptions {
-                deleted_grace: args.deleted_grace,
-                cache: args.cache(),
-            };
-            let resolver = KubeResolver::start_with(client, registry, opts).await?;
-            info!("names from the Kubernetes API (watching)");
-            Ok(Arc::new(resolver))
-        }
-        _ => {
-            info!("no source of names (no --inventory, not in a cluster): addresses stay IPs");
-            Ok(Arc::new(Unresolved))
-        }
+        let dir = StaticInventory::from_file(path, args.cache(), registry)?;
+        info!(path = %path.display(), "names from the static inventory");
+        return Ok(dir);
+    }
+    let watch = match args.kubernetes {
+        KubernetesMode::On => true,
+        KubernetesMode::Off => false,
+        KubernetesMode::Auto => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+    };
+    if !watch {
+        info!("no source of names (no --inventory, not watching Kubernetes): addresses stay IPs");
+        return Ok(Arc::new(Unresolved));
+    }
+    let client = ::kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+    let opts = KubeOptions {
+        deleted_grace: args.deleted_grace,
+        cache: args.cache(),
+    };
+    let resolver = KubeResolver::start_with(client, registry, opts).await?;
+    info!("names from the Kubernetes API (watching)");
+    Ok(Arc::new(resolver))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        resolve: ResolveArgs,
+    }
+
+    #[test]
+    fn flags_parse_with_defaults_and_bare_kubernetes_means_on() {
+        let cli = Cli::try_parse_from(["x"]).expect("defaults");
+        assert_eq!(cli.resolve.kubernetes, KubernetesMode::Auto);
+        assert_eq!(cli.resolve.deleted_grace, Duration::from_secs(60));
+        let cli = Cli::try_parse_from(["x", "--kubernetes", "--deleted-grace", "5s"]).expect("on");
+        assert_eq!(cli.resolve.kubernetes, KubernetesMode::On);
+        assert_eq!(cli.resolve.deleted_grace, Duration::from_secs(5));
+        let cli = Cli::try_parse_from(["x", "--kubernetes", "off"]).expect("off");
+        assert_eq!(cli.resolve.kubernetes, KubernetesMode::Off);
+        assert!(Cli::try_parse_from(["x", "--deleted-grace", "soon"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn build_picks_the_inventory_or_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("inv.yaml");
+        std::fs::write(&path, "nodes:\n  - {name: n1, ip: 10.1.1.1}\n").expect("write");
+        let args = ResolveArgs {
+            inventory: Some(path),
+            kubernetes: KubernetesMode::Off,
+            ..ResolveArgs::default()
+        };
+        let r = build(&args, &Registry::new()).await.expect("inventory");
+        let a: SocketAddr = "10.1.1.1:22".parse().expect("addr");
+        assert_eq!(r.resolve(a, 1).kind, PeerKind::Node);
+
+        let on = ResolveArgs {
+            kubernetes: KubernetesMode::On,
+            ..args.clone()
+        };
+        assert!(build(&on, &Registry::new()).await.is_err());
+
+        let off = ResolveArgs::default_off();
+        let r = build(&off, &Registry::new()).await.expect("none");
+        assert_eq!(r.resolve(a, 1).kind, PeerKind::External);
     }
 }

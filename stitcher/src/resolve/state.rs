@@ -225,9 +225,19 @@ impl<R> Default for Table<R> {
     }
 }
 
-impl<R: Tenant> Table<R> {
-    fn upsert(&mut self, rec: R, meta: Arc<PeerMeta>, node_meta: Option<Arc<PeerMeta>>) {
+impl<R: Tenant + PartialEq> Table<R> {
+    /// Inserts or replaces `rec`; false when nothing a lookup can see changed (status
+    /// churn), so cached answers stay valid.
+    fn upsert(&mut self, rec: R, meta: Arc<PeerMeta>, node_meta: Option<Arc<PeerMeta>>) -> bool {
         let key = rec.key().to_string();
+        if let Some(old) = self.entries.get(&key)
+            && old.deleted_seen.is_none()
+            && old.rec == rec
+            && old.meta == meta
+            && old.node_meta == node_meta
+        {
+            return false;
+        }
         if let Some(old) = self.entries.get(&key) {
             let stale: Vec<IpAddr> = old
                 .rec
@@ -265,6 +275,7 @@ impl<R: Tenant> Table<R> {
                 end,
             },
         );
+        true
     }
 
     fn unindex(&mut self, ip: IpAddr, key: &str) {
@@ -303,7 +314,8 @@ impl<R: Tenant> Table<R> {
         gone.len()
     }
 
-    fn prune(&mut self, now: Nanos, grace: Nanos) -> usize {
+    /// Removes what was deleted more than `grace` ago; returns the removed records.
+    fn prune(&mut self, now: Nanos, grace: Nanos) -> Vec<R> {
         let expired: Vec<String> = self
             .entries
             .iter()
@@ -313,14 +325,16 @@ impl<R: Tenant> Table<R> {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        let mut removed = Vec::with_capacity(expired.len());
         for k in &expired {
             if let Some(e) = self.entries.remove(k) {
                 for ip in e.rec.ips() {
                     self.unindex(*ip, k);
                 }
+                removed.push(e.rec);
             }
         }
-        expired.len()
+        removed
     }
 
     fn at_ip(&self, ip: &IpAddr) -> impl Iterator<Item = &Entry<R>> {
@@ -373,6 +387,9 @@ pub struct ClusterState {
     nodes: Table<NodeRecord>,
     /// (namespace, kind, name) of ReplicaSets and Jobs → their own owner.
     owners: HashMap<(String, String, String), Option<OwnerRef>>,
+    /// (namespace, owner kind, owner name) → keys of the pods it owns, so an owner that
+    /// arrives renames its pods without a scan (there are many old ReplicaSets).
+    owned: HashMap<(String, String, String), Vec<String>>,
     slices: HashMap<String, SliceEntry>,
     /// Address → keys of the EndpointSlices that list it.
     endpoints: HashMap<IpAddr, Vec<String>>,
@@ -392,6 +409,7 @@ impl ClusterState {
             services: Table::default(),
             nodes: Table::default(),
             owners: HashMap::new(),
+            owned: HashMap::new(),
             slices: HashMap::new(),
             endpoints: HashMap::new(),
         }
@@ -399,13 +417,39 @@ impl ClusterState {
 
     // ---- pods ----
 
-    pub fn apply_pod(&mut self, rec: PodRecord) {
+    pub fn apply_pod(&mut self, rec: PodRecord) -> bool {
         let meta = Arc::new(self.pod_meta(&rec));
         let node_meta = rec
             .host_network
             .then(|| rec.node.as_deref().map(|n| Arc::new(node_meta(n))))
             .flatten();
-        self.pods.upsert(rec, meta, node_meta);
+        if let Some(old) = self.pods.entries.get(&rec.key)
+            && old.rec.owner != rec.owner
+        {
+            let old = old.rec.clone();
+            self.unindex_owned(&old);
+        }
+        if let Some(o) = &rec.owner {
+            let keys = self
+                .owned
+                .entry((rec.namespace.clone(), o.kind.clone(), o.name.clone()))
+                .or_default();
+            if !keys.contains(&rec.key) {
+                keys.push(rec.key.clone());
+            }
+        }
+        self.pods.upsert(rec, meta, node_meta)
+    }
+
+    fn unindex_owned(&mut self, p: &PodRecord) {
+        let Some(o) = &p.owner else { return };
+        let key = (p.namespace.clone(), o.kind.clone(), o.name.clone());
+        if let Some(keys) = self.owned.get_mut(&key) {
+            keys.retain(|k| *k != p.key);
+            if keys.is_empty() {
+                self.owned.remove(&key);
+            }
+        }
     }
 
     /// The pod `key` was deleted; it held its addresses until `at` at the latest.
@@ -450,16 +494,22 @@ impl ClusterState {
             .map(|s| s.rec.service.clone())
     }
 
-    /// Recomputes the names of the pods that `affected` selects (after an owner or an
-    /// EndpointSlice changed).
-    fn refresh_pods(&mut self, affected: impl Fn(&PodRecord) -> bool) {
-        let keys: Vec<String> = self
-            .pods
-            .entries
-            .iter()
-            .filter(|(_, e)| affected(&e.rec))
-            .map(|(k, _)| k.clone())
+    /// Recomputes the names of the pods at `ips` (after an EndpointSlice changed).
+    fn refresh_pods_at(&mut self, ips: impl IntoIterator<Item = IpAddr>) {
+        let mut keys: Vec<String> = ips
+            .into_iter()
+            .filter_map(|ip| self.pods.by_ip.get(&ip))
+            .flatten()
+            .cloned()
             .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        self.refresh_pod_keys(keys);
+    }
+
+    /// Recomputes the names of the pods `keys` (after their owner or an EndpointSlice
+    /// that lists them changed).
+    fn refresh_pod_keys(&mut self, keys: Vec<String>) {
         for k in keys {
             let meta = match self.pods.entries.get(&k) {
                 Some(e) => Arc::new(self.pod_meta(&e.rec)),
@@ -475,19 +525,15 @@ impl ClusterState {
 
     // ---- owners ----
 
-    pub fn apply_owner(&mut self, rec: OwnerRecord) {
+    pub fn apply_owner(&mut self, rec: OwnerRecord) -> bool {
         let key = (rec.namespace.clone(), rec.kind.clone(), rec.name.clone());
         if self.owners.get(&key) == Some(&rec.owner) {
-            return;
+            return false;
         }
+        let pods = self.owned.get(&key).cloned().unwrap_or_default();
         self.owners.insert(key, rec.owner);
-        let (ns, kind, name) = (rec.namespace, rec.kind, rec.name);
-        self.refresh_pods(|p| {
-            p.namespace == ns
-                && p.owner
-                    .as_ref()
-                    .is_some_and(|o| o.kind == kind && o.name == name)
-        });
+        self.refresh_pod_keys(pods);
+        true
     }
 
     /// Forgets an owner. Pods keep the names they had (they are deleted with it).
@@ -499,7 +545,7 @@ impl ClusterState {
 
     // ---- services, nodes, endpoint slices ----
 
-    pub fn apply_service(&mut self, rec: ServiceRecord) {
+    pub fn apply_service(&mut self, rec: ServiceRecord) -> bool {
         let meta = Arc::new(PeerMeta {
             namespace: rec.namespace.clone(),
             workload: rec.name.clone(),
@@ -507,23 +553,26 @@ impl ClusterState {
             service: Some(rec.name.clone()),
             ..PeerMeta::default()
         });
-        self.services.upsert(rec, meta, None);
+        self.services.upsert(rec, meta, None)
     }
 
     pub fn delete_service(&mut self, key: &str, at: Nanos) -> bool {
         self.services.mark_deleted(key, at, at)
     }
 
-    pub fn apply_node(&mut self, rec: NodeRecord) {
+    pub fn apply_node(&mut self, rec: NodeRecord) -> bool {
         let meta = Arc::new(node_meta(&rec.name));
-        self.nodes.upsert(rec, meta, None);
+        self.nodes.upsert(rec, meta, None)
     }
 
     pub fn delete_node(&mut self, name: &str, at: Nanos) -> bool {
         self.nodes.mark_deleted(name, at, at)
     }
 
-    pub fn apply_slice(&mut self, rec: SliceRecord) {
+    pub fn apply_slice(&mut self, rec: SliceRecord) -> bool {
+        if self.slices.get(&rec.key).is_some_and(|s| s.rec == rec) {
+            return false;
+        }
         let old_ips = self.remove_slice_entry(&rec.key);
         for ip in &rec.ips {
             let keys = self.endpoints.entry(*ip).or_default();
@@ -541,13 +590,14 @@ impl ClusterState {
         let touched: HashSet<IpAddr> = old_ips.into_iter().chain(rec.ips.clone()).collect();
         self.slices
             .insert(rec.key.clone(), SliceEntry { rec, meta });
-        self.refresh_pods(|p| p.ips.iter().any(|ip| touched.contains(ip)));
+        self.refresh_pods_at(touched);
+        true
     }
 
     pub fn delete_slice(&mut self, key: &str) -> bool {
         let had = self.slices.contains_key(key);
         let touched: HashSet<IpAddr> = self.remove_slice_entry(key).into_iter().collect();
-        self.refresh_pods(|p| p.ips.iter().any(|ip| touched.contains(ip)));
+        self.refresh_pods_at(touched);
         had
     }
 
@@ -604,9 +654,13 @@ impl ClusterState {
 
     /// Drops what was deleted more than `grace` ago. Returns how many objects went.
     pub fn prune(&mut self, now: Nanos) -> usize {
-        self.pods.prune(now, self.grace)
-            + self.services.prune(now, self.grace)
-            + self.nodes.prune(now, self.grace)
+        let pods = self.pods.prune(now, self.grace);
+        for p in &pods {
+            self.unindex_owned(p);
+        }
+        pods.len()
+            + self.services.prune(now, self.grace).len()
+            + self.nodes.prune(now, self.grace).len()
     }
 
     /// Live objects of `kind` (deleted ones in their grace period not counted).
@@ -844,5 +898,36 @@ mod tests {
             st.lookup(at("10.0.0.1:1"), 111 * S).kind,
             PeerKind::External
         );
+    }
+
+    #[test]
+    fn unchanged_objects_change_nothing_and_the_owner_index_follows_pruning() {
+        let mut st = ClusterState::new(S);
+        let mut p = pod("u1", "web-1", "10.0.0.3", 0);
+        p.owner = Some(OwnerRef {
+            kind: "ReplicaSet".into(),
+            name: "web-rs".into(),
+        });
+        assert!(st.apply_pod(p.clone()));
+        assert!(
+            !st.apply_pod(p.clone()),
+            "the same pod again changes nothing"
+        );
+        let rs = OwnerRecord {
+            namespace: "demo".into(),
+            kind: "ReplicaSet".into(),
+            name: "web-rs".into(),
+            owner: Some(OwnerRef {
+                kind: "Deployment".into(),
+                name: "web".into(),
+            }),
+        };
+        assert!(st.apply_owner(rs.clone()));
+        assert!(!st.apply_owner(rs));
+        assert_eq!(st.lookup(at("10.0.0.3:1"), S).meta.unwrap().workload, "web");
+        assert!(st.delete_pod("u1", 10 * S, 10 * S));
+        assert!(!st.delete_pod("u1", 11 * S, 11 * S), "deleted once");
+        assert_eq!(st.prune(20 * S), 1);
+        assert!(st.owned.is_empty(), "pruned pods leave the owner index");
     }
 }
