@@ -104,7 +104,11 @@ struct Harness {
 }
 
 async fn start() -> Harness {
-    let api = FakeApiServer::start().await;
+    start_on(FakeApiServer::start().await).await
+}
+
+/// Starts the resolver against `api` (which may already hold objects).
+async fn start_on(api: FakeApiServer) -> Harness {
     let registry = Registry::new();
     let opts = KubeOptions {
         deleted_grace: Duration::from_secs(2),
@@ -393,6 +397,10 @@ async fn watch_cut_mid_stream_recovers_without_losing_changes_made_meanwhile() {
         PODS,
         pod("demo", "arrives", "10.244.5.3", t - 5 * SEC, None),
     );
+    // Lookups do not wait for the API: what was known is answered at once.
+    let asked = Instant::now();
+    assert_eq!(h.pod_at("10.244.5.1:1", t).as_deref(), Some("stays"));
+    assert!(asked.elapsed() < Duration::from_millis(100));
     h.eventually("the resolver retried while the API was down", |h| {
         h.counter("resolve.watch.errors") > 0
     })
@@ -538,4 +546,31 @@ async fn bookmarks_let_a_quiet_watch_resume_after_compaction() {
         "resumed from the bookmark, no relist: {since:#?}"
     );
     assert_eq!(h.counter("resolve.watch.relists"), relists_before);
+}
+
+#[tokio::test]
+async fn initial_list_pages_through_continue_tokens() {
+    let api = FakeApiServer::start().await;
+    let t = now_nanos();
+    // More than kube's page size (500): the list arrives in pages.
+    for i in 0..1100u32 {
+        let ip = format!("10.245.{}.{}", i / 250, i % 250 + 1);
+        api.apply(PODS, pod("bulk", &format!("p{i}"), &ip, t - 60 * SEC, None));
+    }
+    let h = start_on(api).await;
+    assert_eq!(h.pod_at("10.245.0.1:1", t).as_deref(), Some("p0"));
+    assert_eq!(h.pod_at("10.245.4.100:1", t).as_deref(), Some("p1099"));
+    let pages = h
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains("continue="))
+        .count();
+    assert_eq!(
+        pages,
+        2,
+        "1100 pods in pages of 500: {:#?}",
+        h.api.requests()
+    );
+    assert_eq!(h.counter("resolve.objects.pods"), 1100);
 }
