@@ -1,1 +1,142 @@
-fn main() {}
+//! `weft-bench`: Weft's benchmarks in one command, with bounded run time. Prints a table
+//! (each figure with its target and whether it is met) and writes a JSON report.
+//!
+//! ```text
+//! cargo xtask bench                 # the default set (about 8 minutes)
+//! cargo xtask bench -- --quick      # shorter rounds (about 2 minutes)
+//! target/release/weft-bench --only stitch,overhead
+//! ```
+//!
+//! Benchmarks ([`Bench`]): `stitch` (weft-loadgen → weft-stitcher), `overhead` (HTTP load
+//! against a harness pod with and without the collector), `accuracy` (the harness chain,
+//! joins and links checked against what the demo apps logged; also gives `freshness`).
+//! Benchmarks are not tests: nothing here fails on a missed target; the exit code is
+//! non-zero only when a benchmark could not run.
+
+mod child;
+mod procfs;
+mod prom;
+mod report;
+mod stats;
+mod stitch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, ValueEnum};
+
+use report::Report;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Bench {
+    Stitch,
+    Overhead,
+    Accuracy,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft-bench",
+    version,
+    about = "Weft's benchmarks: table + JSON report"
+)]
+struct Cli {
+    /// Short rounds (about 2 minutes in all).
+    #[arg(long)]
+    quick: bool,
+    /// Run only these benchmarks (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Bench>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/bench/report.json")]
+    out: PathBuf,
+    /// Stitch benchmark: how long weft-loadgen drives the stitcher.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    stitch_duration: Option<Duration>,
+    /// Stitch benchmark: fake collectors (streams).
+    #[arg(long, default_value_t = 4)]
+    stitch_streams: u32,
+}
+
+/// What every benchmark needs to know.
+pub struct Settings {
+    pub quick: bool,
+    /// Logs and scratch files of this run.
+    pub work_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let benches = if cli.only.is_empty() {
+        vec![Bench::Stitch, Bench::Overhead, Bench::Accuracy]
+    } else {
+        cli.only.clone()
+    };
+    let out_dir = cli
+        .out
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let settings = Settings {
+        quick: cli.quick,
+        work_dir: out_dir.join(format!("work-{}", std::process::id())),
+    };
+    let mut report = Report {
+        started_unix_seconds: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: report::Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        },
+        ..Report::default()
+    };
+    let mut failed = false;
+    for bench in benches {
+        let name = format!("{bench:?}").to_lowercase();
+        eprintln!("weft-bench: running {name}…");
+        let result = match bench {
+            Bench::Stitch => stitch::run(
+                &settings,
+                &stitch::StitchArgs {
+                    duration: cli.stitch_duration.unwrap_or(if cli.quick {
+                        Duration::from_secs(8)
+                    } else {
+                        Duration::from_secs(20)
+                    }),
+                    streams: cli.stitch_streams,
+                    trace_idle: Duration::from_secs(2),
+                },
+                &mut report,
+            ),
+            Bench::Overhead | Bench::Accuracy => Err(anyhow::anyhow!("not implemented yet")),
+        };
+        if let Err(e) = result {
+            eprintln!("weft-bench: {name}: {e:#}");
+            report.skip(&name, format!("{e:#}"));
+            failed = true;
+        }
+    }
+    print!("{}", report.table());
+    if let Err(e) = report.write_json(&cli.out) {
+        eprintln!("weft-bench: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    println!("report: {}", cli.out.display());
+    if !failed {
+        let _ = std::fs::remove_dir_all(&settings.work_dir);
+    } else {
+        println!("logs: {}", settings.work_dir.display());
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,108 @@
+//! Resource use of a process from `/proc/<pid>`: CPU time (`stat` utime + stime) and
+//! memory (`status` VmRSS, VmHWM).
+//!
+//! In: a PID. Out: a [`Sample`]; the difference of two samples over wall time gives cores.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+/// One reading of a process's counters.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at: Instant,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+    pub rss_kib: u64,
+    /// Peak RSS so far.
+    pub hwm_kib: u64,
+}
+
+impl Sample {
+    pub fn read(pid: i32) -> Result<Sample> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        Ok(Sample {
+            at: Instant::now(),
+            cpu_ticks: parse_cpu_ticks(&stat).context("malformed /proc/<pid>/stat")?,
+            rss_kib: parse_status_kib(&status, "VmRSS").unwrap_or(0),
+            hwm_kib: parse_status_kib(&status, "VmHWM").unwrap_or(0),
+        })
+    }
+
+    /// CPU used between `earlier` and `self`, in cores (1.0 = one core busy).
+    pub fn cores_since(&self, earlier: &Sample) -> f64 {
+        let secs = self.at.duration_since(earlier.at).as_secs_f64();
+        if secs <= 0.0 {
+            return 0.0;
+        }
+        self.cpu_seconds_since(earlier) / secs
+    }
+
+    /// CPU seconds used between `earlier` and `self`.
+    pub fn cpu_seconds_since(&self, earlier: &Sample) -> f64 {
+        self.cpu_ticks.saturating_sub(earlier.cpu_ticks) as f64 / clock_ticks_per_second()
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field
+/// 2) is in parentheses and may contain spaces and parentheses: count from the last `)`.
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // `after` starts at field 3 (state): utime is field 14 → index 11.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// A `Key:   1234 kB` line of `/proc/<pid>/status`, in KiB.
+pub fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+    status.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_count_fields_after_the_command_name() {
+        let stat = "4242 (weft (x) y) S 1 4242 4242 0 -1 4194560 500 0 0 0 120 30 0 0 20 0 9 0 \
+                    100 1000 200 18446744073709551615";
+        assert_eq!(parse_cpu_ticks(stat), Some(150));
+        assert_eq!(parse_cpu_ticks("4242 (x) S 1 2"), None);
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn status_lines_give_kib() {
+        let status = "Name:\tweft\nVmHWM:\t   51200 kB\nVmRSS:\t   40960 kB\n";
+        assert_eq!(parse_status_kib(status, "VmHWM"), Some(51200));
+        assert_eq!(parse_status_kib(status, "VmRSS"), Some(40960));
+        assert_eq!(parse_status_kib(status, "VmSwap"), None);
+    }
+
+    #[test]
+    fn this_process_can_be_sampled() {
+        let a = Sample::read(std::process::id() as i32).unwrap();
+        let mut x = 0u64;
+        for i in 0..3_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let b = Sample::read(std::process::id() as i32).unwrap();
+        assert!(b.cpu_ticks >= a.cpu_ticks);
+        assert!(b.hwm_kib > 0 && b.hwm_kib >= b.rss_kib);
+    }
+}
