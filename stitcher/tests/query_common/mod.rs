@@ -1,6 +1,8 @@
 //! Synthetic completed traces for the Query API tests and the query benchmark.
 #![allow(dead_code)]
 
+pub mod grpc;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
