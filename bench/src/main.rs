@@ -14,6 +14,7 @@
 //! non-zero only when a benchmark could not run.
 
 mod child;
+mod overhead;
 mod procfs;
 mod prom;
 mod report;
@@ -54,6 +55,15 @@ struct Cli {
     /// Stitch benchmark: how long weft-loadgen drives the stitcher.
     #[arg(long, value_parser = humantime::parse_duration)]
     stitch_duration: Option<Duration>,
+    /// Overhead benchmark: rounds (each one run without and one with the collector).
+    #[arg(long)]
+    overhead_rounds: Option<u32>,
+    /// Overhead benchmark: length of each run.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    overhead_round: Option<Duration>,
+    /// Overhead benchmark: h2load connections (keep-alive).
+    #[arg(long, default_value_t = 16)]
+    overhead_connections: u32,
     /// Stitch benchmark: fake collectors (streams).
     #[arg(long, default_value_t = 4)]
     stitch_streams: u32,
@@ -73,8 +83,9 @@ fn main() -> ExitCode {
     } else {
         cli.only.clone()
     };
-    let out_dir = cli
-        .out
+    // Absolute: processes started in other namespaces write logs here too.
+    let out = std::path::absolute(&cli.out).unwrap_or_else(|_| cli.out.clone());
+    let out_dir = out
         .parent()
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
@@ -115,7 +126,20 @@ fn main() -> ExitCode {
                 },
                 &mut report,
             ),
-            Bench::Overhead | Bench::Accuracy => Err(anyhow::anyhow!("not implemented yet")),
+            Bench::Overhead => overhead::run(
+                &settings,
+                &overhead::OverheadArgs {
+                    rounds: cli.overhead_rounds.unwrap_or(if cli.quick { 2 } else { 5 }),
+                    round: cli.overhead_round.unwrap_or(if cli.quick {
+                        Duration::from_secs(5)
+                    } else {
+                        Duration::from_secs(10)
+                    }),
+                    connections: cli.overhead_connections,
+                },
+                &mut report,
+            ),
+            Bench::Accuracy => Err(anyhow::anyhow!("not implemented yet")),
         };
         if let Err(e) = result {
             eprintln!("weft-bench: {name}: {e:#}");

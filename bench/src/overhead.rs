@@ -1,0 +1,461 @@
+//! Overhead: a saturating keep-alive HTTP load (h2load over HTTP/1.1) from a client pod to a
+//! `weft-demo-app serve` pod on the same harness node, in alternating rounds without and
+//! with `weft-collector` attached (same binaries, same topology; the order alternates per
+//! round so drift does not favour one side).
+//!
+//! In: the release binaries and h2load. Out: figures: throughput ratio (median of the
+//! rounds' rates with / without), p50 and p99 latency ratios, collector CPU in millicores
+//! per 10k requests/s, collector peak RSS, ring-buffer drops and the packets/s it saw.
+//!
+//! Client and server share one node, so that one collector sees both halves of every
+//! request (the most a node agent has to carry per request). The collector runs local-only
+//! (no `--stitcher`): the figure is the node agent's own cost.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use weft_harness::{Cluster, ClusterSpec, NodeSpec, PodSpec, Proc};
+
+use crate::Settings;
+use crate::child;
+use crate::procfs::Sample;
+use crate::prom;
+use crate::report::{self, Figure, Report, Target};
+use crate::stats;
+
+const BENCH: &str = "overhead";
+const SERVER_PORT: u16 = 8080;
+/// Inside the node's own network namespace: a fixed port cannot collide.
+const COLLECTOR_METRICS: &str = "127.0.0.1:9401";
+
+pub struct OverheadArgs {
+    pub rounds: u32,
+    pub round: Duration,
+    pub connections: u32,
+}
+
+/// One load run as h2load reported it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadResult {
+    pub rps: f64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// What the collector did during one "with" round.
+#[derive(Debug, Clone, Default)]
+struct CollectorRound {
+    cores: f64,
+    hwm_kib: u64,
+    ring_drops: f64,
+    packets: f64,
+    exchanges: f64,
+    seconds: f64,
+}
+
+pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Result<()> {
+    let h2load = which("h2load")
+        .context("h2load not found (Debian nghttp2-client; `cargo xtask setup` installs it)")?;
+    let demo_app = child::sibling_binary("weft-demo-app")?;
+    let collector_bin = child::sibling_binary("weft-collector")?;
+    let work = settings.work_dir.join("overhead");
+    std::fs::create_dir_all(&work)?;
+
+    let pod = |name: &str| PodSpec {
+        name: name.into(),
+        namespace: "bench".into(),
+        workload: name.into(),
+    };
+    let cluster = Cluster::up(&ClusterSpec {
+        nodes: vec![NodeSpec {
+            name: "a".into(),
+            pods: vec![pod("client"), pod("server")],
+        }],
+        services: vec![],
+    })?;
+    let node_ns = cluster.node("a").netns().to_owned();
+    let server = cluster.pod("server");
+    let client_ns = cluster.pod("client").netns().to_owned();
+    let _server = cluster.spawn(
+        server.netns(),
+        Command::new(&demo_app).args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{SERVER_PORT}"),
+            "--name",
+            "server",
+        ]),
+    )?;
+    let url = format!("http://{}:{SERVER_PORT}/", server.ip());
+    wait_listening(
+        &cluster,
+        &client_ns,
+        SocketAddr::from((server.ip(), SERVER_PORT)),
+    )?;
+
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    let mut collector_rounds = Vec::new();
+    for round in 0..args.rounds {
+        // Alternate the order: off/on, on/off, ...
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for attached in order {
+            let label = format!("r{round}-{}", if attached { "with" } else { "without" });
+            if attached {
+                let (load, c) = with_collector(&cluster, &node_ns, &collector_bin, || {
+                    h2load_run(&cluster, &client_ns, &h2load, &url, args, &work, &label)
+                })?;
+                with.push(load);
+                collector_rounds.push(c);
+            } else {
+                without.push(h2load_run(
+                    &cluster, &client_ns, &h2load, &url, args, &work, &label,
+                )?);
+            }
+            eprintln!(
+                "weft-bench: overhead {label}: {:.0} req/s",
+                if attached { &with } else { &without }
+                    .last()
+                    .map_or(0.0, |l| l.rps)
+            );
+        }
+    }
+
+    let med = |xs: &[LoadResult], f: fn(&LoadResult) -> Option<f64>| {
+        stats::median(&xs.iter().filter_map(f).collect::<Vec<_>>())
+    };
+    let rps_with = med(&with, |l| Some(l.rps));
+    let rps_without = med(&without, |l| Some(l.rps));
+    let failed: u64 = with.iter().chain(&without).map(|l| l.failed).sum();
+    let cmd = format!(
+        "h2load --h1 -c {} -D {}s, {} rounds × (without, with), weft-demo-app serve on the same node",
+        args.connections,
+        args.round.as_secs(),
+        args.rounds
+    );
+    report.add(Figure::new(BENCH, "req/s without collector (median)", rps_without, "/s").note(cmd));
+    report.add(Figure::new(
+        BENCH,
+        "req/s with collector (median)",
+        rps_with,
+        "/s",
+    ));
+    let mut f = Figure::new(
+        BENCH,
+        "throughput ratio with/without",
+        stats::ratio(rps_with, rps_without),
+        "",
+    )
+    .target(Target::at_least(0.97))
+    .note(format!(
+        "per-round rates without {:?}, with {:?}",
+        without.iter().map(|l| l.rps.round()).collect::<Vec<_>>(),
+        with.iter().map(|l| l.rps.round()).collect::<Vec<_>>()
+    ));
+    if failed > 0 {
+        f = f.note(format!("{failed} requests failed"));
+    }
+    report.add(f);
+    report.add(Figure::new(
+        BENCH,
+        "p50 latency ratio with/without",
+        stats::ratio(med(&with, |l| l.p50_ms), med(&without, |l| l.p50_ms)),
+        "",
+    ));
+    report.add(
+        Figure::new(
+            BENCH,
+            "p99 latency ratio with/without",
+            stats::ratio(med(&with, |l| l.p99_ms), med(&without, |l| l.p99_ms)),
+            "",
+        )
+        .note(format!(
+            "p99 without {} ms, with {} ms",
+            med(&without, |l| l.p99_ms).map_or("-".into(), |v| format!("{v:.2}")),
+            med(&with, |l| l.p99_ms).map_or("-".into(), |v| format!("{v:.2}")),
+        )),
+    );
+
+    // Collector cost: CPU per 10k requests/s, peak memory, losses.
+    let per_10k: Vec<f64> = collector_rounds
+        .iter()
+        .zip(&with)
+        .filter(|(_, l)| l.rps > 0.0)
+        .map(|(c, l)| c.cores * 1000.0 / (l.rps / 10_000.0))
+        .collect();
+    report.add(
+        Figure::new(
+            BENCH,
+            "collector CPU per 10k req/s",
+            stats::median(&per_10k),
+            "millicores",
+        )
+        .target(Target::at_most(100.0))
+        .note(format!(
+            "collector at {} millicores (median) for both halves of each request",
+            stats::median(
+                &collector_rounds
+                    .iter()
+                    .map(|c| c.cores * 1000.0)
+                    .collect::<Vec<_>>()
+            )
+            .map_or("-".into(), |v| format!("{v:.0}"))
+        )),
+    );
+    let hwm = collector_rounds.iter().map(|c| c.hwm_kib).max();
+    report.add(
+        Figure::new(
+            BENCH,
+            "collector peak RSS",
+            hwm.map(|k| k as f64 / 1024.0),
+            "MiB",
+        )
+        .target(Target::at_most(64.0)),
+    );
+    let drops: f64 = collector_rounds.iter().map(|c| c.ring_drops).sum();
+    let pps = collector_rounds
+        .iter()
+        .filter(|c| c.seconds > 0.0)
+        .map(|c| c.packets / c.seconds)
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let exchanges_per_req: Vec<f64> = collector_rounds
+        .iter()
+        .zip(&with)
+        .filter(|(_, l)| l.succeeded > 0)
+        .map(|(c, l)| c.exchanges / (l.succeeded + l.failed) as f64)
+        .collect();
+    let mut f = Figure::new(BENCH, "ring-buffer drops", Some(drops), "")
+        .target(Target::at_most(0.0))
+        .note(format!(
+            "at up to {} packets/s seen by the collector",
+            pps.map_or("-".into(), |p| report::number(p.round()))
+        ));
+    if pps.is_some_and(|p| p < 100_000.0) {
+        f = f.note("100k packets/s not reached by this load");
+    }
+    report.add(f);
+    report.add(Figure::new(
+        BENCH,
+        "packets/s seen by the collector (max)",
+        pps,
+        "/s",
+    ));
+    report.add(
+        Figure::new(
+            BENCH,
+            "exchanges per request (collector)",
+            stats::median(&exchanges_per_req),
+            "",
+        )
+        .note("2 expected: the client's and the server's half"),
+    );
+    Ok(())
+}
+
+/// Starts the collector in the node, waits until it runs, runs `load`, measures the
+/// collector over the load, stops it.
+fn with_collector(
+    cluster: &Cluster,
+    node_ns: &str,
+    collector_bin: &std::path::Path,
+    load: impl FnOnce() -> Result<LoadResult>,
+) -> Result<(LoadResult, CollectorRound)> {
+    let proc = cluster.spawn(
+        node_ns,
+        Command::new(collector_bin)
+            .args(["--node-name", "a", "--metrics-listen", COLLECTOR_METRICS])
+            .args(["--print", "off", "--log", "info"])
+            .env_remove("WEFT_STITCHER"),
+    )?;
+    wait_running(&proc)?;
+    let scrape = || -> Result<String> {
+        let addr: SocketAddr = COLLECTOR_METRICS.parse()?;
+        cluster.try_run_in(node_ns, move || child::http_get(addr, "/metrics"))?
+    };
+    let m0 = scrape()?;
+    let s0 = Sample::read(proc.pid())?;
+    let result = load()?;
+    let s1 = Sample::read(proc.pid())?;
+    let m1 = scrape()?;
+    proc.stop(Duration::from_secs(3))?;
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        let v = |t: &str| {
+            prom::sum(t, &format!("{name}_total"), labels)
+                .or_else(|| prom::sum(t, name, labels))
+                .unwrap_or(0.0)
+        };
+        v(&m1) - v(&m0)
+    };
+    Ok((
+        result,
+        CollectorRound {
+            cores: s1.cores_since(&s0),
+            hwm_kib: s1.hwm_kib,
+            ring_drops: delta("weft_collector_ring_drops", &[]),
+            packets: delta("weft_collector_kernel_events", &[("counter", "packets")]),
+            exchanges: delta("weft_collector_exchanges", &[]),
+            seconds: s1.at.duration_since(s0.at).as_secs_f64(),
+        },
+    ))
+}
+
+fn wait_running(proc: &Proc) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let err = proc.stderr_text();
+        if err.contains("running") {
+            return Ok(());
+        }
+        if let Some(status) = proc.try_wait()? {
+            bail!("weft-collector exited with {status}: {}", tail(&err));
+        }
+        if Instant::now() > deadline {
+            bail!("weft-collector did not start in 30 s: {}", tail(&err));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(6)..].join("\n")
+}
+
+fn wait_listening(cluster: &Cluster, netns: &str, addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = cluster.try_run_in(netns, move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the demo server on {addr} does not accept connections");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One h2load run from the client pod; latencies from its per-request log.
+fn h2load_run(
+    cluster: &Cluster,
+    client_ns: &str,
+    h2load: &std::path::Path,
+    url: &str,
+    args: &OverheadArgs,
+    work: &std::path::Path,
+    label: &str,
+) -> Result<LoadResult> {
+    let log = work.join(format!("{label}.h2load.log"));
+    let proc = cluster.spawn(
+        client_ns,
+        Command::new(h2load)
+            .args(["--h1", "-t", "1", "-c", &args.connections.to_string()])
+            .args(["-D", &args.round.as_secs().max(1).to_string()])
+            // No warm-up phase: h2load would not count its requests, the collector would.
+            .arg(format!("--log-file={}", log.display()))
+            .arg(url),
+    )?;
+    let limit = args.round + Duration::from_secs(30);
+    let status = proc
+        .wait_timeout(limit)?
+        .with_context(|| format!("h2load still running after {limit:?}"))?;
+    let out = proc.stdout_text();
+    if !status.success() {
+        bail!(
+            "h2load failed ({status}): {}",
+            tail(&(out + &proc.stderr_text()))
+        );
+    }
+    let mut result =
+        parse_h2load(&out).with_context(|| format!("unexpected h2load output: {}", tail(&out)))?;
+    let latencies = parse_h2load_log(&std::fs::read_to_string(&log).unwrap_or_default());
+    result.p50_ms = stats::percentile(&latencies, 0.50);
+    result.p99_ms = stats::percentile(&latencies, 0.99);
+    let _ = std::fs::remove_file(&log);
+    Ok(result)
+}
+
+/// `finished in 10.00s, 21437.30 req/s, 2.23MB/s` and
+/// `requests: 214373 total, 214373 started, 214373 done, 214370 succeeded, 3 failed, ...`.
+pub fn parse_h2load(out: &str) -> Option<LoadResult> {
+    let finished = out.lines().find(|l| l.starts_with("finished in"))?;
+    let rps = finished
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" req/s"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let requests = out.lines().find(|l| l.starts_with("requests:"))?;
+    let field = |name: &str| -> Option<u64> {
+        requests
+            .trim_start_matches("requests:")
+            .split(',')
+            .find_map(|p| p.trim().strip_suffix(name)?.trim().parse().ok())
+    };
+    Some(LoadResult {
+        rps,
+        succeeded: field("succeeded")?,
+        failed: field("failed")?,
+        p50_ms: None,
+        p99_ms: None,
+    })
+}
+
+/// h2load `--log-file` lines: `start (µs since epoch)\tstatus\tduration (µs)`; durations
+/// of 2xx responses in milliseconds.
+pub fn parse_h2load_log(text: &str) -> Vec<f64> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let _start = f.next()?;
+            let status: u16 = f.next()?.trim().parse().ok()?;
+            let us: f64 = f.next()?.trim().parse().ok()?;
+            (200..300).contains(&status).then_some(us / 1000.0)
+        })
+        .collect()
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUT: &str = "starting benchmark...\n\
+        Main benchmark duration is started for 10s.\n\
+        finished in 10.00s, 21437.30 req/s, 2.23MB/s\n\
+        requests: 214373 total, 214373 started, 214373 done, 214370 succeeded, 3 failed, 3 errored, 0 timeout\n\
+        status codes: 214370 2xx, 0 3xx, 0 4xx, 0 5xx\n";
+
+    #[test]
+    fn h2load_summary_gives_rate_and_counts() {
+        let r = parse_h2load(OUT).unwrap();
+        assert_eq!(r.rps, 21437.30);
+        assert_eq!(r.succeeded, 214370);
+        assert_eq!(r.failed, 3);
+        assert_eq!(parse_h2load("garbage\n"), None);
+    }
+
+    #[test]
+    fn h2load_log_gives_latencies_of_successes() {
+        let log = "1700000000000000\t200\t1500\n1700000000000100\t500\t9000\nbad line\n\
+                   1700000000000200\t204\t250\n";
+        assert_eq!(parse_h2load_log(log), vec![1.5, 0.25]);
+    }
+}
