@@ -52,8 +52,9 @@ pub struct Cli {
     #[arg(long, env = "WEFT_DEMO_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
 
-    /// The stitcher's `--trace-idle`: a trace is printed this long after its last span.
-    #[arg(long, env = "WEFT_DEMO_TRACE_IDLE", default_value = "1s", value_parser = humantime::parse_duration)]
+    /// The stitcher's `--trace-idle`: a trace is printed this long after its last span
+    /// (longer than the stitcher's 1 s join window).
+    #[arg(long, env = "WEFT_DEMO_TRACE_IDLE", default_value = "2s", value_parser = humantime::parse_duration)]
     pub trace_idle: Duration,
 }
 
