@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use weft_stitcher::metrics::Registry;
+use weft_stitcher::resolve::state::PodRecord;
 use weft_stitcher::resolve::{CacheConfig, Inventory, PeerKind, Resolve, StaticInventory};
 
 const DESIGN_EXAMPLE: &str = r#"
@@ -246,5 +247,59 @@ fn bench_lookups() {
     println!(
         "cache hits {} misses {}",
         c["resolve.cache.hits"], c["resolve.cache.misses"]
+    );
+
+    // Two reader threads while a writer changes a pod every millisecond (each change
+    // invalidates the cache, as watch events do).
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let per_thread = 1_000_000u64;
+    let (el, writes) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut writes = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                r.update_if(|st| {
+                    st.apply_pod(PodRecord {
+                        key: "churn".into(),
+                        uid: None,
+                        namespace: "churn".into(),
+                        name: format!("churn-{writes}"),
+                        node: None,
+                        ips: vec![[10, 99, 0, 1].into()],
+                        host_network: false,
+                        ports: vec![],
+                        owner: None,
+                        from: 0,
+                        until: None,
+                    })
+                });
+                writes += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            writes
+        });
+        let start = Instant::now();
+        let readers: Vec<_> = (0..2u64)
+            .map(|k| {
+                let r = &r;
+                s.spawn(move || {
+                    for i in 0..per_thread {
+                        let ip = ((i + k * 7) % 1_000) as u32;
+                        let a = SocketAddr::from(([10, 0, (ip >> 8) as u8, ip as u8], 40_000));
+                        std::hint::black_box(r.resolve(a, t0 + (i / 100_000) * 1_000_000_000));
+                    }
+                })
+            })
+            .collect();
+        for h in readers {
+            h.join().expect("reader");
+        }
+        let el = start.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (el, writer.join().expect("writer"))
+    });
+    println!(
+        "2 readers + 1 writer ({writes} changes, ~1/ms): {} lookups in {el:?}: {:.2} M lookups/s total",
+        2 * per_thread,
+        (2 * per_thread) as f64 / el.as_secs_f64() / 1e6
     );
 }

@@ -4,8 +4,9 @@
 //! Out: [`Identity`].
 //!
 //! A lookup first asks the cache (moka, bounded, TTL) under `(ip, port, time bucket)`; the
-//! entry carries the state generation it was computed in, and every change bumps the
-//! generation, so a changed state is never answered from the cache. An answer is cached
+//! entry carries the generation of its address's shard when it was computed, and every
+//! change bumps the shards of the addresses it touched, so a changed answer is never
+//! served from the cache while churn elsewhere leaves other entries valid. An answer is cached
 //! only when the whole time bucket lies inside the range over which it holds, so a pod
 //! that took over an address mid-bucket is never hidden behind its predecessor. Addresses
 //! where the port does not matter (everything but host-network addresses) are cached
@@ -116,7 +117,8 @@ struct Cached {
 /// Cluster state shared by a source (writer) and the pipeline (readers).
 pub struct Directory {
     state: RwLock<ClusterState>,
-    generation: AtomicU64,
+    /// Generation per address shard (see [`shard`]).
+    generations: Box<[AtomicU64]>,
     cache: Cache<(IpAddr, u16, u64), Cached>,
     bucket_nanos: u64,
     pub counters: ResolveCounters,
@@ -126,7 +128,7 @@ impl Directory {
     pub fn new(grace: Duration, cache: CacheConfig, registry: &Registry) -> Self {
         Directory {
             state: RwLock::new(ClusterState::new(duration_nanos(grace))),
-            generation: AtomicU64::new(0),
+            generations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             cache: Cache::builder()
                 .max_capacity(cache.capacity)
                 .time_to_live(cache.ttl)
@@ -136,23 +138,26 @@ impl Directory {
         }
     }
 
-    /// Applies a change to the state; cached answers from before it are no longer used.
+    /// Applies a change to the state; no cached answer from before it is used again.
     pub fn update<R>(&self, change: impl FnOnce(&mut ClusterState) -> R) -> R {
         let mut state = self.state.write();
         let out = change(&mut state);
-        // Bumped while the lock is held, after the change: a reader that saw the old
-        // generation can only cache under it, and such entries are never used again.
-        self.generation.fetch_add(1, Ordering::Release);
+        state.drain_touched();
+        for g in self.generations.iter() {
+            g.fetch_add(1, Ordering::Release);
+        }
         out
     }
 
-    /// Applies a change that reports whether it changed anything visible; only then are
-    /// cached answers dropped.
+    /// Applies a change; cached answers are dropped for the addresses it touched only.
+    /// Returns what `change` returns (whether anything visible changed).
     pub fn update_if(&self, change: impl FnOnce(&mut ClusterState) -> bool) -> bool {
         let mut state = self.state.write();
         let changed = change(&mut state);
-        if changed {
-            self.generation.fetch_add(1, Ordering::Release);
+        // Bumped while the lock is held, after the change: a reader that saw the old
+        // generation can only cache under it, and such entries are never used again.
+        for ip in state.drain_touched() {
+            self.generations[shard(&ip)].fetch_add(1, Ordering::Release);
         }
         changed
     }
@@ -179,7 +184,7 @@ impl Directory {
 impl Resolve for Directory {
     fn resolve(&self, addr: SocketAddr, at_unix_nanos: u64) -> Identity {
         self.counters.lookups.inc();
-        let generation = self.generation.load(Ordering::Acquire);
+        let generation = self.generations[shard(&addr.ip())].load(Ordering::Acquire);
         let bucket = at_unix_nanos / self.bucket_nanos;
         let any_port = (addr.ip(), 0, bucket);
         let hit = match self.cached(&any_port, generation) {
@@ -225,6 +230,21 @@ impl Resolve for Directory {
     }
 }
 
+/// Number of generation shards: a change invalidates about 1/SHARDS of the cache.
+const SHARDS: usize = 256;
+
+fn shard(ip: &IpAddr) -> usize {
+    let bits = match ip {
+        IpAddr::V4(v4) => u64::from(u32::from(*v4)),
+        IpAddr::V6(v6) => {
+            let b = u128::from(*v6);
+            (b as u64) ^ ((b >> 64) as u64)
+        }
+    };
+    // Fibonacci hashing: the top byte of the product mixes every input bit.
+    (bits.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize % SHARDS
+}
+
 pub fn duration_nanos(d: Duration) -> Nanos {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -235,4 +255,71 @@ pub fn now_nanos() -> Nanos {
         .duration_since(UNIX_EPOCH)
         .map(duration_nanos)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolve::state::PodRecord;
+
+    const S: u64 = 1_000_000_000;
+
+    fn pod(name: &str, ip: &str, node: &str) -> PodRecord {
+        PodRecord {
+            key: name.into(),
+            uid: None,
+            namespace: "demo".into(),
+            name: name.into(),
+            node: Some(node.into()),
+            ips: vec![ip.parse().expect("ip")],
+            host_network: false,
+            ports: vec![],
+            owner: None,
+            from: 0,
+            until: None,
+        }
+    }
+
+    fn node_of(dir: &Directory, a: &str) -> Option<String> {
+        let addr: SocketAddr = a.parse().expect("addr");
+        dir.resolve(addr, 10 * S).meta.and_then(|m| m.node.clone())
+    }
+
+    #[test]
+    fn a_change_drops_cached_answers_for_its_addresses_only() {
+        let (a, b) = ("10.0.0.1", "10.0.0.2");
+        assert_ne!(
+            shard(&a.parse().expect("ip")),
+            shard(&b.parse().expect("ip")),
+            "the test needs two shards"
+        );
+        let reg = Registry::new();
+        let dir = Directory::new(Duration::from_secs(60), CacheConfig::default(), &reg);
+        dir.update_if(|st| st.apply_pod(pod("a", a, "n1")));
+        dir.update_if(|st| st.apply_pod(pod("b", b, "n1")));
+        assert_eq!(node_of(&dir, "10.0.0.1:80").as_deref(), Some("n1"));
+        assert_eq!(node_of(&dir, "10.0.0.2:80").as_deref(), Some("n1"));
+        let hits = || reg.snapshot()["resolve.cache.hits"];
+        assert_eq!(hits(), 0);
+
+        // Status churn that changes nothing visible keeps the cache.
+        assert!(!dir.update_if(|st| st.apply_pod(pod("a", a, "n1"))));
+        assert_eq!(node_of(&dir, "10.0.0.1:80").as_deref(), Some("n1"));
+        assert_eq!(hits(), 1);
+
+        // A visible change to a: a is answered afresh, b still from the cache.
+        assert!(dir.update_if(|st| st.apply_pod(pod("a", a, "n2"))));
+        assert_eq!(node_of(&dir, "10.0.0.1:81").as_deref(), Some("n2"));
+        assert_eq!(hits(), 1);
+        assert_eq!(node_of(&dir, "10.0.0.2:81").as_deref(), Some("n1"));
+        assert_eq!(hits(), 2);
+
+        // Deletion past the grace period, then pruning: a is gone, not cached as a pod.
+        assert!(dir.update_if(|st| st.delete_pod("a", 5 * S, 5 * S)));
+        let addr: SocketAddr = "10.0.0.1:80".parse().expect("addr");
+        assert_eq!(dir.resolve(addr, 70 * S).kind, PeerKind::External);
+        assert_eq!(dir.resolve(addr, 4 * S).kind, PeerKind::Pod);
+        dir.update_if(|st| st.prune(100 * S) > 0);
+        assert_eq!(dir.resolve(addr, 4 * S).kind, PeerKind::External);
+    }
 }

@@ -214,6 +214,8 @@ impl<R: Tenant> Entry<R> {
 struct Table<R> {
     entries: HashMap<String, Entry<R>>,
     by_ip: HashMap<IpAddr, Vec<String>>,
+    /// Addresses whose answers changed since the last [`ClusterState::drain_touched`].
+    touched: Vec<IpAddr>,
 }
 
 impl<R> Default for Table<R> {
@@ -221,6 +223,7 @@ impl<R> Default for Table<R> {
         Table {
             entries: HashMap::new(),
             by_ip: HashMap::new(),
+            touched: Vec::new(),
         }
     }
 }
@@ -239,6 +242,7 @@ impl<R: Tenant + PartialEq> Table<R> {
             return false;
         }
         if let Some(old) = self.entries.get(&key) {
+            self.touched.extend_from_slice(old.rec.ips());
             let stale: Vec<IpAddr> = old
                 .rec
                 .ips()
@@ -250,6 +254,7 @@ impl<R: Tenant + PartialEq> Table<R> {
                 self.unindex(ip, &key);
             }
         }
+        self.touched.extend_from_slice(rec.ips());
         for ip in rec.ips() {
             let keys = self.by_ip.entry(*ip).or_default();
             if !keys.contains(&key) {
@@ -297,6 +302,7 @@ impl<R: Tenant + PartialEq> Table<R> {
         }
         e.deleted_seen = Some(seen);
         e.end = Some(e.end.map_or(at, |end| end.min(at)));
+        self.touched.extend_from_slice(e.rec.ips());
         true
     }
 
@@ -331,6 +337,7 @@ impl<R: Tenant + PartialEq> Table<R> {
                 for ip in e.rec.ips() {
                     self.unindex(*ip, k);
                 }
+                self.touched.extend_from_slice(e.rec.ips());
                 removed.push(e.rec);
             }
         }
@@ -393,6 +400,8 @@ pub struct ClusterState {
     slices: HashMap<String, SliceEntry>,
     /// Address → keys of the EndpointSlices that list it.
     endpoints: HashMap<IpAddr, Vec<String>>,
+    /// Endpoint addresses whose answers changed since the last drain.
+    touched: Vec<IpAddr>,
 }
 
 struct SliceEntry {
@@ -412,6 +421,7 @@ impl ClusterState {
             owned: HashMap::new(),
             slices: HashMap::new(),
             endpoints: HashMap::new(),
+            touched: Vec::new(),
         }
     }
 
@@ -519,6 +529,7 @@ impl ClusterState {
                 && *e.meta != *meta
             {
                 e.meta = meta;
+                self.pods.touched.extend_from_slice(&e.rec.ips);
             }
         }
     }
@@ -590,6 +601,7 @@ impl ClusterState {
         let touched: HashSet<IpAddr> = old_ips.into_iter().chain(rec.ips.clone()).collect();
         self.slices
             .insert(rec.key.clone(), SliceEntry { rec, meta });
+        self.touched.extend(touched.iter().copied());
         self.refresh_pods_at(touched);
         true
     }
@@ -597,6 +609,7 @@ impl ClusterState {
     pub fn delete_slice(&mut self, key: &str) -> bool {
         let had = self.slices.contains_key(key);
         let touched: HashSet<IpAddr> = self.remove_slice_entry(key).into_iter().collect();
+        self.touched.extend(touched.iter().copied());
         self.refresh_pods_at(touched);
         had
     }
@@ -661,6 +674,16 @@ impl ClusterState {
         pods.len()
             + self.services.prune(now, self.grace).len()
             + self.nodes.prune(now, self.grace).len()
+    }
+
+    /// The addresses whose answers may have changed since the last call (the cache drops
+    /// what it holds for them).
+    pub fn drain_touched(&mut self) -> Vec<IpAddr> {
+        let mut all = std::mem::take(&mut self.touched);
+        all.append(&mut self.pods.touched);
+        all.append(&mut self.services.touched);
+        all.append(&mut self.nodes.touched);
+        all
     }
 
     /// Live objects of `kind` (deleted ones in their grace period not counted).
