@@ -574,3 +574,31 @@ async fn initial_list_pages_through_continue_tokens() {
     );
     assert_eq!(h.counter("resolve.objects.pods"), 1100);
 }
+
+#[tokio::test]
+async fn unusable_addresses_are_counted_not_guessed() {
+    let h = start().await;
+    let t = now_nanos();
+    let mut bad = pod("demo", "odd", "10.244.8.1", t - 60 * SEC, None);
+    bad["status"]["podIPs"] = json!([{"ip": "10.244.8"}, {"ip": "10.244.8.2"}]);
+    h.api.apply(PODS, bad);
+    h.eventually("the usable address resolves", |h| {
+        h.pod_at("10.244.8.2:1", t).as_deref() == Some("odd")
+    })
+    .await;
+    assert_eq!(h.counter("resolve.objects_skipped"), 1);
+    // A slice without its Service's name label cannot name anything: counted too.
+    h.api.apply(
+        ENDPOINTSLICES,
+        json!({
+            "metadata": {"name": "orphan", "namespace": "demo"},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["192.0.2.7"]}],
+        }),
+    );
+    h.eventually("orphan slice counted", |h| {
+        h.counter("resolve.objects_skipped") == 2
+    })
+    .await;
+    assert_eq!(h.at("192.0.2.7:80", t).kind, PeerKind::External);
+}
