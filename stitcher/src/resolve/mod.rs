@@ -26,8 +26,12 @@
 //!
 //! A Service ClusterIP → the Service (never a pod). A pod IP → the pod that held it at the
 //! observation's time, named by its workload (Pod → ReplicaSet → Deployment, Pod → Job →
-//! CronJob, StatefulSet, DaemonSet; the pod itself without an owner); deleted pods stay
-//! resolvable for `--deleted-grace`. A node address → the host-network pod that declares
+//! CronJob, StatefulSet, DaemonSet; the pod itself without an owner). A pod holds its
+//! IP from `status.startTime` (else `creationTimestamp`) until it is deleted (the earlier
+//! of the DELETED event and `deletionTimestamp`) or completes (Succeeded/Failed: the last
+//! container's `finishedAt`; the object stays but the IP is free for reuse); when two
+//! holders overlap, the one that started last wins. Ended pods stay resolvable for
+//! `--deleted-grace` past their end. A node address → the host-network pod that declares
 //! the port as a containerPort, else the Node. An address listed only in an EndpointSlice
 //! (a selector-less Service's backend) → that Service. Anything else stays an IP
 //! ([`Identity::external`]).
