@@ -17,7 +17,7 @@ use core::{mem::offset_of, ptr::addr_of_mut};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::TC_ACT_UNSPEC,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_ns, generated::bpf_skb_load_bytes},
     macros::{classifier, map, tracepoint},
     maps::{PerCpuArray, RingBuf},
@@ -50,6 +50,19 @@ const TCP_MIN_HLEN: usize = 20;
 /// and the status line prefix ("HTTP/1.").
 const SNIFF_LEN: usize = 8;
 
+/// Reads a `T` at `off` from the packet: directly from the linear data when it is there
+/// (cheap: no helper call, and almost every header is), else through `bpf_skb_load_bytes`.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() <= end {
+        // Bounds checked against data_end above, as the verifier requires.
+        return Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+    }
+    ctx.load::<T>(off).map_err(|_| ())
+}
+
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
@@ -72,13 +85,13 @@ pub fn weft_tc_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-/// Where the addresses, ports and payload of a TCP segment are.
+/// A TCP segment's addresses, TCP header and where its payload is.
 struct Segment {
     family: u8,
-    /// Offset of the IP source address; destination follows at `+ addr_len`.
-    addr_off: usize,
-    addr_len: usize,
-    tcp_off: usize,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    /// The fixed 20 bytes of the TCP header (options are skipped).
+    tcp: [u8; TCP_MIN_HLEN],
     payload_off: usize,
     payload_len: usize,
 }
@@ -105,52 +118,57 @@ fn observe(ctx: &TcContext, direction: u8) {
 }
 
 /// `Ok(None)`: not TCP over IPv4/IPv6 (nothing to do); `Err`: truncated or malformed headers.
+/// Each header is read whole, once: few reads, each with a fixed size the verifier can check.
 #[inline(always)]
 fn locate_tcp_payload(ctx: &TcContext) -> Result<Option<Segment>, ()> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
-    let (family, addr_off, addr_len, tcp_off, ip_payload_len) = match ethertype {
+    let eth: [u8; ETH_HLEN] = read(ctx, 0)?;
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    let (family, tcp_off, ip_payload_len) = match u16::from_be_bytes([eth[12], eth[13]]) {
         ETH_P_IP => {
-            let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
-            let ihl = ((vihl & 0x0f) as usize) * 4;
+            let ip: [u8; 20] = read(ctx, ETH_HLEN)?;
+            let ihl = ((ip[0] & 0x0f) as usize) * 4;
             if ihl < 20 {
                 return Err(());
             }
-            let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| ())?;
-            if proto != IPPROTO_TCP {
+            if ip[9] != IPPROTO_TCP {
                 return Ok(None);
             }
-            let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| ())?);
-            if frag & 0x1fff != 0 {
+            if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
                 // A later fragment carries no TCP header.
                 return Ok(None);
             }
-            let total = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).map_err(|_| ())?) as usize;
+            let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
             if total < ihl {
                 return Err(());
             }
-            (FAMILY_IPV4, ETH_HLEN + 12, 4, ETH_HLEN + ihl, total - ihl)
+            saddr[..4].copy_from_slice(&ip[12..16]);
+            daddr[..4].copy_from_slice(&ip[16..20]);
+            (FAMILY_IPV4, ETH_HLEN + ihl, total - ihl)
         }
         ETH_P_IPV6 => {
-            let next: u8 = ctx.load(ETH_HLEN + 6).map_err(|_| ())?;
-            if next != IPPROTO_TCP {
+            let ip: [u8; IPV6_HLEN] = read(ctx, ETH_HLEN)?;
+            if ip[6] != IPPROTO_TCP {
                 // Extension headers before TCP are not followed (rare on pod traffic).
                 return Ok(None);
             }
-            let plen = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4).map_err(|_| ())?) as usize;
-            (FAMILY_IPV6, ETH_HLEN + 8, 16, ETH_HLEN + IPV6_HLEN, plen)
+            saddr.copy_from_slice(&ip[8..24]);
+            daddr.copy_from_slice(&ip[24..40]);
+            let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+            (FAMILY_IPV6, ETH_HLEN + IPV6_HLEN, plen)
         }
         _ => return Ok(None),
     };
-    let doff: u8 = ctx.load(tcp_off + 12).map_err(|_| ())?;
-    let tcp_hlen = ((doff >> 4) as usize) * 4;
+    let tcp: [u8; TCP_MIN_HLEN] = read(ctx, tcp_off)?;
+    let tcp_hlen = ((tcp[12] >> 4) as usize) * 4;
     if tcp_hlen < TCP_MIN_HLEN || ip_payload_len < tcp_hlen {
         return Err(());
     }
     Ok(Some(Segment {
         family,
-        addr_off,
-        addr_len,
-        tcp_off,
+        saddr,
+        daddr,
+        tcp,
         payload_off: tcp_off + tcp_hlen,
         // From the IP length, not the skb length: link-layer padding is not payload.
         payload_len: ip_payload_len - tcp_hlen,
@@ -162,7 +180,7 @@ fn begins_http(ctx: &TcContext, off: usize, len: usize) -> bool {
     if len < SNIFF_LEN {
         return false;
     }
-    let Ok(b) = ctx.load::<[u8; SNIFF_LEN]>(off) else {
+    let Ok(b) = read::<[u8; SNIFF_LEN]>(ctx, off) else {
         return false;
     };
     matches!(
@@ -196,8 +214,22 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
     if seg.payload_len > HEAD_LEN {
         count(Counter::HeadCut);
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     count(Counter::Emitted);
+}
+
+/// Wake the reader only once a batch has accumulated: a wakeup per packet costs more than
+/// the packet at high rates. The reader also drains on a short timer (`WAKEUP_BYTES` is a
+/// small fraction of the ring, so a burst still wakes it long before the ring is full).
+const WAKEUP_BYTES: u64 = 64 * 1024;
+
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    if PACKETS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
 }
 
 #[inline(always)]
@@ -207,35 +239,21 @@ fn fill_packet(
     direction: u8,
     ev: *mut PacketEvent,
 ) -> Result<(), ()> {
-    let ports: [u8; 4] = ctx.load(seg.tcp_off).map_err(|_| ())?;
-    let seq = u32::from_be(ctx.load::<u32>(seg.tcp_off + 4).map_err(|_| ())?);
-    let ack = u32::from_be(ctx.load::<u32>(seg.tcp_off + 8).map_err(|_| ())?);
-    let flags: u8 = ctx.load(seg.tcp_off + 13).map_err(|_| ())?;
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    if seg.addr_len == 16 {
-        saddr = ctx.load(seg.addr_off).map_err(|_| ())?;
-        daddr = ctx.load(seg.addr_off + 16).map_err(|_| ())?;
-    } else {
-        let s: [u8; 4] = ctx.load(seg.addr_off).map_err(|_| ())?;
-        let d: [u8; 4] = ctx.load(seg.addr_off + 4).map_err(|_| ())?;
-        saddr[..4].copy_from_slice(&s);
-        daddr[..4].copy_from_slice(&d);
-    }
+    let t = &seg.tcp;
     let captured = copy_head(ctx, seg, ev)?;
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).ifindex = (*ctx.skb.skb).ifindex;
-        (*ev).seq = seq;
-        (*ev).ack = ack;
+        (*ev).seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+        (*ev).ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
         (*ev).payload_len = seg.payload_len as u32;
-        (*ev).saddr = saddr;
-        (*ev).daddr = daddr;
-        (*ev).sport = u16::from_be_bytes([ports[0], ports[1]]);
-        (*ev).dport = u16::from_be_bytes([ports[2], ports[3]]);
+        (*ev).saddr = seg.saddr;
+        (*ev).daddr = seg.daddr;
+        (*ev).sport = u16::from_be_bytes([t[0], t[1]]);
+        (*ev).dport = u16::from_be_bytes([t[2], t[3]]);
         (*ev).family = seg.family;
         (*ev).direction = direction;
-        (*ev).tcp_flags = flags;
+        (*ev).tcp_flags = t[13];
         (*ev)._pad = 0;
         (*ev).captured_len = captured;
     }

@@ -87,8 +87,21 @@ fn peak_rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) the process used so far.
+fn cpu_secs(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) : utime is 14th, stime 15th.
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
 struct WithCollector {
     rps: f64,
+    /// Collector CPU over the run, in cores.
+    cpu: f64,
     packets_per_s: f64,
     drops: u64,
     rss_kib: u64,
@@ -98,15 +111,18 @@ fn run_with_collector(cluster: &Cluster, addr: SocketAddr, conns: u64, secs: u64
     let node = cluster.node("a").netns();
     let collector = start_collector(cluster, node, &["--tc-backend", "tcx", "--print", "off"]);
     let before = scrape(cluster, node);
+    let cpu0 = cpu_secs(collector.pid());
     let t0 = Instant::now();
     let rps = load(cluster.pod("client").netns(), addr, conns, secs);
     let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_secs(collector.pid()) - cpu0) / elapsed;
     std::thread::sleep(Duration::from_millis(1200));
     let after = scrape(cluster, node);
     let packets = r#"weft_collector_kernel_events_total{counter="packets"}"#;
     let drops = r#"weft_collector_ring_drops_total{ring="packets"}"#;
     let result = WithCollector {
         rps,
+        cpu,
         packets_per_s: (metric(&after, packets) - metric(&before, packets)) as f64 / elapsed,
         drops: metric(&after, drops),
         rss_kib: peak_rss_kib(collector.pid()),
@@ -132,7 +148,7 @@ fn main() {
     load(cluster.pod("client").netns(), addr, conns, 1);
 
     let (mut without, mut with) = (Vec::new(), Vec::new());
-    println!("run  collector  requests/s  packets/s  ring_drops  peak_rss_MiB");
+    println!("run  collector  requests/s  packets/s  ring_drops  peak_rss_MiB  collector_cpu");
     for round in 0..rounds {
         // Alternate which goes first so drift (thermal, neighbours) hits both alike.
         let order = if round % 2 == 0 {
@@ -144,11 +160,12 @@ fn main() {
             if attached {
                 let w = run_with_collector(&cluster, addr, conns, secs);
                 println!(
-                    "{round:>3}  on         {:>10.0}  {:>9.0}  {:>10}  {:>12.1}",
+                    "{round:>3}  on         {:>10.0}  {:>9.0}  {:>10}  {:>12.1}  {:>13.2}",
                     w.rps,
                     w.packets_per_s,
                     w.drops,
-                    w.rss_kib as f64 / 1024.0
+                    w.rss_kib as f64 / 1024.0,
+                    w.cpu
                 );
                 with.push(w);
             } else {

@@ -112,6 +112,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The classifiers wake us per batch; this bounds how long a lone event waits.
+    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(node = %node_name, "running");
     loop {
         // Each branch only says what happened; the work is done below, where nothing else
@@ -121,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = sigint.recv() => Wake::Stop("SIGINT"),
             ev = watcher.next() => Wake::Link(ev),
             res = capture.drain(|c| pipeline.on_captured(c)) => { res?; continue; }
+            _ = drain_tick.tick() => { capture.drain_now(|c| pipeline.on_captured(c)); continue; }
             _ = tick.tick() => Wake::Tick,
         };
         match wake {
@@ -148,15 +152,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     attacher.shutdown().await;
     // Drain what the kernel still holds, then let the shipper deliver.
-    let _ = tokio::time::timeout(
-        Duration::from_millis(100),
-        capture.drain(|c| pipeline.on_captured(c)),
-    )
-    .await;
+    capture.drain_now(|c| pipeline.on_captured(c));
     shipper.shutdown().await;
     info!("stopped");
     Ok(())
 }
+
+/// Longest time an event waits in a ring buffer when traffic is light.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 enum Wake {
     Stop(&'static str),

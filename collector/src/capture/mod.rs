@@ -72,48 +72,29 @@ impl Capture {
 
     /// Waits until either ring buffer has data, then hands every available event to `sink`.
     /// Cancel-safe: nothing is consumed before the wait completes.
+    ///
+    /// The packet classifiers wake the reader only per batch (see `collector-ebpf`), so the
+    /// caller must also call [`Capture::drain_now`] on a short timer.
     pub async fn drain(&mut self, mut sink: impl FnMut(Captured<'_>)) -> anyhow::Result<()> {
-        let Self {
-            packets,
-            conns,
-            stats,
-            ..
-        } = self;
         tokio::select! {
-            guard = packets.readable_mut() => {
+            guard = self.packets.readable_mut() => {
                 let mut guard = guard?;
-                let offset = mono_to_wall_offset();
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    match read_event::<PacketEvent>(&item) {
-                        Some(ev) => {
-                            stats.packets += 1;
-                            let wall_unix_nanos = ev.ts_ns.saturating_add_signed(offset);
-                            sink(Captured::Packet { event: &ev, wall_unix_nanos });
-                        }
-                        None => stats.malformed += 1,
-                    }
-                }
+                read_packets(guard.get_inner_mut(), &mut self.stats, &mut sink);
                 guard.clear_ready();
             }
-            guard = conns.readable_mut() => {
+            guard = self.conns.readable_mut() => {
                 let mut guard = guard?;
-                let offset = mono_to_wall_offset();
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    match read_event::<ConnEvent>(&item) {
-                        Some(ev) => {
-                            stats.conns += 1;
-                            let wall_unix_nanos = ev.ts_ns.saturating_add_signed(offset);
-                            sink(Captured::Conn { event: &ev, wall_unix_nanos });
-                        }
-                        None => stats.malformed += 1,
-                    }
-                }
+                read_conns(guard.get_inner_mut(), &mut self.stats, &mut sink);
                 guard.clear_ready();
             }
         }
         Ok(())
+    }
+
+    /// Hands every event available now to `sink`, without waiting.
+    pub fn drain_now(&mut self, mut sink: impl FnMut(Captured<'_>)) {
+        read_packets(self.packets.get_mut(), &mut self.stats, &mut sink);
+        read_conns(self.conns.get_mut(), &mut self.stats, &mut sink);
     }
 
     /// The kernel counters summed over all CPUs, indexed by `Counter`.
@@ -125,6 +106,48 @@ impl Capture {
             }
         }
         out
+    }
+}
+
+fn read_packets(
+    ring: &mut RingBuf<MapData>,
+    stats: &mut ReadStats,
+    sink: &mut impl FnMut(Captured<'_>),
+) {
+    let offset = mono_to_wall_offset();
+    while let Some(item) = ring.next() {
+        match read_event::<PacketEvent>(&item) {
+            Some(ev) => {
+                stats.packets += 1;
+                let wall_unix_nanos = ev.ts_ns.saturating_add_signed(offset);
+                sink(Captured::Packet {
+                    event: &ev,
+                    wall_unix_nanos,
+                });
+            }
+            None => stats.malformed += 1,
+        }
+    }
+}
+
+fn read_conns(
+    ring: &mut RingBuf<MapData>,
+    stats: &mut ReadStats,
+    sink: &mut impl FnMut(Captured<'_>),
+) {
+    let offset = mono_to_wall_offset();
+    while let Some(item) = ring.next() {
+        match read_event::<ConnEvent>(&item) {
+            Some(ev) => {
+                stats.conns += 1;
+                let wall_unix_nanos = ev.ts_ns.saturating_add_signed(offset);
+                sink(Captured::Conn {
+                    event: &ev,
+                    wall_unix_nanos,
+                });
+            }
+            None => stats.malformed += 1,
+        }
     }
 }
 
