@@ -26,13 +26,15 @@
 //! `assemble.evicted`) and `max_remembered_spans` (the oldest exported ids are forgotten
 //! early, counted in `assemble.late_index_evicted`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use weft_proto::v1::Side;
 
 use crate::link::LinkedCall;
 use crate::metrics::{Counter, Registry};
-use crate::model::{CompletedTrace, Half, LinkKind, SpanId, SpanRecord, TraceId, route};
+use crate::model::{
+    CompletedTrace, FastMap, FastSet, Half, LinkKind, SpanId, SpanRecord, TraceId, route,
+};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AssembleConfig {
@@ -82,13 +84,13 @@ struct Counters {
 /// The assemble stage.
 pub struct Assembler {
     cfg: AssembleConfig,
-    groups: HashMap<GroupId, Group>,
+    groups: FastMap<GroupId, Group>,
     next_group: GroupId,
-    by_span: HashMap<SpanId, GroupId>,
+    by_span: FastMap<SpanId, GroupId>,
     /// (deadline, group): one entry per update; stale entries are skipped.
     idle: VecDeque<(u64, GroupId)>,
     /// Spans of exported traces, for late arrivals: span → (trace, forget at).
-    exported: HashMap<SpanId, TraceId>,
+    exported: FastMap<SpanId, TraceId>,
     exported_order: VecDeque<(u64, SpanId)>,
     pending_spans: usize,
     counters: Counters,
@@ -99,11 +101,11 @@ impl Assembler {
         let c = |name: &str, help| metrics.counter(name, help);
         Assembler {
             cfg,
-            groups: HashMap::new(),
+            groups: FastMap::default(),
             next_group: 0,
-            by_span: HashMap::new(),
+            by_span: FastMap::default(),
             idle: VecDeque::new(),
-            exported: HashMap::new(),
+            exported: FastMap::default(),
             exported_order: VecDeque::new(),
             pending_spans: 0,
             counters: Counters {
@@ -291,7 +293,7 @@ impl Assembler {
             .or_else(|| propagated_trace_id(&group.calls))
             .unwrap_or_else(TraceId::random);
 
-        let present: HashSet<SpanId> = group
+        let present: FastSet<SpanId> = group
             .calls
             .iter()
             .flat_map(|lc| [&lc.call.client, &lc.call.server])
@@ -314,14 +316,14 @@ impl Assembler {
                 });
                 spans.push(span_record(
                     trace_id,
-                    c,
+                    *c,
                     link.map(|l| (l.parent, l.kind)),
                     joined,
                 ));
             }
             if let Some(s) = lc.call.server {
                 let parent = client_id.map(|p| (p, LinkKind::Join));
-                spans.push(span_record(trace_id, s, parent, joined));
+                spans.push(span_record(trace_id, *s, parent, joined));
             }
         }
         // Remember the trace's ids (also the parents it waited for) for late arrivals.
@@ -358,6 +360,7 @@ impl Assembler {
             .map(|g| {
                 std::mem::size_of::<Group>()
                     + g.calls.capacity() * std::mem::size_of::<LinkedCall>()
+                    + g.spans * std::mem::size_of::<Half>()
                     + g.ids.capacity() * std::mem::size_of::<SpanId>()
                     + g.calls
                         .iter()
@@ -429,6 +432,7 @@ mod tests {
     use crate::join::Call;
     use crate::join::tests::{ext, half, pod};
     use crate::link::SpanLink;
+    use std::collections::HashSet;
 
     fn cfg() -> AssembleConfig {
         AssembleConfig {
@@ -449,7 +453,7 @@ mod tests {
         tp: Option<&str>,
     ) -> Call {
         Call {
-            client: Some(half(
+            client: Some(Box::new(half(
                 Side::Client,
                 pod(&format!("{caller}:40000"), "a"),
                 ext("10.96.0.1:80"),
@@ -457,8 +461,8 @@ mod tests {
                 start,
                 end,
                 tp,
-            )),
-            server: Some(half(
+            ))),
+            server: Some(Box::new(half(
                 Side::Server,
                 pod(&format!("{caller}:40000"), "a"),
                 pod(&format!("{callee}:8080"), "b"),
@@ -466,7 +470,7 @@ mod tests {
                 start + 1,
                 end - 1,
                 tp,
-            )),
+            ))),
         }
     }
 

@@ -25,12 +25,12 @@
 //! `join.unmatched.server` when no server side was seen (a CLIENT half alone). The bound on
 //! pending halves emits the oldest early (also unmatched, and counted in `join.evicted`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use weft_proto::v1::Side;
 
 use crate::metrics::{Counter, Registry};
-use crate::model::{Half, SpanId};
+use crate::model::{FastMap, Half, SpanId};
 use crate::resolve::PeerKind;
 
 /// Where two halves of one request meet: the TCP sequence numbers of the request's and
@@ -53,8 +53,9 @@ impl JoinKey {
 /// One request as the join stage could assemble it: at least one half is present.
 #[derive(Debug, Clone)]
 pub struct Call {
-    pub client: Option<Half>,
-    pub server: Option<Half>,
+    /// Boxed: a call moves through several queues, a pointer moves cheaply.
+    pub client: Option<Box<Half>>,
+    pub server: Option<Box<Half>>,
 }
 
 impl Call {
@@ -110,7 +111,7 @@ struct Counters {
 pub struct Joiner {
     cfg: JoinConfig,
     /// Halves waiting, by key. Almost always one per key; a vector for collisions.
-    pending: HashMap<JoinKey, Vec<Half>>,
+    pending: FastMap<JoinKey, Vec<Box<Half>>>,
     /// Expiry order: (deadline, key, span id). Deadlines are pushed in clock order, so
     /// the front is always the next to expire; entries of halves already joined are
     /// skipped when they surface.
@@ -123,7 +124,7 @@ impl Joiner {
     pub fn new(cfg: JoinConfig, metrics: &Registry) -> Self {
         Joiner {
             cfg,
-            pending: HashMap::new(),
+            pending: FastMap::default(),
             order: VecDeque::new(),
             len: 0,
             counters: Counters {
@@ -159,7 +160,7 @@ impl Joiner {
 
     /// Takes one half; returns the joined call when its partner was waiting, and any
     /// half the pending bound pushed out.
-    pub fn push(&mut self, half: Half, now: u64, out: &mut Vec<Call>) {
+    pub fn push(&mut self, half: Box<Half>, now: u64, out: &mut Vec<Call>) {
         let side = half.side;
         if side == Side::Unspecified {
             self.counters.unsided.inc();
@@ -239,7 +240,7 @@ impl Joiner {
         self.expire(u64::MAX, out);
     }
 
-    fn take(&mut self, key: JoinKey, id: SpanId) -> Option<Half> {
+    fn take(&mut self, key: JoinKey, id: SpanId) -> Option<Box<Half>> {
         let waiting = self.pending.get_mut(&key)?;
         let i = waiting.iter().position(|h| h.span_id == id)?;
         let h = waiting.swap_remove(i);
@@ -250,7 +251,7 @@ impl Joiner {
         Some(h)
     }
 
-    fn alone(&self, half: Half) -> Call {
+    fn alone(&self, half: Box<Half>) -> Call {
         if half.side == Side::Client {
             self.counters.unmatched_server.inc();
             Call {
@@ -268,7 +269,9 @@ impl Joiner {
 
     /// Approximate bytes held by pending halves (for the benchmark's memory figure).
     pub fn pending_bytes(&self) -> usize {
-        let per_half = std::mem::size_of::<Half>() + std::mem::size_of::<(u64, JoinKey, SpanId)>();
+        let per_half = std::mem::size_of::<Half>()
+            + std::mem::size_of::<Box<Half>>()
+            + std::mem::size_of::<(u64, JoinKey, SpanId)>();
         let heap: usize = self
             .pending
             .values()
@@ -277,7 +280,7 @@ impl Joiner {
             .sum();
         self.len * per_half
             + heap
-            + self.pending.capacity() * (std::mem::size_of::<(JoinKey, Vec<Half>)>() + 1)
+            + self.pending.capacity() * (std::mem::size_of::<(JoinKey, Vec<Box<Half>>)>() + 1)
     }
 }
 
@@ -397,9 +400,9 @@ pub(crate) mod tests {
             1_990,
             None,
         );
-        j.push(s, 0, &mut out);
+        j.push(Box::new(s), 0, &mut out);
         assert!(out.is_empty());
-        j.push(c, 10, &mut out);
+        j.push(Box::new(c), 10, &mut out);
         assert_eq!(out.len(), 1);
         assert!(out[0].joined());
         assert_eq!(out[0].client.as_ref().unwrap().side, Side::Client);
@@ -431,8 +434,8 @@ pub(crate) mod tests {
             1_990,
             None,
         );
-        j.push(c, 0, &mut out);
-        j.push(s, 1, &mut out);
+        j.push(Box::new(c), 0, &mut out);
+        j.push(Box::new(s), 1, &mut out);
         assert_eq!(out.len(), 1);
         assert!(out[0].joined());
     }
@@ -469,9 +472,9 @@ pub(crate) mod tests {
             1_990,
             None,
         );
-        j.push(c, 0, &mut out);
-        j.push(other_pod, 1, &mut out);
-        j.push(too_early, 2, &mut out);
+        j.push(Box::new(c), 0, &mut out);
+        j.push(Box::new(other_pod), 1, &mut out);
+        j.push(Box::new(too_early), 2, &mut out);
         assert!(out.is_empty());
         assert_eq!(reg.snapshot()["join.rejected"], 2);
         j.expire(2_000, &mut out);
@@ -502,8 +505,8 @@ pub(crate) mod tests {
             2_000,
             None,
         );
-        j.push(c, 0, &mut out);
-        j.push(s, 500, &mut out);
+        j.push(Box::new(c), 0, &mut out);
+        j.push(Box::new(s), 500, &mut out);
         j.expire(999, &mut out);
         assert!(out.is_empty());
         j.expire(1_000, &mut out);
@@ -543,7 +546,7 @@ pub(crate) mod tests {
                 2_000,
                 None,
             );
-            j.push(c, u64::from(i), &mut out);
+            j.push(Box::new(c), u64::from(i), &mut out);
         }
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].client.as_ref().unwrap().request_seq, 0);

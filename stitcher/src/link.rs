@@ -32,12 +32,12 @@
 //! a root): under-linking, never a wrong `timing` link from a half-seen candidate set,
 //! unless the real parent was lost on its way.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 
 use crate::join::Call;
 use crate::metrics::{Counter, Registry};
-use crate::model::{Half, LinkKind, SpanId, TraceId};
+use crate::model::{FastMap, Half, LinkKind, SpanId, TraceId};
 
 /// A call with the parent of its CLIENT span decided.
 #[derive(Debug, Clone)]
@@ -114,9 +114,9 @@ struct Counters {
 /// The link stage.
 pub struct Linker {
     cfg: LinkConfig,
-    pods: HashMap<IpAddr, PodSpans>,
+    pods: FastMap<IpAddr, PodSpans>,
     /// Exact index for rule 1: (pod address, trace id) → server spans.
-    by_trace: HashMap<(IpAddr, TraceId), Vec<SpanId>>,
+    by_trace: FastMap<(IpAddr, TraceId), Vec<SpanId>>,
     /// Candidate expiry order: (expires, pod, start, span, trace).
     candidates: VecDeque<(u64, IpAddr, u64, SpanId, Option<TraceId>)>,
     /// Calls waiting for a decision, in arrival order: (ready at, call).
@@ -129,8 +129,8 @@ impl Linker {
         let c = |name: &str, help| metrics.counter(name, help);
         Linker {
             cfg,
-            pods: HashMap::new(),
-            by_trace: HashMap::new(),
+            pods: FastMap::default(),
+            by_trace: FastMap::default(),
             candidates: VecDeque::new(),
             waiting: VecDeque::new(),
             counters: Counters {
@@ -166,6 +166,11 @@ impl Linker {
     /// Calls waiting for a decision.
     pub fn pending(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Halves held by waiting calls (O(n): for figures, not the hot path).
+    pub fn pending_halves(&self) -> usize {
+        self.waiting.iter().map(|(_, c)| c.halves()).sum()
     }
 
     /// Indexes a SERVER half as a candidate parent for calls made by its pod.
@@ -354,6 +359,7 @@ impl Linker {
             .iter()
             .map(|(_, c)| {
                 std::mem::size_of::<(u64, Call)>()
+                    + c.halves() * std::mem::size_of::<Half>()
                     + c.client.as_ref().map_or(0, |h| h.path.len())
                     + c.server.as_ref().map_or(0, |h| h.path.len())
             })
@@ -386,7 +392,7 @@ mod tests {
     /// A call made by the frontend pod.
     fn call(start: u64, end: u64, tp: Option<&str>) -> Call {
         Call {
-            client: Some(half(
+            client: Some(Box::new(half(
                 Side::Client,
                 pod(&format!("{FRONTEND}:37450"), "frontend"),
                 ext("10.96.0.20:80"),
@@ -394,7 +400,7 @@ mod tests {
                 start,
                 end,
                 tp,
-            )),
+            ))),
             server: None,
         }
     }
@@ -540,7 +546,7 @@ mod tests {
         assert_eq!(decide(&mut l, call(200, 300, None), 10_001), None);
         let s = Call {
             client: None,
-            server: Some(served(1, 2, None)),
+            server: Some(Box::new(served(1, 2, None))),
         };
         l.push(s, 10_002, &mut out);
         assert_eq!(out.len(), 1);

@@ -196,7 +196,7 @@ impl Stitcher {
                     if half.side == v1::Side::Server {
                         self.linker.observe_server(&half, now);
                     }
-                    self.joiner.push(half, now, &mut self.calls);
+                    self.joiner.push(Box::new(half), now, &mut self.calls);
                 }
                 Err(reason) => {
                     self.counters.invalid.inc();
@@ -252,6 +252,12 @@ impl Stitcher {
             self.linker.pending(),
             self.assembler.pending_spans(),
         )
+    }
+
+    /// Exchanges held in pending state (halves waiting to join, in calls waiting to
+    /// link, and spans of open traces). O(n) in waiting calls: for figures.
+    pub fn pending_exchanges(&self) -> usize {
+        self.joiner.pending() + self.linker.pending_halves() + self.assembler.pending_spans()
     }
 
     /// Approximate bytes of pending state: halves, calls, open traces and link

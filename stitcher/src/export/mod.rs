@@ -11,6 +11,7 @@
 
 pub mod otlp;
 pub mod printer;
+pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -22,14 +22,12 @@
 //! batches up to `max_batch_spans` or `flush_interval`, retries retryable failures with
 //! exponential backoff, and counts what it finally drops (`export.otlp.dropped`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{
@@ -40,9 +38,13 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use weft_proto::v1::Side;
 
+use super::wire::{RawCodec, WireEncoder};
 use super::{LogOnce, owner, peer};
+
+/// The generated service's method path.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 use crate::metrics::{Counter, Registry};
-use crate::model::{CompletedTrace, LinkKind, SpanRecord, TraceSink};
+use crate::model::{CompletedTrace, FastMap, LinkKind, SpanRecord, TraceSink};
 use crate::resolve::Identity;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -156,6 +158,7 @@ async fn run(
     counters: Counters,
 ) {
     let log_failed = LogOnce::default();
+    let mut encoder = WireEncoder::default();
     let mut batch: Vec<Arc<CompletedTrace>> = Vec::new();
     let mut spans = 0usize;
     loop {
@@ -165,26 +168,51 @@ async fn run(
             match tokio::time::timeout(cfg.flush_interval, rx.recv()).await {
                 Ok(t) => t,
                 Err(_) => {
-                    flush(&cfg, &mut transport, &mut batch, &counters, &log_failed).await;
+                    flush(
+                        &mut encoder,
+                        &cfg,
+                        &mut transport,
+                        &mut batch,
+                        &counters,
+                        &log_failed,
+                    )
+                    .await;
                     spans = 0;
                     continue;
                 }
             }
         };
         let Some(trace) = next else {
-            flush(&cfg, &mut transport, &mut batch, &counters, &log_failed).await;
+            flush(
+                &mut encoder,
+                &cfg,
+                &mut transport,
+                &mut batch,
+                &counters,
+                &log_failed,
+            )
+            .await;
             return;
         };
         spans += trace.spans.len();
         batch.push(trace);
         if spans >= cfg.max_batch_spans {
-            flush(&cfg, &mut transport, &mut batch, &counters, &log_failed).await;
+            flush(
+                &mut encoder,
+                &cfg,
+                &mut transport,
+                &mut batch,
+                &counters,
+                &log_failed,
+            )
+            .await;
             spans = 0;
         }
     }
 }
 
 async fn flush(
+    encoder: &mut WireEncoder,
     cfg: &OtlpConfig,
     transport: &mut Transport,
     batch: &mut Vec<Arc<CompletedTrace>>,
@@ -195,7 +223,9 @@ async fn flush(
         return;
     }
     let n: u64 = batch.iter().map(|t| t.spans.len() as u64).sum();
-    let request = to_request(batch);
+    let mut bytes = Vec::new();
+    encoder.encode(batch, &mut bytes);
+    let request = Bytes::from(bytes);
     batch.clear();
     let mut backoff = cfg.initial_backoff;
     for attempt in 1..=cfg.max_attempts.max(1) {
@@ -232,7 +262,7 @@ type HttpClient = hyper_util::client::legacy::Client<
 >;
 
 enum Transport {
-    Grpc(TraceServiceClient<Channel>),
+    Grpc(tonic::client::Grpc<Channel>),
     Http {
         client: Box<HttpClient>,
         uri: hyper::Uri,
@@ -248,7 +278,7 @@ impl Transport {
                     .connect_timeout(cfg.timeout)
                     .timeout(cfg.timeout)
                     .connect_lazy();
-                Ok(Transport::Grpc(TraceServiceClient::new(channel)))
+                Ok(Transport::Grpc(tonic::client::Grpc::new(channel)))
             }
             OtlpProtocol::HttpProtobuf => {
                 let base = cfg.endpoint.trim_end_matches('/');
@@ -272,34 +302,40 @@ impl Transport {
         }
     }
 
-    /// Sends one request; returns the number of spans the endpoint rejected.
-    async fn send(
-        &mut self,
-        req: &ExportTraceServiceRequest,
-        timeout: Duration,
-    ) -> Result<u64, SendError> {
+    /// Sends one encoded request; returns the number of spans the endpoint rejected.
+    async fn send(&mut self, body: &Bytes, timeout: Duration) -> Result<u64, SendError> {
         match self {
-            Transport::Grpc(client) => match client.export(req.clone()).await {
-                Ok(resp) => Ok(resp
-                    .into_inner()
-                    .partial_success
-                    .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))),
-                Err(status) => Err(SendError {
-                    retryable: matches!(
-                        status.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::ResourceExhausted
-                            | tonic::Code::DeadlineExceeded
-                            | tonic::Code::Aborted
-                            | tonic::Code::Cancelled
-                            | tonic::Code::Unknown
-                            | tonic::Code::Internal
-                    ),
-                    message: format!("{}: {}", status.code(), status.message()),
-                }),
-            },
+            Transport::Grpc(grpc) => {
+                grpc.ready().await.map_err(|e| SendError {
+                    retryable: true,
+                    message: e.to_string(),
+                })?;
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(EXPORT_PATH);
+                match grpc
+                    .unary(tonic::Request::new(body.clone()), path, RawCodec)
+                    .await
+                {
+                    Ok(resp) => Ok(resp
+                        .into_inner()
+                        .partial_success
+                        .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))),
+                    Err(status) => Err(SendError {
+                        retryable: matches!(
+                            status.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::ResourceExhausted
+                                | tonic::Code::DeadlineExceeded
+                                | tonic::Code::Aborted
+                                | tonic::Code::Cancelled
+                                | tonic::Code::Unknown
+                                | tonic::Code::Internal
+                        ),
+                        message: format!("{}: {}", status.code(), status.message()),
+                    }),
+                }
+            }
             Transport::Http { client, uri } => {
-                let body = Full::new(Bytes::from(req.encode_to_vec()));
+                let body = Full::new(body.clone());
                 let request = hyper::Request::post(uri.clone())
                     .header("content-type", "application/x-protobuf")
                     .body(body)
@@ -344,12 +380,15 @@ impl Transport {
 
 /// Builds one OTLP request: one `ResourceSpans` per workload pod.
 pub fn to_request(traces: &[Arc<CompletedTrace>]) -> ExportTraceServiceRequest {
-    let mut by_resource: HashMap<ResourceKey, Vec<Span>> = HashMap::new();
+    // Keyed by the resolver's shared metadata (one pointer per pod), or by the IP.
+    let mut by_resource: FastMap<ResourceId, (&Identity, Vec<Span>)> = FastMap::default();
     for trace in traces {
         for s in &trace.spans {
+            let id = owner(s);
             by_resource
-                .entry(ResourceKey::of(owner(s)))
-                .or_default()
+                .entry(ResourceId::of(id))
+                .or_insert_with(|| (id, Vec::new()))
+                .1
                 .push(to_span(s));
         }
     }
@@ -360,9 +399,9 @@ pub fn to_request(traces: &[Arc<CompletedTrace>]) -> ExportTraceServiceRequest {
     };
     ExportTraceServiceRequest {
         resource_spans: by_resource
-            .into_iter()
-            .map(|(key, spans)| ResourceSpans {
-                resource: Some(key.resource()),
+            .into_values()
+            .map(|(id, spans)| ResourceSpans {
+                resource: Some(resource(id)),
                 scope_spans: vec![ScopeSpans {
                     scope: Some(scope.clone()),
                     spans,
@@ -374,55 +413,47 @@ pub fn to_request(traces: &[Arc<CompletedTrace>]) -> ExportTraceServiceRequest {
     }
 }
 
-/// What distinguishes one resource from another.
+/// Which resource a span belongs to.
 #[derive(Hash, PartialEq, Eq)]
-struct ResourceKey {
-    service: String,
-    namespace: Option<String>,
-    pod: Option<String>,
-    node: Option<String>,
-    deployment: Option<String>,
+pub(crate) enum ResourceId {
+    Meta(usize),
+    Ip(std::net::IpAddr),
 }
 
-impl ResourceKey {
-    fn of(id: &Identity) -> ResourceKey {
-        match id.meta.as_deref() {
-            Some(m) => ResourceKey {
-                service: m.workload.clone(),
-                namespace: Some(m.namespace.clone()).filter(|n| !n.is_empty()),
-                pod: m.pod.clone(),
-                node: m.node.clone(),
-                deployment: (m.workload_kind == "Deployment").then(|| m.workload.clone()),
-            },
-            None => ResourceKey {
-                service: id.addr.ip().to_string(),
-                namespace: None,
-                pod: None,
-                node: None,
-                deployment: None,
-            },
+impl ResourceId {
+    pub(crate) fn of(id: &Identity) -> ResourceId {
+        match &id.meta {
+            Some(m) => ResourceId::Meta(Arc::as_ptr(m) as usize),
+            None => ResourceId::Ip(id.addr.ip()),
         }
     }
+}
 
-    fn resource(self) -> Resource {
-        let mut attributes = vec![kv("service.name", s(self.service))];
-        if let Some(ns) = self.namespace {
-            attributes.push(kv("service.namespace", s(ns.clone())));
-            attributes.push(kv("k8s.namespace.name", s(ns)));
+/// The resource of a workload pod (or of an unnamed address).
+fn resource(id: &Identity) -> Resource {
+    let mut attributes = Vec::with_capacity(6);
+    match id.meta.as_deref() {
+        Some(m) => {
+            attributes.push(kv("service.name", s(m.workload.clone())));
+            if !m.namespace.is_empty() {
+                attributes.push(kv("service.namespace", s(m.namespace.clone())));
+                attributes.push(kv("k8s.namespace.name", s(m.namespace.clone())));
+            }
+            if let Some(p) = &m.pod {
+                attributes.push(kv("k8s.pod.name", s(p.clone())));
+            }
+            if let Some(n) = &m.node {
+                attributes.push(kv("k8s.node.name", s(n.clone())));
+            }
+            if m.workload_kind == "Deployment" {
+                attributes.push(kv("k8s.deployment.name", s(m.workload.clone())));
+            }
         }
-        if let Some(p) = self.pod {
-            attributes.push(kv("k8s.pod.name", s(p)));
-        }
-        if let Some(n) = self.node {
-            attributes.push(kv("k8s.node.name", s(n)));
-        }
-        if let Some(d) = self.deployment {
-            attributes.push(kv("k8s.deployment.name", s(d)));
-        }
-        Resource {
-            attributes,
-            ..Default::default()
-        }
+        None => attributes.push(kv("service.name", s(id.addr.ip().to_string()))),
+    }
+    Resource {
+        attributes,
+        ..Default::default()
     }
 }
 
