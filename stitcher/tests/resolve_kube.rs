@@ -21,6 +21,12 @@ fn now_nanos() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)).unwrap_or(0)
 }
 
+/// The time the tests' requests happen: a little after the objects they create, whose
+/// creationTimestamp (whole seconds) the fake sets to when they were created.
+fn request_time() -> u64 {
+    now_nanos() + 2 * SEC
+}
+
 fn rfc3339(nanos: u64) -> String {
     let secs = i64::try_from(nanos / SEC).expect("time fits");
     chrono::DateTime::from_timestamp(secs, 0)
@@ -109,6 +115,16 @@ async fn start() -> Harness {
 
 /// Starts the resolver against `api` (which may already hold objects).
 async fn start_on(api: FakeApiServer) -> Harness {
+    let h = start_unsynced(api).await;
+    assert!(
+        h.resolver.wait_synced(DEADLINE).await,
+        "every kind listed within {DEADLINE:?}; requests: {:?}",
+        h.api.requests()
+    );
+    h
+}
+
+async fn start_unsynced(api: FakeApiServer) -> Harness {
     let registry = Registry::new();
     let opts = KubeOptions {
         deleted_grace: Duration::from_secs(2),
@@ -117,11 +133,6 @@ async fn start_on(api: FakeApiServer) -> Harness {
     let resolver = KubeResolver::start_with(api.client(), &registry, opts)
         .await
         .expect("resolver starts");
-    assert!(
-        resolver.wait_synced(DEADLINE).await,
-        "every kind listed within {DEADLINE:?}; requests: {:?}",
-        api.requests()
-    );
     Harness {
         api,
         registry,
@@ -259,7 +270,7 @@ async fn completed_job_pod_frees_its_ip_while_its_object_remains() {
 #[tokio::test]
 async fn cluster_ip_resolves_to_its_service_and_backends_know_it() {
     let h = start().await;
-    let t = now_nanos();
+    let t = request_time();
     h.api
         .apply(SERVICES, service("demo", "backend", "10.96.0.20"));
     h.api.apply(
@@ -309,7 +320,7 @@ async fn cluster_ip_resolves_to_its_service_and_backends_know_it() {
 #[tokio::test]
 async fn pod_of_a_replicaset_of_a_deployment_resolves_to_the_deployment() {
     let h = start().await;
-    let t = now_nanos();
+    let t = request_time();
     // The pod arrives before its ReplicaSet: named by the ReplicaSet until it is known.
     h.api.apply(
         PODS,
@@ -341,7 +352,7 @@ async fn pod_of_a_replicaset_of_a_deployment_resolves_to_the_deployment() {
 #[tokio::test]
 async fn host_network_pod_resolves_by_declared_port_else_node() {
     let h = start().await;
-    let t = now_nanos();
+    let t = request_time();
     h.api.apply(
         NODES,
         json!({
@@ -377,7 +388,7 @@ async fn host_network_pod_resolves_by_declared_port_else_node() {
 #[tokio::test]
 async fn watch_cut_mid_stream_recovers_without_losing_changes_made_meanwhile() {
     let h = start().await;
-    let t = now_nanos();
+    let t = request_time();
     h.api
         .apply(PODS, pod("demo", "stays", "10.244.5.1", t - 60 * SEC, None));
     h.api
@@ -416,7 +427,7 @@ async fn watch_cut_mid_stream_recovers_without_losing_changes_made_meanwhile() {
     })
     .await;
     assert_eq!(
-        h.pod_at("10.244.5.2:1", t).as_deref(),
+        h.pod_at("10.244.5.2:1", t - 10 * SEC).as_deref(),
         Some("goes"),
         "still named for its lifetime"
     );
@@ -433,7 +444,7 @@ async fn watch_cut_mid_stream_recovers_without_losing_changes_made_meanwhile() {
 #[tokio::test]
 async fn expired_resource_version_410_relists_and_catches_up() {
     let h = start().await;
-    let t = now_nanos();
+    let t = request_time();
     h.api
         .apply(PODS, pod("demo", "old-1", "10.244.6.1", t - 60 * SEC, None));
     h.api
@@ -481,7 +492,7 @@ async fn expired_resource_version_410_relists_and_catches_up() {
 #[tokio::test]
 async fn expired_watch_mid_stream_410_relists() {
     let h = start().await;
-    let t = now_nanos();
+    let t = request_time();
     h.api
         .apply(PODS, pod("demo", "p1", "10.244.7.1", t - 60 * SEC, None));
     h.eventually("p1", |h| h.pod_at("10.244.7.1:1", t).is_some())
@@ -512,7 +523,7 @@ async fn expired_watch_mid_stream_410_relists() {
 #[tokio::test]
 async fn bookmarks_let_a_quiet_watch_resume_after_compaction() {
     let h = start().await;
-    let t = now_nanos();
+    let t = request_time();
     h.api.apply(NODES, json!({"metadata": {"name": "node-q"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.10.9.9"}]}}));
     h.eventually("node", |h| h.at("10.10.9.9:22", t).kind == PeerKind::Node)
         .await;
@@ -551,7 +562,7 @@ async fn bookmarks_let_a_quiet_watch_resume_after_compaction() {
 #[tokio::test]
 async fn initial_list_pages_through_continue_tokens() {
     let api = FakeApiServer::start().await;
-    let t = now_nanos();
+    let t = request_time();
     // More than kube's page size (500): the list arrives in pages.
     for i in 0..1100u32 {
         let ip = format!("10.245.{}.{}", i / 250, i % 250 + 1);
@@ -578,7 +589,7 @@ async fn initial_list_pages_through_continue_tokens() {
 #[tokio::test]
 async fn unusable_addresses_are_counted_not_guessed() {
     let h = start().await;
-    let t = now_nanos();
+    let t = request_time();
     let mut bad = pod("demo", "odd", "10.244.8.1", t - 60 * SEC, None);
     bad["status"]["podIPs"] = json!([{"ip": "10.244.8"}, {"ip": "10.244.8.2"}]);
     h.api.apply(PODS, bad);
@@ -601,4 +612,28 @@ async fn unusable_addresses_are_counted_not_guessed() {
     })
     .await;
     assert_eq!(h.at("192.0.2.7:80", t).kind, PeerKind::External);
+}
+
+#[tokio::test]
+async fn a_kind_forbidden_by_rbac_leaves_the_others_working() {
+    let api = FakeApiServer::start().await;
+    api.forbid(JOBS);
+    let t = request_time();
+    api.apply(PODS, pod("demo", "web-0", "10.244.9.1", t - 60 * SEC, None));
+    let h = start_unsynced(api).await;
+    h.eventually("pods resolve without jobs", |h| {
+        h.pod_at("10.244.9.1:1", t).as_deref() == Some("web-0")
+    })
+    .await;
+    h.eventually("the refusal is counted", |h| {
+        h.counter("resolve.watch.errors") > 0
+    })
+    .await;
+    assert!(!h.resolver.is_synced(), "jobs were never listed");
+    let forbidden = h
+        .api
+        .requests()
+        .iter()
+        .any(|r| r.starts_with("GET /apis/batch/v1/jobs?"));
+    assert!(forbidden);
 }

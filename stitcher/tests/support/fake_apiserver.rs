@@ -14,6 +14,7 @@
 //! - A resourceVersion older than the history kept ([`FakeApiServer::compact`]) is
 //!   answered `200 OK` with one ERROR event carrying a `Status` with code 410 (reason
 //!   `Expired`), exactly as the API does, and the stream ends.
+//! - A watch ends after its `timeoutSeconds` (the client then resumes).
 //! - Objects get `uid`, `creationTimestamp`, `generation`; a delete sets
 //!   `deletionTimestamp` and the DELETED event carries the object's last state.
 //!
@@ -123,6 +124,8 @@ struct Inner {
     oldest: u64,
     collections: HashMap<&'static str, Collection>,
     available: bool,
+    /// Kinds the caller may not read (RBAC): answered 403.
+    forbidden: Vec<&'static str>,
     requests: Vec<String>,
     next_uid: u64,
 }
@@ -240,6 +243,7 @@ impl FakeApiServer {
                 .map(|k| (k.kind, Collection::default()))
                 .collect(),
             available: true,
+            forbidden: Vec::new(),
             requests: Vec::new(),
             next_uid: 1,
         }));
@@ -432,6 +436,12 @@ impl FakeApiServer {
 
     /// While unavailable, every request is answered 503 (API server starting up; kube's
     /// client retries these itself with backoff).
+    /// Answers 403 Forbidden for `kind`, as the API does for a ServiceAccount without
+    /// list/watch on it.
+    pub fn forbid(&self, kind: Kind) {
+        self.inner.lock().forbidden.push(kind.kind);
+    }
+
     pub fn set_available(&self, available: bool) {
         self.inner.lock().available = available;
     }
@@ -499,6 +509,36 @@ fn handle(inner: &Mutex<Inner>, req: Request<Incoming>) -> Response<Body> {
             ),
         );
     };
+    if inner.forbidden.contains(&kind.kind) {
+        let (group, resource) = match kind.path.strip_prefix("/apis/") {
+            Some(rest) => {
+                let mut parts = rest.split('/');
+                let group = parts.next().unwrap_or("");
+                (group, parts.nth(1).unwrap_or(""))
+            }
+            None => ("", kind.path.rsplit('/').next().unwrap_or("")),
+        };
+        let verb = if query.contains_key("watch") {
+            "watch"
+        } else {
+            "list"
+        };
+        return full(
+            StatusCode::FORBIDDEN,
+            &status(
+                403,
+                "Forbidden",
+                &format!(
+                    "{resource}{} is forbidden: User \"system:serviceaccount:weft:weft-stitcher\" cannot {verb} resource \"{resource}\" in API group \"{group}\" at the cluster scope",
+                    if group.is_empty() {
+                        String::new()
+                    } else {
+                        format!(".{group}")
+                    }
+                ),
+            ),
+        );
+    }
     if req.method() != hyper::Method::GET {
         return full(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -610,7 +650,15 @@ fn watch_response(
     if register {
         col.watchers.push(Watcher { tx, bookmarks });
     }
-    let frames = UnboundedReceiverStream::new(rx).map_while_ok();
+    // The API ends a watch after timeoutSeconds (kube asks for 290 s); the client resumes.
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(1800);
+    let frames = futures::StreamExt::take_until(
+        UnboundedReceiverStream::new(rx).map_while_ok(),
+        Box::pin(tokio::time::sleep(Duration::from_secs(timeout))),
+    );
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")
