@@ -19,6 +19,8 @@ pub const PREFIX: &str = "[trace] ";
 /// One span as the text trace printer writes it (see the stitcher's `export::printer`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpanLine {
+    /// The start as printed (`2026-11-22 10:00:00.123456789`, UTC): sorts like time.
+    pub start: String,
     /// `HTTPClient` → true, `HTTP` → false.
     pub client: bool,
     pub status: u16,
@@ -38,8 +40,8 @@ pub struct SpanLine {
 impl SpanLine {
     /// Parses one printer line; `None` for anything else (log lines, partial writes).
     pub fn parse(line: &str) -> Option<SpanLine> {
-        let mut fields = line.split(' ');
-        let (_date, _time, _durations) = (fields.next()?, fields.next()?, fields.next()?);
+        let mut fields = line.trim_start().split(' ');
+        let (date, time, _durations) = (fields.next()?, fields.next()?, fields.next()?);
         let client = match fields.next()? {
             "HTTPClient" => true,
             "HTTP" => false,
@@ -64,6 +66,7 @@ impl SpanLine {
             return None;
         }
         Some(SpanLine {
+            start: format!("{date} {time}"),
             client,
             status,
             method,
@@ -159,7 +162,7 @@ impl Follower {
 fn follow(path: &PathBuf, seen: &Mutex<Seen>, stop: &AtomicBool) {
     let mut offset = 0u64;
     let mut pending = String::new();
-    let mut last_trace = String::new();
+    let mut group: Vec<(String, SpanLine)> = Vec::new();
     loop {
         // Read the stop flag before the file: the last pass sees everything written
         // before `finish` was called.
@@ -173,41 +176,85 @@ fn follow(path: &PathBuf, seen: &Mutex<Seen>, stop: &AtomicBool) {
                 pending.push_str(&String::from_utf8_lossy(&buf));
             }
         }
+        if stopping && !pending.is_empty() && !pending.ends_with('\n') {
+            pending.push('\n');
+        }
         while let Some(end) = pending.find('\n') {
             let line: String = pending.drain(..=end).collect();
-            show(line.trim_end(), seen, &mut last_trace);
-        }
-        if stopping {
-            if !pending.is_empty() {
-                let line = std::mem::take(&mut pending);
-                show(line.trim_end(), seen, &mut last_trace);
+            let line = line.trim_end();
+            match SpanLine::parse(line) {
+                Some(span) => {
+                    if group
+                        .first()
+                        .is_some_and(|(_, g)| g.trace_id != span.trace_id)
+                    {
+                        show_trace(std::mem::take(&mut group), seen);
+                    }
+                    group.push((line.to_string(), span));
+                }
+                None if line.is_empty() => {}
+                // Not a span line (the printer writes nothing else, but never hide output).
+                None => {
+                    show_trace(std::mem::take(&mut group), seen);
+                    println!("{PREFIX}{line}");
+                }
             }
+        }
+        // The printer writes a trace's lines at once: what was read is whole traces.
+        show_trace(std::mem::take(&mut group), seen);
+        if stopping {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-fn show(line: &str, seen: &Mutex<Seen>, last_trace: &mut String) {
-    if line.is_empty() {
+/// Prints one trace's lines as a tree: each span under its parent, indented by depth,
+/// siblings by start time.
+fn show_trace(group: Vec<(String, SpanLine)>, seen: &Mutex<Seen>) {
+    if group.is_empty() {
         return;
     }
     let mut out = std::io::stdout().lock();
-    match SpanLine::parse(line) {
-        Some(span) => {
-            if *last_trace != span.trace_id {
-                let _ = writeln!(out);
-                last_trace.clone_from(&span.trace_id);
-            }
-            let _ = writeln!(out, "{PREFIX}{line}");
-            seen.lock().unwrap_or_else(|e| e.into_inner()).add(span);
-        }
-        // Not a span line (the printer writes nothing else, but never hide output).
-        None => {
-            let _ = writeln!(out, "{PREFIX}{line}");
-        }
+    let _ = writeln!(out);
+    for (i, depth) in tree_order(&group.iter().map(|(_, s)| s).collect::<Vec<_>>()) {
+        let _ = writeln!(out, "{PREFIX}{}{}", "  ".repeat(depth), group[i].0);
     }
     let _ = out.flush();
+    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    for (_, span) in group {
+        seen.add(span);
+    }
+}
+
+/// Depth-first order of a trace's spans: `(index, depth)`, roots (and spans whose parent is
+/// not among them) first, children after their parent, siblings by start.
+pub fn tree_order(spans: &[&SpanLine]) -> Vec<(usize, usize)> {
+    let ids: std::collections::HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    let by_start = |v: &mut Vec<usize>| v.sort_by(|a, b| spans[*a].start.cmp(&spans[*b].start));
+    let mut roots: Vec<usize> = (0..spans.len())
+        .filter(|&i| {
+            !ids.contains(spans[i].parent_id.as_str()) || spans[i].parent_id == spans[i].span_id
+        })
+        .collect();
+    by_start(&mut roots);
+    let mut order = Vec::with_capacity(spans.len());
+    let mut visited = vec![false; spans.len()];
+    let mut stack: Vec<(usize, usize)> = roots.into_iter().rev().map(|i| (i, 0)).collect();
+    while let Some((i, depth)) = stack.pop() {
+        if std::mem::replace(&mut visited[i], true) {
+            continue;
+        }
+        order.push((i, depth));
+        let mut children: Vec<usize> = (0..spans.len())
+            .filter(|&c| !visited[c] && spans[c].parent_id == spans[i].span_id)
+            .collect();
+        by_start(&mut children);
+        stack.extend(children.into_iter().rev().map(|c| (c, depth + 1)));
+    }
+    // A parent cycle has no root: never drop its spans.
+    order.extend((0..spans.len()).filter(|&i| !visited[i]).map(|i| (i, 0)));
+    order
 }
 
 #[cfg(test)]
@@ -241,6 +288,38 @@ mod tests {
         assert_eq!(s.client_name(), Some("10.244.2.2"));
         assert_eq!(s.server_name(), Some("store.demo"));
         assert!(s.is_root());
+    }
+
+    #[test]
+    fn orders_a_trace_as_a_tree() {
+        let mk = |start: &str, id: &str, parent: &str| {
+            let line = LINE.replacen("10:00:00.123456789", start, 1).replace(
+                "b7ad6b7169203331[00f067aa0ba902b7]",
+                &format!("{id}[{parent}]"),
+            );
+            SpanLine::parse(&line).unwrap()
+        };
+        let zero = "0000000000000000";
+        // Printed leaf first, as the stitcher does.
+        let spans = [
+            mk("10:00:00.3", "000000000000000c", "000000000000000b"),
+            mk("10:00:00.2", "000000000000000b", "000000000000000a"),
+            mk("10:00:00.1", "000000000000000a", zero),
+            mk("10:00:00.4", "000000000000000d", "000000000000000a"),
+            mk("10:00:00.0", "00000000000000ee", "00000000000000ff"),
+        ];
+        let refs: Vec<&SpanLine> = spans.iter().collect();
+        assert_eq!(
+            tree_order(&refs),
+            vec![(4, 0), (2, 0), (1, 1), (0, 2), (3, 1)]
+        );
+        // A cycle keeps every span.
+        let cycle = [
+            mk("10:00:00.1", "000000000000000a", "000000000000000b"),
+            mk("10:00:00.2", "000000000000000b", "000000000000000a"),
+        ];
+        let refs: Vec<&SpanLine> = cycle.iter().collect();
+        assert_eq!(tree_order(&refs).len(), 2);
     }
 
     #[test]

@@ -273,6 +273,7 @@ mod tests {
 
     fn span(id: &str, parent: &str) -> SpanLine {
         SpanLine {
+            start: String::new(),
             client: true,
             status: 200,
             method: "GET".into(),

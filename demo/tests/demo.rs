@@ -71,7 +71,10 @@ impl Drop for Running {
 
 #[test]
 fn demo_traces_the_cluster_end_to_end_and_leaves_nothing() {
-    let bins = bin_dir();
+    // `WEFT_DEMO_BIN_DIR` (the demo's own variable for --bin-dir) tests other builds.
+    let bins = std::env::var_os("WEFT_DEMO_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(bin_dir);
     let tmp = tempfile::tempdir().unwrap();
     let json_out = tmp.path().join("summary.json");
     let rotel_log = tmp.path().join("rotel.txt");
@@ -336,4 +339,85 @@ fn check_chain(spans: &[SpanLine]) -> Result<(), String> {
 fn run(cmd: &[&str]) -> String {
     let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The chain check fails on what it must catch (so the acceptance test can fail).
+#[test]
+fn chain_check_rejects_wrong_links_and_names() {
+    let line = |kind: &str, from: &str, to: &str, svc: &str, id: &str, parent: &str| {
+        let text = format!(
+            "2026-11-22 10:00:00.000000001 (1.00ms[1.00ms]) {kind} 200 GET /api/items \
+             [10.0.0.1 as {from}:1000]->[10.0.0.2 as {to}:80] size:0B svc=[{svc}] \
+             traceparent=[00-0af7651916cd43dd8448eb211c80319c-{id}[{parent}]-01]"
+        );
+        let mut s = SpanLine::parse(&text).unwrap();
+        if to == "backend.demo" {
+            s.path = "/api/items/1".into();
+        }
+        if to == "store.demo" {
+            s.path = "/store/1".into();
+        }
+        s
+    };
+    let good = vec![
+        line(
+            "HTTPClient",
+            "client.demo",
+            "frontend.demo",
+            "demo/client",
+            "0000000000000001",
+            "0000000000000000",
+        ),
+        line(
+            "HTTP",
+            "client.demo",
+            "frontend.demo",
+            "demo/frontend",
+            "0000000000000002",
+            "0000000000000001",
+        ),
+        line(
+            "HTTPClient",
+            "frontend.demo",
+            "backend.demo",
+            "demo/frontend",
+            "0000000000000003",
+            "0000000000000002",
+        ),
+        line(
+            "HTTP",
+            "frontend.demo",
+            "backend.demo",
+            "demo/backend",
+            "0000000000000004",
+            "0000000000000003",
+        ),
+        line(
+            "HTTPClient",
+            "backend.demo",
+            "store.demo",
+            "demo/backend",
+            "0000000000000005",
+            "0000000000000004",
+        ),
+        line(
+            "HTTP",
+            "backend.demo",
+            "store.demo",
+            "demo/store",
+            "0000000000000006",
+            "0000000000000005",
+        ),
+    ];
+    check_chain(&good).unwrap();
+    // The backend's call attached to the frontend's server span instead of the backend's.
+    let mut wrong_parent = good.clone();
+    wrong_parent[4].parent_id = "0000000000000002".into();
+    assert!(check_chain(&wrong_parent).is_err());
+    // A peer left unnamed.
+    let mut unnamed = good.clone();
+    unnamed[3].from = "10.0.0.1 as 10.0.0.1:1000".into();
+    assert!(check_chain(&unnamed).is_err());
+    // A span missing.
+    assert!(check_chain(&good[..5]).is_err());
 }
