@@ -6,6 +6,7 @@
 #   loadtest/bench-ingest.sh                 # defaults below
 #   DURATION=20s CONCURRENCY=8 loadtest/bench-ingest.sh
 #   PROFILE=1 loadtest/bench-ingest.sh       # also perf-record the stitcher (cpu-clock)
+#   SKIP_BUILD=1 ...                         # use the release binaries already built
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,7 @@ COMPRESSION=${COMPRESSION:-none}
 RESEND_EVERY=${RESEND_EVERY:-10}   # every 10th batch resent: exercises dedup
 PROFILE=${PROFILE:-0}
 
-cargo build --release -q -p weft-stitcher -p weft-loadgen
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release -q -p weft-stitcher -p weft-loadgen
 bin=target/release
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 port=$(free_port)
@@ -64,7 +65,7 @@ import json, sys
 lg = json.load(open(sys.argv[1]))
 ingested, dups, secs = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 cpu = (int(sys.argv[6]) - int(sys.argv[5])) / int(sys.argv[7])
-print(f"streams            {lg['streams']}  (batch {lg['batches'] and lg['exchanges'] // max(1, lg['batches'] - lg['duplicate_acks'])} exchanges)")
+print(f"streams            {lg['streams']} fake collectors, {lg['batches']} batches acked, {lg['duplicate_acks']} of them duplicates")
 print(f"duration           {secs:.2f} s")
 print(f"ingested (new)     {ingested} exchanges = {ingested / secs:,.0f} exchanges/s")
 print(f"deduplicated       {dups} exchanges in resent batches (acked as duplicates, not forwarded)")
