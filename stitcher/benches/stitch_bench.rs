@@ -154,7 +154,7 @@ fn main() -> anyhow::Result<()> {
             // Blocks when the sink falls behind: the figure is end-to-end throughput.
             tx.send(Arc::new(t))?;
         }
-        if i % 256 == 0 {
+        if i % 1024 == 0 {
             let pending = stitcher.pending_exchanges();
             if pending > peak_pending {
                 peak_pending = pending;

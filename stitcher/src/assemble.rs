@@ -33,7 +33,7 @@ use weft_proto::v1::Side;
 use crate::link::LinkedCall;
 use crate::metrics::{Counter, Registry};
 use crate::model::{
-    CompletedTrace, FastMap, FastSet, Half, LinkKind, SpanId, SpanRecord, TraceId, route,
+    CompletedTrace, FastMap, FastSet, Half, LinkKind, SpanId, SpanRecord, TraceId, span_name,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -252,8 +252,8 @@ impl Assembler {
             self.groups.insert(
                 gid,
                 Group {
-                    calls: Vec::new(),
-                    ids: Vec::new(),
+                    calls: Vec::with_capacity(4),
+                    ids: Vec::with_capacity(8),
                     spans: 0,
                     last_update: now,
                     late_of: None,
@@ -409,7 +409,7 @@ fn span_record(
         parent: parent.map(|p| p.0),
         link: parent.map_or(LinkKind::Root, |p| p.1),
         side: h.side,
-        name: format!("{} {}", h.method, route(&h.path)),
+        name: span_name(&h.method, &h.path),
         start_unix_nanos: h.start_unix_nanos,
         end_unix_nanos: h.end_unix_nanos,
         method: h.method.to_string(),

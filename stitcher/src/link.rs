@@ -94,11 +94,14 @@ struct PodSpans {
     max_duration: u64,
 }
 
-/// Candidates of one call, in the order the rules consider them.
+/// What the rules need to know of a call's candidates: per rule, how many and the one
+/// that started last.
+#[derive(Default)]
 struct Found {
-    by_trace: Vec<SpanId>,
-    by_thread: Vec<SpanId>,
-    by_time: Vec<SpanId>,
+    /// Same trace id (a containing one preferred).
+    by_trace: Option<SpanId>,
+    by_thread: (usize, Option<SpanId>),
+    by_time: (usize, Option<SpanId>),
 }
 
 struct Counters {
@@ -272,25 +275,25 @@ impl Linker {
     fn decide(&self, call: &Call) -> Option<SpanLink> {
         let client = call.client.as_ref()?;
         let found = self.candidates_for(client);
-        let pick = if let Some(&p) = found.by_trace.first() {
+        let pick = if let Some(p) = found.by_trace {
             self.counters.traceparent.inc();
             SpanLink {
                 parent: p,
                 kind: LinkKind::Traceparent,
             }
-        } else if found.by_thread.len() == 1 {
+        } else if let (1, Some(p)) = found.by_thread {
             self.counters.thread.inc();
             SpanLink {
-                parent: found.by_thread[0],
+                parent: p,
                 kind: LinkKind::Thread,
             }
-        } else if found.by_time.len() == 1 {
+        } else if let (1, Some(p)) = found.by_time {
             self.counters.timing.inc();
             SpanLink {
-                parent: found.by_time[0],
+                parent: p,
                 kind: LinkKind::Timing,
             }
-        } else if let Some(&latest) = found.by_time.first() {
+        } else if let (_, Some(latest)) = found.by_time {
             self.counters.ambiguous.inc();
             SpanLink {
                 parent: latest,
@@ -304,20 +307,19 @@ impl Linker {
         (pick.parent != client.span_id).then_some(pick)
     }
 
-    /// Server spans of the caller's pod that may have made this call. Each list is
-    /// ordered latest start first.
+    /// Server spans of the caller's pod that may have made this call.
     fn candidates_for(&self, call: &Half) -> Found {
         let pod = call.client.addr.ip();
-        let mut found = Found {
-            by_trace: Vec::new(),
-            by_thread: Vec::new(),
-            by_time: Vec::new(),
-        };
+        let mut found = Found::default();
+        let same_trace = call
+            .traceparent
+            .and_then(|tp| self.by_trace.get(&(pod, tp.trace_id)));
         let Some(spans) = self.pods.get(&pod) else {
             return found;
         };
         let (start, end) = (call.start_unix_nanos, call.end_unix_nanos);
         let earliest = start.saturating_sub(spans.max_duration);
+        // Latest start first.
         let containing = spans
             .by_start
             .range((earliest, SpanId([0; 8]))..=(start, SpanId([0xff; 8])))
@@ -325,25 +327,22 @@ impl Linker {
             .filter(|(_, c)| c.end >= end)
             .filter(|((_, id), _)| *id != call.span_id);
         let thread = (call.tid != 0).then_some((call.pid, call.tid));
+        let note = |slot: &mut (usize, Option<SpanId>), id: SpanId| {
+            slot.0 += 1;
+            slot.1.get_or_insert(id);
+        };
         for ((_, id), c) in containing {
-            found.by_time.push(*id);
+            note(&mut found.by_time, *id);
             if thread.is_some() && thread == Some((c.pid, c.tid)) {
-                found.by_thread.push(*id);
+                note(&mut found.by_thread, *id);
+            }
+            if found.by_trace.is_none() && same_trace.is_some_and(|ids| ids.contains(id)) {
+                found.by_trace = Some(*id);
             }
         }
-        if let Some(tp) = call.traceparent
-            && let Some(ids) = self.by_trace.get(&(pod, tp.trace_id))
-        {
-            // Prefer same-trace spans that also contain the call, then any of them.
-            found.by_trace = found
-                .by_time
-                .iter()
-                .copied()
-                .filter(|id| ids.contains(id))
-                .collect();
-            if found.by_trace.is_empty() {
-                found.by_trace = ids.iter().rev().copied().collect();
-            }
+        if found.by_trace.is_none() {
+            // Same trace but not containing (clock or capture oddities): still exact.
+            found.by_trace = same_trace.and_then(|ids| ids.last().copied());
         }
         found
     }
