@@ -102,9 +102,8 @@ impl Report {
             t.requests,
             t.ok,
             t.http_5xx,
-            t.transport_errors
-                + t.requests
-                    .saturating_sub(t.ok + t.http_5xx + t.transport_errors)
+            // Transport errors, timeouts and rounds that could not run.
+            t.requests.saturating_sub(t.ok + t.http_5xx)
         );
         let whole = self.whole_traces().len();
         let _ = writeln!(
