@@ -5,7 +5,7 @@
 //!
 //! Run (as root): `cargo bench -p weft-collector --bench capture`
 //! Knobs: `WEFT_BENCH_ROUNDS` (default 3), `WEFT_BENCH_SECS` per run (5),
-//! `WEFT_BENCH_CONNS` keep-alive connections (8).
+//! `WEFT_BENCH_CONNS` keep-alive connections (8), `WEFT_BENCH_COLLECTOR_ARGS` extra flags.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -109,7 +109,12 @@ struct WithCollector {
 
 fn run_with_collector(cluster: &Cluster, addr: SocketAddr, conns: u64, secs: u64) -> WithCollector {
     let node = cluster.node("a").netns();
-    let collector = start_collector(cluster, node, &["--tc-backend", "tcx", "--print", "off"]);
+    // WEFT_BENCH_COLLECTOR_ARGS: extra flags, e.g. `--interfaces none` to measure the
+    // collector without classifiers.
+    let extra = std::env::var("WEFT_BENCH_COLLECTOR_ARGS").unwrap_or_default();
+    let mut args = vec!["--tc-backend", "tcx", "--print", "off"];
+    args.extend(extra.split_whitespace());
+    let collector = start_collector(cluster, node, &args);
     let before = scrape(cluster, node);
     let cpu0 = cpu_secs(collector.pid());
     let t0 = Instant::now();

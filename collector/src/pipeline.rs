@@ -23,6 +23,8 @@ pub struct Pipeline {
     /// ifindex → name of the traced interfaces (kept by the caller from `attach`).
     ifnames: HashMap<u32, String>,
     print_failed: bool,
+    /// Loss reasons already logged (each is logged once, then only counted).
+    logged_losses: std::collections::HashSet<String>,
 }
 
 impl Pipeline {
@@ -40,6 +42,7 @@ impl Pipeline {
             metrics,
             ifnames: HashMap::new(),
             print_failed: false,
+            logged_losses: Default::default(),
         }
     }
 
@@ -89,7 +92,9 @@ impl Pipeline {
         let read = capture.stats();
         self.metrics
             .record_read(read.packets, read.conns, read.malformed);
-        self.metrics.record_kernel(&capture.kernel_counters());
+        let kernel = capture.kernel_counters();
+        self.metrics.record_kernel(&kernel);
+        self.log_first_losses(capture, &kernel);
         let p = self.parser.stats();
         self.metrics
             .record_parse(p.exchanges, p.connections, p.parse_errors.total());
@@ -103,6 +108,50 @@ impl Pipeline {
         ];
         ship_counters.extend(ship.dropped.iter().map(|(k, v)| (k.as_str(), *v)));
         self.metrics.record_stage("ship", &ship_counters);
+    }
+
+    /// Logs each capture loss reason the first time it occurs (parse and ship log their own).
+    fn log_first_losses(
+        &mut self,
+        capture: &Capture,
+        kernel: &[u64; weft_ebpf_common::COUNTER_COUNT as usize],
+    ) {
+        use weft_ebpf_common::Counter;
+        let losses = [
+            (
+                Counter::RingFull,
+                "HTTP segments lost: the packet ring buffer was full (the collector reads too slowly)",
+            ),
+            (
+                Counter::ConnRingFull,
+                "connection events lost: the connection ring buffer was full",
+            ),
+            (
+                Counter::CopyFailed,
+                "HTTP segments lost: copying the payload head failed",
+            ),
+            (
+                Counter::BadHeader,
+                "packets skipped: truncated or malformed IP/TCP headers",
+            ),
+        ];
+        for (counter, why) in losses {
+            let n = kernel[counter as usize];
+            if n > 0 && self.logged_losses.insert(counter.name().to_owned()) {
+                warn!(
+                    reason = counter.name(),
+                    count = n,
+                    "{why}; further ones are counted in /metrics, not logged"
+                );
+            }
+        }
+        let malformed = capture.stats().malformed;
+        if malformed > 0 && self.logged_losses.insert("ring_malformed".to_owned()) {
+            warn!(
+                count = malformed,
+                "ring buffer entries of an unexpected size dropped (kernel and user space built from different sources?)"
+            );
+        }
     }
 
     /// The drops of every stage so far, by reason (for `CollectorInfo.drops`).
