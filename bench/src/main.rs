@@ -9,15 +9,19 @@
 //!
 //! Benchmarks ([`Bench`]): `stitch` (weft-loadgen → weft-stitcher), `overhead` (HTTP load
 //! against a harness pod with and without the collector), `accuracy` (the harness chain,
-//! joins and links checked against what the demo apps logged; also gives `freshness`).
+//! joins and links checked against what the demo apps logged; also gives `freshness`),
+//! `query` (Query API calls/s while weft-loadgen ingests 100,000 exchanges/s).
 //! Benchmarks are not tests: nothing here fails on a missed target; the exit code is
 //! non-zero only when a benchmark could not run.
 
+mod accuracy;
 mod child;
 mod overhead;
 mod procfs;
 mod prom;
+mod query;
 mod report;
+mod score;
 mod stats;
 mod stitch;
 
@@ -34,6 +38,7 @@ pub enum Bench {
     Stitch,
     Overhead,
     Accuracy,
+    Query,
 }
 
 #[derive(Debug, Parser)]
@@ -64,6 +69,9 @@ struct Cli {
     /// Overhead benchmark: h2load connections (keep-alive).
     #[arg(long, default_value_t = 16)]
     overhead_connections: u32,
+    /// Accuracy benchmark: requests per (concurrency, propagation) phase.
+    #[arg(long)]
+    accuracy_requests: Option<u64>,
     /// Stitch benchmark: fake collectors (streams).
     #[arg(long, default_value_t = 4)]
     stitch_streams: u32,
@@ -79,7 +87,12 @@ pub struct Settings {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let benches = if cli.only.is_empty() {
-        vec![Bench::Stitch, Bench::Overhead, Bench::Accuracy]
+        vec![
+            Bench::Stitch,
+            Bench::Query,
+            Bench::Overhead,
+            Bench::Accuracy,
+        ]
     } else {
         cli.only.clone()
     };
@@ -139,7 +152,30 @@ fn main() -> ExitCode {
                 },
                 &mut report,
             ),
-            Bench::Accuracy => Err(anyhow::anyhow!("not implemented yet")),
+            Bench::Query => query::run(
+                &settings,
+                &query::QueryArgs {
+                    duration: if cli.quick {
+                        Duration::from_secs(5)
+                    } else {
+                        Duration::from_secs(15)
+                    },
+                    ingest_rate: 100_000,
+                    clients: 4,
+                },
+                &mut report,
+            ),
+            Bench::Accuracy => accuracy::run(
+                &settings,
+                &accuracy::AccuracyArgs {
+                    requests: cli
+                        .accuracy_requests
+                        .unwrap_or(if cli.quick { 100 } else { 400 }),
+                    concurrency: vec![1, 8, 32],
+                    trace_idle: Duration::from_secs(2),
+                },
+                &mut report,
+            ),
         };
         if let Err(e) = result {
             eprintln!("weft-bench: {name}: {e:#}");

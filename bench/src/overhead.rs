@@ -307,7 +307,7 @@ fn with_collector(
     ))
 }
 
-fn wait_running(proc: &Proc) -> Result<()> {
+pub fn wait_running(proc: &Proc) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let err = proc.stderr_text();

@@ -35,17 +35,6 @@ pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     found
 }
 
-/// Every `name{labels} value` sample whose metric name starts with `prefix`.
-pub fn samples_with_prefix<'a>(text: &'a str, prefix: &str) -> Vec<(&'a str, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && l.starts_with(prefix))
-        .filter_map(|l| {
-            let (series, value) = l.trim().rsplit_once(' ')?;
-            Some((series, value.parse().ok()?))
-        })
-        .collect()
-}
-
 fn parse_labels(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = text;
@@ -124,6 +113,5 @@ mod tests {
     #[test]
     fn escaped_label_values_are_unescaped() {
         assert_eq!(sum(TEXT, "weft_odd", &[("path", "a\"b,c=d")]), Some(1.0));
-        assert_eq!(samples_with_prefix(TEXT, "weft_collector_ring").len(), 2);
     }
 }

@@ -23,10 +23,6 @@ pub fn median(samples: &[f64]) -> Option<f64> {
     percentile(samples, 0.5)
 }
 
-pub fn mean(samples: &[f64]) -> Option<f64> {
-    (!samples.is_empty()).then(|| samples.iter().sum::<f64>() / samples.len() as f64)
-}
-
 /// `num / den`, `None` when the denominator is zero or either side is missing.
 pub fn ratio(num: Option<f64>, den: Option<f64>) -> Option<f64> {
     match (num, den) {
@@ -63,9 +59,7 @@ mod tests {
     }
 
     #[test]
-    fn mean_median_ratio_share() {
-        assert_eq!(mean(&[1.0, 2.0, 6.0]), Some(3.0));
-        assert_eq!(mean(&[]), None);
+    fn median_ratio_share() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(ratio(Some(97.0), Some(100.0)), Some(0.97));
         assert_eq!(ratio(Some(1.0), Some(0.0)), None);

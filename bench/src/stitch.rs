@@ -138,7 +138,7 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
     let mut peak_pending_bytes = 0.0f64;
     let mut rss_at_peak = base.rss_kib;
     let deadline = Instant::now() + args.duration + Duration::from_secs(30);
-    let mut stitch_end = Sample::read(stitcher.pid())?;
+    let mut stitch_end;
     loop {
         if let Ok(s) = Sample::read(loadgen.pid()) {
             load_first.get_or_insert(s);
