@@ -15,7 +15,7 @@
 //! `k8s.pod.name`, `k8s.node.name`, `k8s.deployment.name` (for Deployments). Span: name
 //! `METHOD route`, kind CLIENT/SERVER, attributes `http.request.method`, `url.path`,
 //! `http.response.status_code`, `server.address`, `server.port`, `client.address`,
-//! `network.peer.address`, `weft.link` (absent on roots), `weft.joined`, `weft.node`;
+//! `client.port`, `network.peer.address`, `weft.link` (absent on roots), `weft.joined`, `weft.node`;
 //! status ERROR for 5xx (SERVER) and 4xx/5xx (CLIENT).
 //!
 //! Delivery: a bounded queue of traces (full → dropped and counted), a worker that
@@ -486,6 +486,7 @@ pub fn to_span(r: &SpanRecord) -> Span {
         kv("server.address", s(r.server.addr.ip().to_string())),
         kv("server.port", i(i64::from(r.server.addr.port()))),
         kv("client.address", s(r.client.addr.ip().to_string())),
+        kv("client.port", i(i64::from(r.client.addr.port()))),
         kv("network.peer.address", s(peer(r).addr.ip().to_string())),
         kv("weft.joined", b(r.joined)),
         kv("weft.node", s(r.node.to_string())),

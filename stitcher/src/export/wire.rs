@@ -245,6 +245,14 @@ impl WireEncoder {
         );
         ip(text, &r.client);
         Self::put_kv(kv, any, out, 9, "client.address", Val::Str(text));
+        Self::put_kv(
+            kv,
+            any,
+            out,
+            9,
+            "client.port",
+            Val::Int(i64::from(r.client.addr.port())),
+        );
         ip(text, peer(r));
         Self::put_kv(kv, any, out, 9, "network.peer.address", Val::Str(text));
         Self::put_kv(kv, any, out, 9, "weft.joined", Val::Bool(r.joined));
