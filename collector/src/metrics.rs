@@ -56,6 +56,8 @@ pub struct Metrics {
     exchanges: Counter,
     connections: Counter,
     stages: Family<Labels, Counter>,
+    /// When the capture loop last finished its periodic work (Unix seconds; 0 = not yet).
+    last_tick: std::sync::atomic::AtomicU64,
 }
 
 /// Raises a monotonically increasing counter to `total` (the sources keep running totals).
@@ -91,6 +93,7 @@ impl Metrics {
             exchanges: Counter::default(),
             connections: Counter::default(),
             stages: Family::default(),
+            last_tick: Default::default(),
         };
         {
             let mut r = m.registry.lock();
@@ -233,6 +236,18 @@ impl Metrics {
         }
     }
 
+    /// The capture loop is alive (called from its periodic tick).
+    pub fn heartbeat(&self) {
+        self.last_tick
+            .store(unix_secs(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Healthy: the capture loop ticked within the last `HEALTHY_WITHIN_SECS` seconds.
+    pub fn healthy(&self) -> bool {
+        let last = self.last_tick.load(std::sync::atomic::Ordering::Relaxed);
+        last != 0 && unix_secs().saturating_sub(last) <= HEALTHY_WITHIN_SECS
+    }
+
     /// The Prometheus text exposition of everything registered.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -276,7 +291,12 @@ impl Metrics {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 self.encode(),
             ),
-            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            "/healthz" if self.healthy() => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            "/healthz" => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "capture loop stalled or not started\n".to_owned(),
+            ),
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
@@ -290,6 +310,15 @@ impl Metrics {
         }
         resp
     }
+}
+
+/// `/healthz` fails when the capture loop (which ticks every second) has not ticked for this long.
+const HEALTHY_WITHIN_SECS: u64 = 5;
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn iface_labels(name: &str, state: IfaceState) -> Labels {
@@ -339,5 +368,18 @@ mod tests {
         );
         m.remove_iface("veth1");
         assert!(!m.encode().contains("veth1"));
+    }
+
+    #[test]
+    fn healthy_only_after_a_recent_heartbeat() {
+        let m = Metrics::new();
+        assert!(!m.healthy());
+        m.heartbeat();
+        assert!(m.healthy());
+        m.last_tick.store(
+            unix_secs() - HEALTHY_WITHIN_SECS - 2,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        assert!(!m.healthy());
     }
 }

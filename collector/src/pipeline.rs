@@ -108,6 +108,7 @@ impl Pipeline {
         ];
         ship_counters.extend(ship.dropped.iter().map(|(k, v)| (k.as_str(), *v)));
         self.metrics.record_stage("ship", &ship_counters);
+        self.metrics.heartbeat();
     }
 
     /// Logs each capture loss reason the first time it occurs (parse and ship log their own).

@@ -123,6 +123,9 @@ fn thousand_requests_through_a_cluster_ip_are_seen_on_both_nodes_with_the_same_s
         assert!(c["client"].as_str().unwrap().starts_with(&client_ip), "{c}");
         assert_eq!(c["client"], s["client"], "no SNAT: same client endpoint");
     }
+    // Metrics are published once a second: wait for the tick that covers every exchange.
+    let exchanges = || metric(&scrape(&cluster, node_a), "weft_collector_exchanges_total");
+    wait_for(Duration::from_secs(3), || exchanges() >= REQUESTS as u64);
     let metrics = scrape(&cluster, node_a);
     assert_eq!(
         metric(&metrics, "weft_collector_exchanges_total"),

@@ -253,6 +253,9 @@ fn a_pod_created_later_is_traced_within_one_second() {
     let took = created.elapsed();
     assert!(attached, "new veth not traced: {}", collector.stderr_text());
     assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(wait_for(Duration::from_secs(3), || {
+        http_get(&cluster, &node, METRICS_ADDR, "/healthz").as_deref() == Some("ok\n")
+    }));
     let series =
         format!(r#"weft_collector_interface_state{{interface="{veth}",state="attached"}}"#);
     assert_eq!(metric(&scrape(&cluster, &node), &series), 1);
