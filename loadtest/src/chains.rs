@@ -71,7 +71,12 @@ pub fn chain(t: &Topology, k: u64) -> [(u32, v1::Exchange); 4] {
     let (s1, s2) = (mix(k ^ 0xabcd), mix(k ^ 0x1234));
     let (q1, r1, q2, r2) = (s1 as u32, (s1 >> 32) as u32, s2 as u32, (s2 >> 32) as u32);
     let traceparent = if t.traceparent {
-        format!("00-{:016x}{:016x}-{:016x}-01", mix(k ^ 1), mix(k ^ 2), mix(k ^ 3))
+        format!(
+            "00-{:016x}{:016x}-{:016x}-01",
+            mix(k ^ 1),
+            mix(k ^ 2),
+            mix(k ^ 3)
+        )
     } else {
         String::new()
     };
@@ -111,7 +116,12 @@ pub fn chain(t: &Topology, k: u64) -> [(u32, v1::Exchange); 4] {
     x4.server = ep(st, 9000);
     x4.path = path_store;
     x4.host = "store.demo".into();
-    for (x, (q, r)) in [(&mut x1, (q1, r1)), (&mut x2, (q1, r1)), (&mut x3, (q2, r2)), (&mut x4, (q2, r2))] {
+    for (x, (q, r)) in [
+        (&mut x1, (q1, r1)),
+        (&mut x2, (q1, r1)),
+        (&mut x3, (q2, r2)),
+        (&mut x4, (q2, r2)),
+    ] {
         x.request_seq = q;
         x.response_seq = r;
         x.connection_id = k;
@@ -202,8 +212,14 @@ mod tests {
             base_unix_nanos: 1_000_000_000,
         };
         let [(_, c1), (_, s2), (_, c3), (_, s4)] = chain(&t, 42);
-        assert_eq!((c1.request_seq, c1.response_seq), (s2.request_seq, s2.response_seq));
-        assert_eq!((c3.request_seq, c3.response_seq), (s4.request_seq, s4.response_seq));
+        assert_eq!(
+            (c1.request_seq, c1.response_seq),
+            (s2.request_seq, s2.response_seq)
+        );
+        assert_eq!(
+            (c3.request_seq, c3.response_seq),
+            (s4.request_seq, s4.response_seq)
+        );
         assert_eq!(c1.client, s2.client);
         assert!(s2.start_unix_nanos < c3.start_unix_nanos && c3.end_unix_nanos < s2.end_unix_nanos);
         assert!(!c1.traceparent.is_empty());

@@ -23,7 +23,11 @@ enum Compression {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "weft-loadgen", version, about = "Load generator for weft.v1.Ingest/Stream")]
+#[command(
+    name = "weft-loadgen",
+    version,
+    about = "Load generator for weft.v1.Ingest/Stream"
+)]
 struct Cli {
     /// Stitcher gRPC URL.
     #[arg(long, env = "WEFT_STITCHER", default_value = "http://127.0.0.1:9400")]
@@ -178,7 +182,8 @@ fn summarize(streams: u32, elapsed: f64, reports: Vec<stream::StreamReport>) -> 
         s.latency_ms.insert(name.into(), pct(p));
     }
     if !lat.is_empty() {
-        s.latency_ms.insert("fastest".into(), lat[0] as f64 / 1000.0);
+        s.latency_ms
+            .insert("fastest".into(), lat[0] as f64 / 1000.0);
         s.latency_ms
             .insert("slowest".into(), lat[lat.len() - 1] as f64 / 1000.0);
         s.latency_ms.insert(

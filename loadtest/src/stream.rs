@@ -191,7 +191,7 @@ async fn one_stream(
                         next_batch = 0;
                         pool.advance();
                     }
-                    if plan.resend_every > 0 && *seq % plan.resend_every == 0 {
+                    if plan.resend_every > 0 && seq.is_multiple_of(plan.resend_every) {
                         resend = Some(bytes.clone());
                     }
                     *sent_exchanges += n;

@@ -101,11 +101,11 @@ pub(super) async fn run(shared: Arc<Shared>, url: String) {
         let delay = backoff.next_delay();
         let deadline = *shared.shutdown.borrow();
         let mut shutdown = shared.shutdown.subscribe();
-        if let Some(deadline) = deadline {
-            if Instant::now() >= deadline || shared.outbox.lock().is_empty() {
-                finish_shutdown(&shared);
-                return;
-            }
+        if let Some(deadline) = deadline
+            && (Instant::now() >= deadline || shared.outbox.lock().is_empty())
+        {
+            finish_shutdown(&shared);
+            return;
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}

@@ -217,7 +217,7 @@ pub async fn produce(
     for id in ids {
         sender.try_send(weft_collector::ship::Event::Exchange(exchange(id)));
         let n = id - first + 1;
-        if n % (per_sec / 100).max(1) == 0 {
+        if n.is_multiple_of((per_sec / 100).max(1)) {
             between(id);
             let due = start + Duration::from_secs_f64(n as f64 / per_sec as f64);
             tokio::time::sleep_until(due).await;

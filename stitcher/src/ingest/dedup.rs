@@ -162,13 +162,15 @@ impl Dedup {
     /// retransmission is taken.
     pub fn release(&self, instance: &Arc<str>, seq: u64) {
         let mut windows = self.windows.lock();
-        if let Some(w) = windows.get_mut(instance) {
-            if !w.above.remove(&seq) && seq <= w.contiguous {
-                // Absorbed into the contiguous range: split it back out.
-                let old = w.contiguous;
-                w.contiguous = seq - 1;
-                w.above.extend(seq + 1..=old);
-            }
+        if let Some(w) = windows.get_mut(instance)
+            && !w.above.remove(&seq)
+            && seq <= w.contiguous
+        {
+            // Absorbed into the contiguous range: split it back out (the seq was reserved
+            // just now, so it sits near the top and this range is short).
+            let old = w.contiguous;
+            w.contiguous = seq - 1;
+            w.above.extend(seq + 1..=old);
         }
     }
 

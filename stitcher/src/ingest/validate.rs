@@ -149,7 +149,8 @@ mod tests {
 
     #[test]
     fn rejects_each_inconsistency() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut v1::EventBatch)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut v1::EventBatch)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("node_name is empty", Box::new(|b| b.node_name.clear())),
             ("instance_id is empty", Box::new(|b| b.instance_id.clear())),
             ("seq must start", Box::new(|b| b.seq = 0)),
