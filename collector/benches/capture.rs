@@ -5,7 +5,9 @@
 //!
 //! Run (as root): `cargo bench -p weft-collector --bench capture`
 //! Knobs: `WEFT_BENCH_ROUNDS` (default 3), `WEFT_BENCH_SECS` per run (5),
-//! `WEFT_BENCH_CONNS` keep-alive connections (8), `WEFT_BENCH_COLLECTOR_ARGS` extra flags.
+//! `WEFT_BENCH_CONNS` keep-alive connections (8), `WEFT_BENCH_COLLECTOR_ARGS` extra flags,
+//! `WEFT_BENCH_RATE` total requests/s (unset: as fast as possible). About 4 packets cross the
+//! veth per request (request, ACK, response, ACK), so `WEFT_BENCH_RATE=25000` is ~100k packets/s.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -30,8 +32,13 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// `conns` keep-alive connections, each sending GETs back to back for `secs`.
+/// `conns` keep-alive connections, each sending GETs back to back for `secs` (or paced to
+/// `WEFT_BENCH_RATE` requests/s in total when set).
 fn load(netns: &str, addr: SocketAddr, conns: u64, secs: u64) -> f64 {
+    let per_conn_rate = std::env::var("WEFT_BENCH_RATE")
+        .ok()
+        .and_then(|r| r.parse::<f64>().ok())
+        .map(|r| r / conns as f64);
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(secs);
@@ -45,7 +52,15 @@ fn load(netns: &str, addr: SocketAddr, conns: u64, secs: u64) -> f64 {
                 let mut w = s.try_clone().unwrap();
                 let mut r = BufReader::new(s);
                 let req = b"GET /bench HTTP/1.1\r\nHost: server\r\n\r\n";
+                let mut sent = 0u64;
                 while Instant::now() < deadline {
+                    if let Some(rate) = per_conn_rate {
+                        let due = start + Duration::from_secs_f64(sent as f64 / rate);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    sent += 1;
                     w.write_all(req).expect("send");
                     read_response(&mut r);
                     done.fetch_add(1, Ordering::Relaxed);
