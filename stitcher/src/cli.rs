@@ -2,20 +2,24 @@
 //! translation into the stages' configurations.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use weft_stitcher::export::otlp::{OtlpConfig, OtlpProtocol};
+use weft_stitcher::export::printer;
 use weft_stitcher::ingest::IngestConfig;
 use weft_stitcher::ingest::print::PrintFormat;
+use weft_stitcher::pipeline::PipelineConfig;
+use weft_stitcher::resolve::ResolveArgs;
+use weft_stitcher::store::StoreConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Kubernetes {
-    /// Watch the Kubernetes API when running in a cluster (service account present).
-    Auto,
-    On,
-    Off,
+pub enum Protocol {
+    /// OTLP/gRPC (port 4317).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318).
+    HttpProtobuf,
 }
 
 #[derive(Debug, Parser)]
@@ -33,17 +37,19 @@ pub struct Cli {
     #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "0.0.0.0:9402")]
     pub metrics_listen: SocketAddr,
 
-    /// OTLP/gRPC endpoint to export traces to (also `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    /// OTLP endpoint to export traces to (also `OTEL_EXPORTER_OTLP_ENDPOINT`).
     #[arg(long, env = "WEFT_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
-    /// Static inventory file naming pods, services and nodes (outside Kubernetes).
-    #[arg(long, env = "WEFT_INVENTORY")]
-    pub inventory: Option<PathBuf>,
+    /// OTLP transport of `--otlp-endpoint`.
+    #[arg(long, env = "WEFT_OTLP_PROTOCOL", value_enum, default_value = "grpc")]
+    pub otlp_protocol: Protocol,
 
-    /// Watch the Kubernetes API for names.
-    #[arg(long, env = "WEFT_KUBERNETES", value_enum, default_value = "auto")]
-    pub kubernetes: Kubernetes,
+    #[command(flatten)]
+    pub resolve: ResolveArgs,
+
+    #[command(flatten)]
+    pub store: StoreConfig,
 
     /// Print every exported span on stdout.
     #[arg(long, env = "WEFT_PRINT", value_enum, default_value = "off")]
@@ -96,6 +102,28 @@ impl Cli {
                 .ok()
                 .filter(|s| !s.is_empty())
         })
+    }
+
+    pub fn otlp(&self) -> Option<OtlpConfig> {
+        let mut cfg = OtlpConfig::new(self.otlp_endpoint()?);
+        cfg.protocol = match self.otlp_protocol {
+            Protocol::Grpc => OtlpProtocol::Grpc,
+            Protocol::HttpProtobuf => OtlpProtocol::HttpProtobuf,
+        };
+        Some(cfg)
+    }
+
+    /// The span printer's format (`--print`), if any.
+    pub fn printer(&self) -> Option<printer::PrintFormat> {
+        match self.print {
+            PrintFormat::Off => None,
+            PrintFormat::Text => Some(printer::PrintFormat::Text),
+            PrintFormat::Json => Some(printer::PrintFormat::Json),
+        }
+    }
+
+    pub fn pipeline(&self) -> PipelineConfig {
+        PipelineConfig::default().with_trace_idle(self.trace_idle)
     }
 
     pub fn ingest(&self) -> IngestConfig {

@@ -4,12 +4,14 @@
 //! speaks only the latter) and `grpc.health.v1.Health`; Prometheus `/metrics` and
 //! `/healthz` on `--metrics-listen`.
 //!
-//! Until the pipeline stages land, a stand-in consumer takes the ingested batches;
-//! `--print-exchanges` shows them.
+//! The data path: ingest → pipeline (resolve, join, link, assemble) → sinks (store behind
+//! the Query API, span printer, OTLP). `--print-exchanges` shows what ingest takes.
 
 mod cli;
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -20,8 +22,17 @@ use tokio::sync::mpsc;
 use tonic::transport::server::TcpIncoming;
 use tower::ServiceBuilder;
 
-use weft_stitcher::ingest::{self, Ingest};
+use weft_proto::v1::ingest_server::IngestServer;
+use weft_proto::v1::query_server::QueryServer;
+use weft_stitcher::export::otlp::OtlpExporter;
+use weft_stitcher::export::printer::Printer;
+use weft_stitcher::ingest::Ingest;
 use weft_stitcher::metrics::Registry;
+use weft_stitcher::model::TraceSink;
+use weft_stitcher::pipeline;
+use weft_stitcher::query::QueryService;
+use weft_stitcher::resolve;
+use weft_stitcher::store::Store;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -32,15 +43,22 @@ async fn main() -> anyhow::Result<()> {
         ?cli,
         "starting weft-stitcher"
     );
-    if cli.otlp_endpoint().is_some() || cli.inventory.is_some() {
-        tracing::warn!("OTLP export and name resolution are not wired in this build yet");
-    }
-
     let registry = Registry::new();
+
+    // Stages, from the end of the data path back to its start.
+    let store = Arc::new(Store::new(cli.store.clone(), &registry));
+    let sinks = build_sinks(&cli, &store, &registry)?;
+    let resolver = resolve::build(&cli.resolve, &registry).await?;
     let (batches_tx, batches_rx) = mpsc::channel(cli.ingest_buffer.max(1));
+    let pipeline = pipeline::spawn(
+        cli.pipeline(),
+        resolver,
+        registry.clone(),
+        batches_rx,
+        sinks,
+    );
     let ingest = Ingest::new(cli.ingest(), batches_tx, &registry);
-    // The pipeline stages are not wired yet: a stand-in consumer takes every batch.
-    let consumer = ingest::print::spawn_drain(batches_rx, &registry);
+    let query = QueryService::new(store, Arc::new(ingest.collectors()), registry.clone());
 
     let metrics = TcpListener::bind(cli.metrics_listen)
         .await
@@ -48,15 +66,49 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %metrics.local_addr()?, "serving /metrics and /healthz");
     tokio::spawn(serve_metrics(metrics, registry.clone()));
 
-    serve_grpc(&cli, ingest).await?;
-    // The ingest service (the channel's only sender) is gone: the sink drains and ends.
-    consumer.await.context("batch consumer")?;
+    serve_grpc(&cli, ingest, query).await?;
+    // Ingest is gone (its streams end with their connections): the pipeline delivers what
+    // it holds and stops.
+    if tokio::time::timeout(DRAIN_TIMEOUT, pipeline.stopped())
+        .await
+        .is_err()
+    {
+        tracing::warn!("pipeline still draining after {DRAIN_TIMEOUT:?}; exiting");
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
+/// How long shutdown waits for open collector streams, then for the pipeline.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where completed traces go: the store (Query API), the printer, OTLP.
+fn build_sinks(
+    cli: &cli::Cli,
+    store: &Arc<Store>,
+    registry: &Registry,
+) -> anyhow::Result<Vec<Arc<dyn TraceSink>>> {
+    let mut sinks: Vec<Arc<dyn TraceSink>> = vec![store.clone()];
+    if let Some(format) = cli.printer() {
+        sinks.push(Printer::spawn(
+            format,
+            Box::new(std::io::stdout()),
+            registry,
+        ));
+    }
+    if let Some(otlp) = cli.otlp() {
+        tracing::info!(endpoint = %otlp.endpoint, protocol = ?otlp.protocol, "exporting OTLP");
+        sinks.push(OtlpExporter::spawn(otlp, registry).context("starting the OTLP exporter")?);
+    }
+    Ok(sinks)
+}
+
 /// Serves every gRPC service on `--listen` until SIGINT or SIGTERM.
-async fn serve_grpc(cli: &cli::Cli, ingest: Ingest) -> anyhow::Result<()> {
+async fn serve_grpc(
+    cli: &cli::Cli,
+    ingest: Ingest,
+    query: QueryServer<QueryService>,
+) -> anyhow::Result<()> {
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
@@ -65,9 +117,8 @@ async fn serve_grpc(cli: &cli::Cli, ingest: Ingest) -> anyhow::Result<()> {
     let reflection_v1 = reflection().build_v1().context("reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<weft_proto::v1::ingest_server::IngestServer<Ingest>>()
-        .await;
+    health.set_serving::<IngestServer<Ingest>>().await;
+    health.set_serving::<QueryServer<QueryService>>().await;
 
     let listener = TcpListener::bind(cli.listen)
         .await
@@ -82,21 +133,36 @@ async fn serve_grpc(cli: &cli::Cli, ingest: Ingest) -> anyhow::Result<()> {
         .load_shed()
         .concurrency_limit(cli.max_concurrent_requests.max(1))
         .into_inner();
-    tonic::transport::Server::builder()
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let server = tonic::transport::Server::builder()
         .timeout(cli.request_timeout)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Batches are large: windows big enough for a few in flight per stream.
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
         .layer(layers)
         .add_service(ingest.server())
+        .add_service(query)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
-        .await
-        .context("gRPC server")
+        .serve_with_incoming_shutdown(incoming, {
+            let stop = stop.clone();
+            async move {
+                shutdown_signal().await;
+                stop.notify_one();
+            }
+        });
+    // Graceful shutdown waits for open streams, and collectors keep theirs open: give them
+    // DRAIN_TIMEOUT (their unacknowledged batches are resent to the next stitcher).
+    tokio::select! {
+        r = server => r.context("gRPC server"),
+        () = async { stop.notified().await; tokio::time::sleep(DRAIN_TIMEOUT).await } => {
+            tracing::warn!("collector streams still open after {DRAIN_TIMEOUT:?}; closing");
+            Ok(())
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -123,7 +189,7 @@ async fn serve_metrics(listener: TcpListener, registry: Registry) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
