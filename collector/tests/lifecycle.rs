@@ -69,8 +69,32 @@ fn chain_continues(backend: &str, helper: HelperAttach) {
         ours, theirs,
         "the classifier after ours missed packets ({backend})"
     );
-    drop(counter);
+    // Stopping ours leaves the other program alone (and, in netlink mode, the clsact qdisc
+    // it still sits on, although we created it).
     collector.stop(Duration::from_secs(5)).unwrap();
+    assert!(
+        !tcx_programs(&cluster, &node, &veth)
+            .iter()
+            .any(|p| p.starts_with("weft_"))
+    );
+    assert!(!tc_filters(&node, &veth).contains("weft_tc_"));
+    if let HelperAttach::Netlink(_) = helper {
+        assert!(tc_filters(&node, &veth).contains("wt_counter"));
+        assert!(has_clsact(&node, &veth));
+    } else {
+        assert!(
+            tcx_programs(&cluster, &node, &veth)
+                .iter()
+                .any(|p| p == "wt_counter")
+        );
+    }
+    let before = counter.count();
+    http_requests(&cluster, client.netns(), addr, &paths[..5], true);
+    assert!(
+        counter.count() > before,
+        "the other program stopped seeing packets"
+    );
+    drop(counter);
 }
 
 #[test]
