@@ -323,21 +323,28 @@ impl Shipper {
 
     /// Seals what is pending and keeps delivering until everything queued is acknowledged
     /// or `shutdown_timeout` passed; what is left then is counted as dropped (`shutdown`).
-    pub async fn shutdown(self) {
-        let Some(shared) = &self.shared else {
-            return;
+    /// Returns the final figures.
+    pub async fn shutdown(self) -> ShipStats {
+        let Shipper { shared, tasks } = self;
+        let Some(shared) = shared else {
+            return ShipStats::default();
         };
         let deadline = Instant::now() + shared.cfg.shutdown_timeout;
         shared.shutdown.send_replace(Some(deadline));
         shared.wake_batcher.notify_one();
         shared.wake_sender.notify_one();
-        for t in self.tasks {
+        for t in tasks {
             if let Err(e) = t.await {
                 tracing::error!(error = %e, "shipper task failed");
             }
         }
-        let s = shared.outbox.lock().tally.clone();
-        tracing::info!(acked_events = s.acked_events, dropped = ?s.dropped, "shipper stopped");
+        let stats = Shipper {
+            shared: Some(shared),
+            tasks: Vec::new(),
+        }
+        .stats();
+        tracing::info!(acked_events = stats.acked_events, dropped = ?stats.dropped, "shipper stopped");
+        stats
     }
 }
 
