@@ -187,11 +187,12 @@ impl Joiner {
                     }
                     self.len -= 1;
                     self.counters.matched.inc();
-                    let (client, server) = if side == Side::Client {
+                    let (mut client, server) = if side == Side::Client {
                         (half, other)
                     } else {
                         (other, half)
                     };
+                    share_traceparent(&mut client, &server);
                     out.push(Call {
                         client: Some(client),
                         server: Some(server),
@@ -281,6 +282,18 @@ impl Joiner {
         self.len * per_half
             + heap
             + self.pending.capacity() * (std::mem::size_of::<(JoinKey, Vec<Box<Half>>)>() + 1)
+    }
+}
+
+/// Both halves saw the same request bytes, but each capture may have missed the header
+/// (a head cut short at one observation point): a `traceparent` only the server half
+/// carries is the client half's too, and names the CLIENT span.
+fn share_traceparent(client: &mut Half, server: &Half) {
+    if client.traceparent.is_none()
+        && let Some(tp) = server.traceparent
+    {
+        client.traceparent = Some(tp);
+        client.span_id = tp.parent_id;
     }
 }
 
@@ -408,6 +421,37 @@ pub(crate) mod tests {
         assert_eq!(out[0].client.as_ref().unwrap().side, Side::Client);
         assert_eq!(j.pending(), 0);
         assert_eq!(reg.snapshot()["join.matched"], 1);
+    }
+
+    #[test]
+    fn a_traceparent_seen_only_by_the_server_half_names_the_client_span() {
+        let reg = Registry::new();
+        let mut j = joiner(&reg);
+        let mut out = Vec::new();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let c = half(
+            Side::Client,
+            pod("10.244.1.9:37450", "frontend"),
+            ext("10.96.0.20:80"),
+            (7, 9),
+            1_000,
+            2_000,
+            None,
+        );
+        let s = half(
+            Side::Server,
+            pod("10.244.1.9:37450", "frontend"),
+            pod("10.244.2.5:8080", "backend"),
+            (7, 9),
+            1_010,
+            1_990,
+            Some(tp),
+        );
+        j.push(Box::new(c), 0, &mut out);
+        j.push(Box::new(s), 1, &mut out);
+        let client = out[0].client.as_ref().unwrap();
+        assert_eq!(client.traceparent, TraceParent::parse(tp));
+        assert_eq!(client.span_id.to_hex(), "00f067aa0ba902b7");
     }
 
     #[test]

@@ -6,20 +6,14 @@
 //!
 //! Ground truth: every exchange's path is `/hop<i>/<request>`.
 
+mod stitch_common;
+
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use parking_lot::Mutex;
+use stitch_common::{Got, by_trace, grpc_receiver, http_receiver};
 use tokio::sync::mpsc;
 use weft_proto::v1;
 use weft_stitcher::export::otlp::{OtlpConfig, OtlpExporter, OtlpProtocol};
@@ -29,157 +23,25 @@ use weft_stitcher::pipeline::{self, PipelineConfig, synth};
 use weft_stitcher::resolve::directory::CacheConfig;
 use weft_stitcher::resolve::inventory::StaticInventory;
 
-/// A span as the receiver got it, with its resource's service name.
-#[derive(Debug, Clone)]
-struct Got {
-    service: String,
-    trace_id: String,
-    span_id: String,
-    parent: String,
-    kind: SpanKind,
-    attrs: HashMap<String, String>,
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
-impl Got {
-    fn path(&self) -> &str {
-        &self.attrs["url.path"]
-    }
-    /// (hop, request) from `/hop<i>/<r>`.
+/// (hop, request) from the synthetic path `/hop<i>/<r>`.
+trait HopRequest {
+    fn hop_request(&self) -> (usize, usize);
+}
+
+impl HopRequest for Got {
     fn hop_request(&self) -> (usize, usize) {
         let mut it = self.path().trim_start_matches("/hop").split('/');
         let hop = it.next().unwrap().parse().unwrap();
         let r = it.next().unwrap().parse().unwrap();
         (hop, r)
     }
-    fn link(&self) -> &str {
-        self.attrs.get("weft.link").map_or("", |s| s.as_str())
-    }
-}
-
-fn value(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
-    match v.as_ref().and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(any_value::Value::BoolValue(b)) => b.to_string(),
-        other => format!("{other:?}"),
-    }
-}
-
-fn attrs(kvs: &[KeyValue]) -> HashMap<String, String> {
-    kvs.iter()
-        .map(|kv| (kv.key.clone(), value(&kv.value)))
-        .collect()
-}
-
-#[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<Got>>>);
-
-impl Received {
-    fn take(&self, req: ExportTraceServiceRequest) {
-        let mut got = self.0.lock();
-        for rs in req.resource_spans {
-            let res = attrs(&rs.resource.map(|r| r.attributes).unwrap_or_default());
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    got.push(Got {
-                        service: res.get("service.name").cloned().unwrap_or_default(),
-                        trace_id: hex::encode(&s.trace_id),
-                        span_id: hex::encode(&s.span_id),
-                        parent: hex::encode(&s.parent_span_id),
-                        kind: s.kind(),
-                        attrs: attrs(&s.attributes),
-                    });
-                }
-            }
-        }
-    }
-    fn len(&self) -> usize {
-        self.0.lock().len()
-    }
-}
-
-#[tonic::async_trait]
-impl TraceService for Received {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.take(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-/// An OTLP/gRPC receiver on 127.0.0.1 (port 0).
-async fn grpc_receiver() -> (String, Received) {
-    let received = Received::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let svc = TraceServiceServer::new(received.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    (format!("http://{addr}"), received)
-}
-
-/// An OTLP/HTTP (protobuf) receiver on 127.0.0.1 (port 0): POST /v1/traces.
-async fn http_receiver() -> (String, Received) {
-    use http_body_util::BodyExt;
-    use prost::Message;
-    let received = Received::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let r = received.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let r = r.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let r = r.clone();
-                        async move {
-                            let ok = req.uri().path() == "/v1/traces"
-                                && req.headers()["content-type"] == "application/x-protobuf";
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let status = match ExportTraceServiceRequest::decode(body) {
-                                Ok(m) if ok => {
-                                    r.take(m);
-                                    200
-                                }
-                                _ => 400,
-                            };
-                            let resp = ExportTraceServiceResponse::default().encode_to_vec();
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/x-protobuf")
-                                    .body(http_body_util::Full::new(bytes::Bytes::from(resp)))
-                                    .unwrap(),
-                            )
-                        }
-                    },
-                );
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, svc)
-                    .await;
-            });
-        }
-    });
-    (format!("http://{addr}"), received)
-}
-
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
 }
 
 fn config() -> PipelineConfig {
@@ -243,14 +105,6 @@ async fn stitch(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let spans = received.0.lock().clone();
     Run { spans, metrics }
-}
-
-fn by_trace(spans: &[Got]) -> HashMap<String, Vec<Got>> {
-    let mut m: HashMap<String, Vec<Got>> = HashMap::new();
-    for s in spans {
-        m.entry(s.trace_id.clone()).or_default().push(s.clone());
-    }
-    m
 }
 
 /// The acceptance shape of one chain trace: 2·hops spans, SERVER under its CLIENT,
