@@ -111,6 +111,8 @@ struct Counters {
 pub struct Joiner {
     cfg: JoinConfig,
     /// Halves waiting, by key. Almost always one per key; a vector for collisions.
+    /// Boxed on purpose: a half leaves as the same box it came in (into a `Call`).
+    #[allow(clippy::vec_box)]
     pending: FastMap<JoinKey, Vec<Box<Half>>>,
     /// Expiry order: (deadline, key, span id). Deadlines are pushed in clock order, so
     /// the front is always the next to expire; entries of halves already joined are
