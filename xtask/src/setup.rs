@@ -48,7 +48,6 @@ pub fn all() -> Result<(), String> {
     Ok(())
 }
 
-
 /// PATH with the places our installers put tools: cargo's bin, the repo's `.tools/bin`
 /// (helm), and Python's scripts directory (grpcurl, kubernetes-validate, rotel).
 pub fn tool_path() -> String {
@@ -66,7 +65,10 @@ pub fn tool_path() -> String {
 
 fn python_scripts_dir() -> Option<String> {
     let out = Command::new("python3")
-        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
         .output()
         .ok()?;
     let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
@@ -176,7 +178,9 @@ fn bpf_linker() -> Result<(), String> {
         eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION} present");
         return Ok(());
     }
-    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} built against LLVM 22 (1-2 minutes)");
+    eprintln!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} built against LLVM 22 (1-2 minutes)"
+    );
     let mut c = Command::new("cargo");
     c.env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
         "install",
@@ -216,8 +220,14 @@ fn pip() -> Result<(), String> {
     }
     eprintln!("xtask: installing Python packages: {}", missing.join(" "));
     let mut c = Command::new("python3");
-    c.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-        .args(&missing);
+    c.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(&missing);
     run(&mut c)
 }
 
