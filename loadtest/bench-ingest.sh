@@ -6,6 +6,7 @@
 #   loadtest/bench-ingest.sh                 # defaults below
 #   DURATION=20s CONCURRENCY=8 loadtest/bench-ingest.sh
 #   PROFILE=1 loadtest/bench-ingest.sh       # also perf-record the stitcher (cpu-clock)
+#   PIPELINE=1 loadtest/bench-ingest.sh      # ingest + the whole stitch pipeline
 #   SKIP_BUILD=1 ...                         # use the release binaries already built
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ IN_FLIGHT=${IN_FLIGHT:-8}
 COMPRESSION=${COMPRESSION:-none}
 RESEND_EVERY=${RESEND_EVERY:-10}   # every 10th batch resent: exercises dedup
 PROFILE=${PROFILE:-0}
+PIPELINE=${PIPELINE:-0}            # 0: --ingest-only (ingest alone); 1: the whole pipeline
 
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release -q -p weft-stitcher -p weft-loadgen
 bin=target/release
@@ -25,7 +27,9 @@ port=$(free_port)
 mport=$(free_port)
 work=$(mktemp -d /tmp/weft-bench.XXXXXX)
 
-"$bin/weft-stitcher" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" \
+mode=--ingest-only
+[ "$PIPELINE" = 1 ] && mode=--print=off
+"$bin/weft-stitcher" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" "$mode" \
     2>"$work/stitcher.log" &
 pid=$!
 perf_pid=
@@ -66,7 +70,7 @@ lg = json.load(open(sys.argv[1]))
 ingested, dups, secs = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 cpu = (int(sys.argv[6]) - int(sys.argv[5])) / int(sys.argv[7])
 print(f"streams            {lg['streams']} fake collectors, {lg['batches']} batches acked, {lg['duplicate_acks']} of them duplicates")
-print(f"duration           {secs:.2f} s")
+print(f"duration           {secs:.2f} s (until the last ack)")
 print(f"ingested (new)     {ingested} exchanges = {ingested / secs:,.0f} exchanges/s")
 print(f"deduplicated       {dups} exchanges in resent batches (acked as duplicates, not forwarded)")
 print(f"ingested+dedup     {(ingested + dups) / secs:,.0f} exchanges/s")

@@ -63,6 +63,11 @@ pub struct Cli {
     #[arg(long, env = "WEFT_PRINT_EXCHANGES", value_enum, default_value = "off")]
     pub print_exchanges: PrintFormat,
 
+    /// Benchmarking aid: ingest (validate, dedup, ack) and then discard every batch
+    /// (counted in ingest.drained_batches) instead of running the pipeline.
+    #[arg(long, env = "WEFT_INGEST_ONLY")]
+    pub ingest_only: bool,
+
     /// Largest accepted EventBatch (after decompression); larger ones end their stream
     /// with RESOURCE_EXHAUSTED.
     #[arg(long, env = "WEFT_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]

@@ -26,7 +26,7 @@ use weft_proto::v1::ingest_server::IngestServer;
 use weft_proto::v1::query_server::QueryServer;
 use weft_stitcher::export::otlp::OtlpExporter;
 use weft_stitcher::export::printer::Printer;
-use weft_stitcher::ingest::Ingest;
+use weft_stitcher::ingest::{self, Ingest};
 use weft_stitcher::metrics::Registry;
 use weft_stitcher::model::TraceSink;
 use weft_stitcher::pipeline;
@@ -50,13 +50,18 @@ async fn main() -> anyhow::Result<()> {
     let sinks = build_sinks(&cli, &store, &registry)?;
     let resolver = resolve::build(&cli.resolve, &registry).await?;
     let (batches_tx, batches_rx) = mpsc::channel(cli.ingest_buffer.max(1));
-    let pipeline = pipeline::spawn(
-        cli.pipeline(),
-        resolver,
-        registry.clone(),
-        batches_rx,
-        sinks,
-    );
+    let pipeline = if cli.ingest_only {
+        tracing::warn!("--ingest-only: batches are discarded after ingest (benchmarking)");
+        Stages::Drain(ingest::print::spawn_drain(batches_rx, &registry))
+    } else {
+        Stages::Pipeline(pipeline::spawn(
+            cli.pipeline(),
+            resolver,
+            registry.clone(),
+            batches_rx,
+            sinks,
+        ))
+    };
     let ingest = Ingest::new(cli.ingest(), batches_tx, &registry);
     let query = QueryService::new(store, Arc::new(ingest.collectors()), registry.clone());
 
@@ -69,14 +74,24 @@ async fn main() -> anyhow::Result<()> {
     serve_grpc(&cli, ingest, query).await?;
     // Ingest is gone (its streams end with their connections): the pipeline delivers what
     // it holds and stops.
-    if tokio::time::timeout(DRAIN_TIMEOUT, pipeline.stopped())
-        .await
-        .is_err()
-    {
+    let stopped = async {
+        match pipeline {
+            Stages::Pipeline(p) => p.stopped().await,
+            Stages::Drain(d) => drop(d.await),
+        }
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, stopped).await.is_err() {
         tracing::warn!("pipeline still draining after {DRAIN_TIMEOUT:?}; exiting");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What consumes ingested batches.
+enum Stages {
+    Pipeline(pipeline::PipelineHandle),
+    /// `--ingest-only`.
+    Drain(tokio::task::JoinHandle<()>),
 }
 
 /// How long shutdown waits for open collector streams, then for the pipeline.
