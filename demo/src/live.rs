@@ -149,6 +149,15 @@ impl Follower {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// How many traces were printed so far.
+    pub fn traces(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .traces
+            .len()
+    }
+
     /// Reads what is left in the file, then stops.
     pub fn finish(mut self) -> Seen {
         self.stop.store(true, Ordering::SeqCst);

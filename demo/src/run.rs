@@ -113,9 +113,13 @@ pub fn run(cli: &Cli) -> Result<Report> {
     }
     say("stopping: traffic first, then waiting for the last traces…");
     report.traffic = traffic.stop();
-    // A trace prints `trace_idle` after its last span; spans wait up to the join window
-    // (1 s) for their other half first.
-    sleep_unless_stopped_twice(cli.trace_idle + Duration::from_secs(2));
+    let answered = report.traffic.ok + report.traffic.http_5xx;
+    let printed = drain(&follower, answered, cli.trace_idle);
+    if printed < answered {
+        report.problems.push(format!(
+            "{answered} requests were answered but only {printed} traces printed by the end"
+        ));
+    }
 
     let query = Query::new(&cluster, stack.stitcher_addr);
     match query.service_map(300) {
@@ -149,16 +153,21 @@ pub fn run(cli: &Cli) -> Result<Report> {
     Ok(report)
 }
 
-/// Sleeps `d`, cut short if Ctrl-C is pressed again… which sets the same flag: so the
-/// sleep is cut short only by a signal arriving during it.
-fn sleep_unless_stopped_twice(d: Duration) {
-    let already = signals::stop_requested();
-    let end = Instant::now() + d;
-    while Instant::now() < end {
-        if !already && signals::stop_requested() {
-            return;
+/// Beyond `--trace-idle`, how long the last traces may take to arrive: collector batching,
+/// the join window (1 s) and the link wait.
+const DRAIN_EXTRA: Duration = Duration::from_secs(10);
+
+/// Waits until a trace per answered request was printed (or `trace_idle` + [`DRAIN_EXTRA`],
+/// or another Ctrl-C); returns the traces printed.
+fn drain(follower: &Follower, answered: u64, trace_idle: Duration) -> u64 {
+    let signals = signals::received();
+    let end = Instant::now() + trace_idle + DRAIN_EXTRA;
+    loop {
+        let printed = follower.traces() as u64;
+        if printed >= answered || Instant::now() >= end || signals::received() > signals {
+            return printed;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -1,16 +1,17 @@
 //! Ctrl-C and SIGTERM: both ask the run to stop; the run then tears down in order.
 //!
-//! In: SIGINT/SIGTERM. Out: [`stop_requested`] turns true (a flag, so the handler stays
+//! In: SIGINT/SIGTERM. Out: [`stop_requested`] turns true (a counter, so the handler stays
 //! async-signal-safe).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
-static STOP: AtomicBool = AtomicBool::new(false);
+/// Signals received so far.
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Installs the handlers for SIGINT and SIGTERM.
@@ -28,10 +29,10 @@ pub fn install() -> anyhow::Result<()> {
 }
 
 pub fn stop_requested() -> bool {
-    STOP.load(Ordering::SeqCst)
+    received() > 0
 }
 
-/// Asks the run to stop (as a signal would).
-pub fn request_stop() {
-    STOP.store(true, Ordering::SeqCst);
+/// How many SIGINT/SIGTERM arrived: a second one cuts the wait for the last traces short.
+pub fn received() -> usize {
+    SIGNALS.load(Ordering::SeqCst)
 }

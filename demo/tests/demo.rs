@@ -185,6 +185,16 @@ fn demo_traces_the_cluster_end_to_end_and_leaves_nothing() {
     for id in &whole {
         check_chain(&traces[*id]).unwrap_or_else(|e| panic!("trace {id}: {e}\n{all}"));
     }
+    // Every answered request is a trace (the demo waits for the last ones before stopping).
+    let answered = summary["traffic"]["ok"].as_u64().unwrap()
+        + summary["traffic"]["http_5xx"].as_u64().unwrap();
+    assert!(
+        whole.len() as u64 * 10 >= answered * 9,
+        "{answered} requests answered, {} whole traces printed:\n{all}",
+        whole.len()
+    );
+    // Every process stopped cleanly, every trace came in time.
+    assert_eq!(summary["problems"], serde_json::json!([]), "{summary}");
     // The backend answers 500 every 17th request; the frontend then 502.
     let errors = whole
         .iter()
