@@ -10,8 +10,8 @@
 //! text: node-a 5b0c… seq=12 id=11001 CLIENT GET /api/items 200
 //! ```
 //!
-//! [`spawn_drain`] is the stand-in consumer of the pipeline channel while no pipeline is
-//! wired.
+//! [`spawn_drain`] consumes and discards batches instead of the pipeline
+//! (`--ingest-only`, to benchmark ingest alone).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,14 +77,14 @@ impl Tap {
     }
 }
 
-/// Stand-in consumer while no pipeline is wired: takes every batch and counts it.
+/// Consumer for `--ingest-only`: takes every batch, counts it, discards it.
 pub fn spawn_drain(
     mut rx: mpsc::Receiver<ObservedBatch>,
     registry: &Registry,
 ) -> tokio::task::JoinHandle<()> {
     let drained = registry.counter(
         "ingest.drained_batches",
-        "batches consumed by the stand-in consumer (no pipeline wired)",
+        "batches discarded after ingest (--ingest-only)",
     );
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
