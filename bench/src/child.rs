@@ -157,10 +157,17 @@ pub fn wait_healthy(child: &mut Child, addr: SocketAddr, limit: Duration) -> Res
     }
 }
 
-/// A binary next to this one (`target/release/<name>`).
+/// Where [`sibling_binary`] looks, when set (`--bin-dir`).
+pub static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// A binary of the workspace: in `--bin-dir`, else next to this one (`target/release/`).
 pub fn sibling_binary(name: &str) -> Result<PathBuf> {
-    let me = std::env::current_exe().context("locating weft-bench")?;
-    let path = me.with_file_name(name);
+    let path = match BIN_DIR.get() {
+        Some(dir) => dir.join(name),
+        None => std::env::current_exe()
+            .context("locating weft-bench")?
+            .with_file_name(name),
+    };
     if !path.exists() {
         bail!(
             "{} not found (build it: cargo build --release --bins)",

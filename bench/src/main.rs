@@ -54,6 +54,10 @@ struct Cli {
     /// Run only these benchmarks (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Bench>,
+    /// Directory of weft-stitcher, weft-collector, weft-loadgen and weft-demo-app
+    /// (default: the directory of weft-bench itself).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/bench/report.json")]
     out: PathBuf,
@@ -86,6 +90,9 @@ pub struct Settings {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.bin_dir {
+        let _ = child::BIN_DIR.set(std::path::absolute(dir).unwrap_or_else(|_| dir.clone()));
+    }
     let benches = if cli.only.is_empty() {
         vec![
             Bench::Stitch,
