@@ -8,7 +8,7 @@ use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceive
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::{
-    RouteNetlinkMessage,
+    AddressFamily, RouteNetlinkMessage,
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
 };
 use rtnetlink::{Handle, MulticastGroup};
@@ -73,6 +73,19 @@ fn iface_of(msg: &LinkMessage) -> Option<Iface> {
     })
 }
 
+/// Whether a link notification describes the device itself. A bridge port's state
+/// change (for example to forwarding, 15 s after a pod's veth joins the bridge) comes
+/// as an `AF_BRIDGE` message without link info; read as a device description it would
+/// look like a non-veth and detach a live pod, and its `DelLink` only means the port
+/// left the bridge, not that the device is gone.
+fn describes_the_device(msg: &LinkMessage) -> bool {
+    msg.header.interface_family != AddressFamily::Bridge
+        && msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::LinkInfo(_)))
+}
+
 /// Every interface of this network namespace.
 pub async fn list(handle: &Handle) -> anyhow::Result<Vec<Iface>> {
     let mut out = Vec::new();
@@ -104,12 +117,16 @@ impl LinkWatcher {
         loop {
             let (msg, _) = self.messages.next().await?;
             match msg.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link))
+                    if describes_the_device(&link) =>
+                {
                     if let Some(iface) = iface_of(&link) {
                         return Some(LinkEvent::Present(iface));
                     }
                 }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link))
+                    if link.header.interface_family != AddressFamily::Bridge =>
+                {
                     return Some(LinkEvent::Gone(link.header.index));
                 }
                 _ => {}
@@ -121,6 +138,35 @@ impl LinkWatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn link_message(family: AddressFamily, info: Option<InfoKind>) -> LinkMessage {
+        let mut msg = LinkMessage::default();
+        msg.header.interface_family = family;
+        msg.header.index = 7;
+        msg.attributes
+            .push(LinkAttribute::IfName("vethwft0-1".into()));
+        if let Some(kind) = info {
+            msg.attributes
+                .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind)]));
+        }
+        msg
+    }
+
+    #[test]
+    fn bridge_port_notifications_do_not_describe_the_device() {
+        // What the kernel sends when the pod's bridge port turns forwarding.
+        assert!(!describes_the_device(&link_message(
+            AddressFamily::Bridge,
+            None
+        )));
+        assert!(!describes_the_device(&link_message(
+            AddressFamily::Unspec,
+            None
+        )));
+        let veth = link_message(AddressFamily::Unspec, Some(InfoKind::Veth));
+        assert!(describes_the_device(&veth));
+        assert!(iface_of(&veth).is_some_and(|i| i.pod_side && i.index == 7));
+    }
 
     #[test]
     fn default_globs_match_cni_veths_only() {
