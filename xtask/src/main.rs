@@ -10,6 +10,7 @@
 mod setup;
 
 use std::env;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -100,11 +101,17 @@ fn demo(args: &[String]) -> Result<(), String> {
     run(cargo().args(["build", "--release", "--bins"]))?;
     let bin = root().join("target/release/weft-demo");
     if !bin.exists() {
-        return Err("weft-demo was not built (harness crate)".into());
+        return Err("weft-demo was not built (demo crate)".into());
     }
-    let mut c = Command::new(bin);
-    c.args(args).env("PATH", setup::tool_path());
-    run(&mut c)
+    let mut c = Command::new(&bin);
+    c.args(args)
+        .env("PATH", setup::tool_path())
+        .current_dir(root());
+    eprintln!("xtask: $ {}", describe(&c));
+    // Become the demo, so that Ctrl-C reaches only it and the shell prompt returns
+    // only after it has torn the cluster down.
+    let err = c.exec();
+    Err(format!("cannot start {}: {err}", bin.display()))
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
