@@ -218,14 +218,20 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
     count(Counter::Emitted);
 }
 
-/// Wake the reader only once a batch has accumulated: a wakeup per packet costs more than
-/// the packet at high rates. The reader also drains on a short timer (`WAKEUP_BYTES` is a
-/// small fraction of the ring, so a burst still wakes it long before the ring is full).
+/// Wake the reader once per `WAKEUP_BYTES` of data, not per event: a wakeup is a cross-CPU
+/// interrupt (costly, above all in VMs) and at high rates one per packet cost more than
+/// everything else the classifier does (measured: 1.5-2.3 µs per run instead of ~0.3 µs).
+/// The reader also drains on a 10 ms timer, so a missed crossing only delays events.
 const WAKEUP_BYTES: u64 = 64 * 1024;
+/// Ring space one event takes: its 8-byte record header plus the event, 8-byte aligned.
+const RECORD_BYTES: u64 = (size_of::<PacketEvent>() as u64 + 8 + 7) & !7;
 
 #[inline(always)]
 fn wakeup_flags() -> u64 {
-    if PACKETS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+    // Called after the reservation: `avail` includes this event. Wake when it crossed a
+    // multiple of WAKEUP_BYTES.
+    let avail = PACKETS.query(BPF_RB_AVAIL_DATA as u64);
+    if avail / WAKEUP_BYTES != avail.saturating_sub(RECORD_BYTES) / WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64

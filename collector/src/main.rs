@@ -69,7 +69,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let filter = InterfaceFilter::new(&cli.interfaces)?;
     let backend = Backend::resolve(cli.tc_backend);
-    let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
+    // Development aid: `WEFT_EBPF_OBJECT=<path>` loads another build of the kernel programs
+    // (for example to compare variants in the benchmark) instead of the embedded one.
+    let object: std::borrow::Cow<'static, [u8]> = match std::env::var_os("WEFT_EBPF_OBJECT") {
+        Some(path) => {
+            warn!(path = %path.to_string_lossy(), "loading the kernel programs from a file");
+            std::fs::read(&path)
+                .context("reading WEFT_EBPF_OBJECT")?
+                .into()
+        }
+        None => EBPF_OBJECT.into(),
+    };
+    let mut ebpf = Ebpf::load(&object).context("loading the eBPF object")?;
     let mut capture = Capture::new(&mut ebpf)?;
 
     let (conn, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
