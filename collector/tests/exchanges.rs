@@ -138,6 +138,12 @@ fn thousand_requests_through_a_cluster_ip_are_seen_on_both_nodes_with_the_same_s
         ),
         0
     );
+    // The 500 one-shot connections were accepted by the backend: the socket tracepoint saw them.
+    let conns = metric(
+        &scrape(&cluster, node_b),
+        "weft_collector_connections_total",
+    );
+    assert!(conns >= (REQUESTS / 2) as u64, "connection events: {conns}");
     a.stop(Duration::from_secs(5)).unwrap();
     b.stop(Duration::from_secs(5)).unwrap();
 }
