@@ -6,6 +6,11 @@
 //! on the `PACKETS` ring buffer, `ConnEvent`s on the `CONNS` ring buffer, and per-CPU
 //! `COUNTERS` for every packet seen, emitted, lost or skipped.
 //!
+//! Only a segment that *begins* an HTTP message is captured, and only its first `HEAD_LEN`
+//! bytes: headers beyond them, or continued in later segments, are not followed. The cut is
+//! counted here (`HeadCut`: payload longer than the head) and by the parser (`truncated_heads`),
+//! which still reads the request/status line and the header lines captured whole.
+//!
 //! The classifiers only read: they always return `TC_ACT_UNSPEC` so the next program in the
 //! chain (for example Cilium's) sees every packet unchanged.
 //!
