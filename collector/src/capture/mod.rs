@@ -116,16 +116,16 @@ fn read_packets(
 ) {
     let offset = mono_to_wall_offset();
     while let Some(item) = ring.next() {
-        match read_event::<PacketEvent>(&item) {
-            Some(ev) => {
-                stats.packets += 1;
-                let wall_unix_nanos = ev.ts_ns.saturating_add_signed(offset);
-                sink(Captured::Packet {
-                    event: &ev,
-                    wall_unix_nanos,
-                });
-            }
-            None => stats.malformed += 1,
+        let read = with_event::<PacketEvent>(&item, |ev| {
+            let wall_unix_nanos = ev.ts_ns.saturating_add_signed(offset);
+            sink(Captured::Packet {
+                event: ev,
+                wall_unix_nanos,
+            });
+        });
+        match read {
+            true => stats.packets += 1,
+            false => stats.malformed += 1,
         }
     }
 }
@@ -156,6 +156,27 @@ fn poll(ring: RingBuf<MapData>) -> std::io::Result<AsyncFd<RingBuf<MapData>>> {
     // the `AsyncFd` owns the ring buffer.
     unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+/// Hands `f` the kernel struct in a ring buffer entry: in place when aligned (ring records
+/// are 8-byte aligned, so always in practice: no 584-byte copy per packet), else a copy.
+/// `false` if the entry is too short.
+fn with_event<T: Copy>(bytes: &[u8], f: impl FnOnce(&T)) -> bool {
+    if bytes.len() < size_of::<T>() {
+        return false;
+    }
+    let ptr = bytes.as_ptr().cast::<T>();
+    if ptr.is_aligned() {
+        // SAFETY: aligned, long enough, and `T` is a `#[repr(C)]` plain-data struct from
+        // weft-ebpf-common (every bit pattern valid); the borrow ends with `f`.
+        f(unsafe { &*ptr });
+    } else {
+        match read_event::<T>(bytes) {
+            Some(v) => f(&v),
+            None => return false,
+        }
+    }
+    true
 }
 
 /// Copies a kernel struct out of a ring buffer entry; `None` if the size does not match.
@@ -191,6 +212,23 @@ mod tests {
         assert!(read_event::<ConnEvent>(&bytes).is_none());
         let bytes = [0u8; size_of::<ConnEvent>()];
         assert!(read_event::<ConnEvent>(&bytes).is_some());
+    }
+
+    #[test]
+    fn events_are_read_in_place_or_copied_when_unaligned() {
+        let mut buf = vec![0u64; size_of::<PacketEvent>() / 8 + 1];
+        buf[0] = 42; // ts_ns
+        let bytes: &[u8] =
+            unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), buf.len() * 8) };
+        let mut seen = 0;
+        assert!(with_event::<PacketEvent>(bytes, |e| seen = e.ts_ns));
+        assert_eq!(seen, 42);
+        // Shifted by one byte: unaligned, still read (by copy).
+        let mut shifted = vec![0u8; size_of::<PacketEvent>() + 1];
+        shifted[1] = 7;
+        assert!(with_event::<PacketEvent>(&shifted[1..], |e| seen = e.ts_ns));
+        assert_eq!(seen, 7);
+        assert!(!with_event::<PacketEvent>(&shifted[..10], |_| ()));
     }
 
     #[test]
