@@ -16,7 +16,9 @@
 //! The stages' clock is the data's own time, so windows hold what they would hold at the
 //! data's rate (the generated load runs at about `concurrency / 1.9 ms` requests per second).
 //!
-//! Prints: exchanges/s, spans exported, the peak of pending state (halves waiting to
+//! Prints: exchanges/s (wall clock: on a shared machine this is what the other load left),
+//! the CPU time per exchange of the stitch thread and of the export thread (from
+//! `/proc/thread-self/schedstat`) and the rate they sustain with a core each, spans exported, the peak of pending state (halves waiting to
 //! join, calls waiting to link, spans in open traces) and its estimated bytes per pending
 //! exchange, and the process's peak RSS.
 
@@ -50,6 +52,14 @@ fn peak_rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
+        .unwrap_or(0)
+}
+
+/// CPU time this thread has run, in nanoseconds (`/proc/thread-self/schedstat`).
+fn thread_cpu_nanos() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
@@ -95,6 +105,7 @@ fn main() -> anyhow::Result<()> {
     // The null OTLP sink on the second core.
     let (tx, rx) = sync_channel::<Arc<CompletedTrace>>(8192);
     let sink = std::thread::spawn(move || {
+        let cpu0 = thread_cpu_nanos();
         let (mut spans, mut bytes, mut batch, mut in_batch) = (0usize, 0usize, Vec::new(), 0);
         let (mut encoder, mut buf) = (WireEncoder::default(), Vec::new());
         for t in rx {
@@ -117,7 +128,7 @@ fn main() -> anyhow::Result<()> {
             bytes += buf.len();
             spans += in_batch;
         }
-        (spans, bytes)
+        (spans, bytes, thread_cpu_nanos() - cpu0)
     });
 
     let mut out = Vec::new();
@@ -125,6 +136,7 @@ fn main() -> anyhow::Result<()> {
     let mut node: Arc<str> = Arc::from("");
     let mut instance: Arc<str> = Arc::from("");
     let started = Instant::now();
+    let cpu0 = thread_cpu_nanos();
     for (i, bytes) in encoded.iter().enumerate() {
         // ingest: decode and hand over.
         let b = v1::EventBatch::decode(bytes.as_slice())?;
@@ -166,8 +178,9 @@ fn main() -> anyhow::Result<()> {
     for t in out.drain(..) {
         tx.send(Arc::new(t))?;
     }
+    let stitch_cpu = thread_cpu_nanos() - cpu0;
     drop(tx);
-    let (spans, otlp_bytes) = sink
+    let (spans, otlp_bytes, export_cpu) = sink
         .join()
         .map_err(|_| anyhow::anyhow!("sink thread panicked"))?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -185,6 +198,13 @@ fn main() -> anyhow::Result<()> {
     println!(
         "  throughput        {:.0} exchanges/s (ingest decode → resolve → join → link → assemble → OTLP encode)",
         exchanges as f64 / elapsed
+    );
+    let per = |cpu: u64| cpu as f64 / exchanges as f64;
+    println!(
+        "  CPU per exchange  stitch thread {:.2} µs, export thread {:.2} µs → {:.0} exchanges/s when each has a core to itself",
+        per(stitch_cpu) / 1e3,
+        per(export_cpu) / 1e3,
+        1e9 / per(stitch_cpu.max(export_cpu)),
     );
     println!(
         "  exported          {spans} spans, {:.1} MB OTLP; traces {}, joined {}, links: traceparent {} timing {} ambiguous {} root {}",
