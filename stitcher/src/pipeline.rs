@@ -14,6 +14,11 @@
 //! monotonic clock; event timestamps only serve matching (join proximity, link
 //! containment), so collectors' batching delays never reorder decisions.
 //!
+//! Wiring (main): `pipeline::spawn(PipelineConfig::default().with_trace_idle(idle),
+//! resolver, registry, batches_rx, export::sinks(otlp, print, &registry)? + the store)`;
+//! dropping every sender of the channel stops it after it delivered everything pending
+//! ([`PipelineHandle::stopped`]).
+//!
 //! The windows nest on purpose: `link_wait` < `join_window` < `trace_idle`, so a call's
 //! parent (decided after `link_wait`) and a lone half (emitted after `join_window`)
 //! reach their trace before it goes idle.

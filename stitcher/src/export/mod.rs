@@ -13,9 +13,11 @@ pub mod otlp;
 pub mod printer;
 pub mod wire;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::model::SpanRecord;
+use crate::metrics::Registry;
+use crate::model::{SpanRecord, TraceSink};
 use crate::resolve::Identity;
 use weft_proto::v1::Side;
 
@@ -45,4 +47,25 @@ impl LogOnce {
             tracing::warn!(reason, "{what} (logged once; see the counters for totals)");
         }
     }
+}
+
+/// The export sinks the command line asks for: OTLP (when an endpoint is given) and the
+/// trace printer on stdout (when a format is given). Call inside a tokio runtime.
+pub fn sinks(
+    otlp: Option<otlp::OtlpConfig>,
+    print: Option<printer::PrintFormat>,
+    metrics: &Registry,
+) -> anyhow::Result<Vec<Arc<dyn TraceSink>>> {
+    let mut out: Vec<Arc<dyn TraceSink>> = Vec::new();
+    if let Some(cfg) = otlp {
+        out.push(otlp::OtlpExporter::spawn(cfg, metrics)?);
+    }
+    if let Some(format) = print {
+        out.push(printer::Printer::spawn(
+            format,
+            Box::new(std::io::stdout()),
+            metrics,
+        ));
+    }
+    Ok(out)
 }
