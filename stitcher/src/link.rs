@@ -26,14 +26,21 @@
 //!    call is a root.
 //!
 //! When to decide: a server span ends after the calls it contains, so its SERVER half
-//! usually arrives *after* its children. A call therefore waits `wait_nanos` (stitcher
-//! clock, from its arrival) before the rules run; candidates are kept in a per-pod index
-//! for `retention_nanos`. A parent that arrives later than that is missed (the call becomes
-//! a root): under-linking, never a wrong `timing` link from a half-seen candidate set,
-//! unless the real parent was lost on its way.
+//! usually arrives *after* its children, from the same collector (the pod's node), which
+//! reports exchanges as they complete. A call therefore waits until that node's progress
+//! (the latest exchange end it reported, [`Linker::note_progress`]) has passed the call's
+//! end by `progress_slack_nanos`: by then the server spans that contain the call and end
+//! soon after it have been reported. It waits at least `wait_nanos` and at most
+//! `max_wait_nanos` (stitcher clock, from its arrival: a quiet node makes no progress).
+//! Waiting on the collector's progress rather than on the clock alone keeps a slow or
+//! starved collector from turning a half-seen candidate set into a confident `timing` link.
+//! Candidates are kept in a per-pod index for `retention_nanos`. A parent that ends later
+//! than the slack after its call may be missed when another candidate was seen: that is the
+//! residual error of `timing`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::join::Call;
 use crate::metrics::{Counter, Registry};
@@ -57,8 +64,12 @@ pub struct SpanLink {
 
 #[derive(Debug, Clone, Copy)]
 pub struct LinkConfig {
-    /// How long a call waits for the server span that contains it.
+    /// Least time a call waits for the server span that contains it.
     pub wait_nanos: u64,
+    /// Most time a call waits (when its node reports no progress).
+    pub max_wait_nanos: u64,
+    /// How far past the call's end its node must have reported before deciding.
+    pub progress_slack_nanos: u64,
     /// How long a server span stays a candidate after it arrived.
     pub retention_nanos: u64,
     /// Most calls waiting; beyond it the oldest is decided early.
@@ -70,7 +81,9 @@ pub struct LinkConfig {
 impl Default for LinkConfig {
     fn default() -> Self {
         LinkConfig {
-            wait_nanos: 500_000_000,
+            wait_nanos: 200_000_000,
+            max_wait_nanos: 1_500_000_000,
+            progress_slack_nanos: 250_000_000,
             retention_nanos: 5_000_000_000,
             max_pending: 1 << 20,
             max_candidates: 1 << 20,
@@ -122,8 +135,10 @@ pub struct Linker {
     by_trace: FastMap<(IpAddr, TraceId), Vec<SpanId>>,
     /// Candidate expiry order: (expires, pod, start, span, trace).
     candidates: VecDeque<(u64, IpAddr, u64, SpanId, Option<TraceId>)>,
-    /// Calls waiting for a decision, in arrival order: (ready at, call).
+    /// Calls waiting for a decision, in arrival order: (arrived at, call).
     waiting: VecDeque<(u64, Call)>,
+    /// Per collector node, the latest exchange end it reported.
+    progress: FastMap<Arc<str>, u64>,
     counters: Counters,
 }
 
@@ -136,6 +151,7 @@ impl Linker {
             by_trace: FastMap::default(),
             candidates: VecDeque::new(),
             waiting: VecDeque::new(),
+            progress: FastMap::default(),
             counters: Counters {
                 traceparent: c(
                     "link.traceparent",
@@ -174,6 +190,34 @@ impl Linker {
     /// Halves held by waiting calls (O(n): for figures, not the hot path).
     pub fn pending_halves(&self) -> usize {
         self.waiting.iter().map(|(_, c)| c.halves()).sum()
+    }
+
+    /// Notes how far a node's collector has reported (every half, as it arrives).
+    pub fn note_progress(&mut self, half: &Half) {
+        match self.progress.get_mut(&*half.node) {
+            Some(p) => *p = (*p).max(half.end_unix_nanos),
+            None => {
+                self.progress.insert(half.node.clone(), half.end_unix_nanos);
+            }
+        }
+    }
+
+    /// Whether the call at the head of the queue may be decided now.
+    fn ready(&self, arrived: u64, call: &Call, now: u64) -> bool {
+        let waited = now.saturating_sub(arrived);
+        if waited < self.cfg.wait_nanos {
+            return false;
+        }
+        if waited >= self.cfg.max_wait_nanos {
+            return true;
+        }
+        call.client.as_ref().is_none_or(|c| {
+            self.progress.get(&*c.node).is_some_and(|p| {
+                *p >= c
+                    .end_unix_nanos
+                    .saturating_add(self.cfg.progress_slack_nanos)
+            })
+        })
     }
 
     /// Indexes a SERVER half as a candidate parent for calls made by its pod.
@@ -219,8 +263,7 @@ impl Linker {
             out.push(LinkedCall { call, parent: None });
             return;
         }
-        self.waiting
-            .push_back((now.saturating_add(self.cfg.wait_nanos), call));
+        self.waiting.push_back((now, call));
         while self.waiting.len() > self.cfg.max_pending {
             if let Some((_, call)) = self.waiting.pop_front() {
                 self.counters.evicted_pending.inc();
@@ -232,7 +275,11 @@ impl Linker {
 
     /// Decides every call whose wait is over, and forgets expired candidates.
     pub fn tick(&mut self, now: u64, out: &mut Vec<LinkedCall>) {
-        while self.waiting.front().is_some_and(|(ready, _)| *ready <= now) {
+        while self
+            .waiting
+            .front()
+            .is_some_and(|(arrived, call)| self.ready(*arrived, call, now))
+        {
             if let Some((_, call)) = self.waiting.pop_front() {
                 let parent = self.decide(&call);
                 out.push(LinkedCall { call, parent });
@@ -408,6 +455,8 @@ mod tests {
         Linker::new(
             LinkConfig {
                 wait_nanos: 100,
+                max_wait_nanos: 100,
+                progress_slack_nanos: 0,
                 retention_nanos: 10_000,
                 max_pending: 1_000,
                 max_candidates: 1_000,
@@ -425,6 +474,46 @@ mod tests {
         l.tick(now + 100, &mut out);
         assert_eq!(out.len(), 1);
         out.pop().unwrap().parent
+    }
+
+    #[test]
+    fn a_call_waits_for_its_nodes_progress_not_only_the_clock() {
+        let reg = Registry::new();
+        let mut l = Linker::new(
+            LinkConfig {
+                wait_nanos: 100,
+                max_wait_nanos: 1_000,
+                progress_slack_nanos: 50,
+                retention_nanos: 10_000,
+                max_pending: 1_000,
+                max_candidates: 1_000,
+            },
+            &reg,
+        );
+        let mut out = Vec::new();
+        let c = call(200, 300, None);
+        l.note_progress(c.client.as_ref().unwrap());
+        l.push(c, 0, &mut out);
+        l.observe_server(&served(100, 900, None), 10);
+        // The clock alone is not enough: the node has not reported past 300 + 50 yet.
+        l.tick(500, &mut out);
+        assert!(out.is_empty());
+        // A second candidate the starved collector reports late still counts.
+        // (Observed by the same collector as the call: the pod's node.)
+        let mut late = served(150, 950, None);
+        late.node = Arc::from("node-a");
+        l.note_progress(&late);
+        l.observe_server(&late, 600);
+        l.tick(600, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].parent.unwrap().kind, LinkKind::Ambiguous);
+        // Without progress, the most it waits is max_wait.
+        let c = call(2_000, 2_100, None);
+        l.push(c, 1_000, &mut out);
+        l.tick(1_999, &mut out);
+        assert_eq!(out.len(), 1);
+        l.tick(2_000, &mut out);
+        assert_eq!(out.len(), 2);
     }
 
     #[test]

@@ -19,9 +19,9 @@
 //! dropping every sender of the channel stops it after it delivered everything pending
 //! ([`PipelineHandle::stopped`]).
 //!
-//! The windows nest on purpose: `link_wait` < `join_window` < `trace_idle`, so a call's
-//! parent (decided after `link_wait`) and a lone half (emitted after `join_window`)
-//! reach their trace before it goes idle.
+//! The windows nest on purpose: `link_wait` ≤ `link_max_wait`, `join_window` < `trace_idle`,
+//! so a call's parent (decided within `link_max_wait`) and a lone half (emitted after
+//! `join_window`) reach their trace before it goes idle.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,8 +46,12 @@ pub struct PipelineConfig {
     pub join_window: Duration,
     /// Clock difference tolerated between nodes when confirming a join.
     pub max_clock_skew: Duration,
-    /// How long a call waits for the server span that caused it.
+    /// Least time a call waits for the server span that caused it.
     pub link_wait: Duration,
+    /// Most time a call waits for its node's collector to report past it.
+    pub link_max_wait: Duration,
+    /// How far past a call's end its node must have reported before it is linked.
+    pub link_progress_slack: Duration,
     /// How long a server span stays a candidate parent.
     pub link_retention: Duration,
     /// A trace is complete after this long without new spans (`--trace-idle`).
@@ -68,7 +72,9 @@ impl Default for PipelineConfig {
         PipelineConfig {
             join_window: Duration::from_secs(1),
             max_clock_skew: Duration::from_millis(250),
-            link_wait: Duration::from_millis(500),
+            link_wait: Duration::from_millis(200),
+            link_max_wait: Duration::from_millis(1500),
+            link_progress_slack: Duration::from_millis(250),
             link_retention: Duration::from_secs(5),
             trace_idle: Duration::from_secs(2),
             late_grace: Duration::from_secs(10),
@@ -87,7 +93,8 @@ impl PipelineConfig {
     pub fn with_trace_idle(mut self, idle: Duration) -> Self {
         self.trace_idle = idle;
         self.join_window = self.join_window.min(idle / 2);
-        self.link_wait = self.link_wait.min(idle / 4);
+        self.link_wait = self.link_wait.min(idle / 8);
+        self.link_max_wait = self.link_max_wait.min(idle * 3 / 4);
         self
     }
 
@@ -106,6 +113,8 @@ impl PipelineConfig {
     fn link(&self) -> LinkConfig {
         LinkConfig {
             wait_nanos: Self::nanos(self.link_wait),
+            max_wait_nanos: Self::nanos(self.link_max_wait.max(self.link_wait)),
+            progress_slack_nanos: Self::nanos(self.link_progress_slack),
             retention_nanos: Self::nanos(self.link_retention.max(self.link_wait * 2)),
             max_pending: self.max_pending_calls,
             max_candidates: self.max_link_candidates,
@@ -198,6 +207,7 @@ impl Stitcher {
         for ex in exchanges {
             match self.resolve(&node, &instance, ex) {
                 Ok(half) => {
+                    self.linker.note_progress(&half);
                     if half.side == v1::Side::Server {
                         self.linker.observe_server(&half, now);
                     }

@@ -153,10 +153,12 @@ impl Stack {
         let exporter: Arc<dyn TraceSink> =
             OtlpExporter::spawn(OtlpConfig::new(endpoint), &metrics).unwrap();
         let (tx, rx) = mpsc::channel(256);
+        // Generous windows: collectors on a loaded 2-core machine ship late.
         let cfg = PipelineConfig {
-            join_window: Duration::from_millis(600),
-            link_wait: Duration::from_millis(300),
-            trace_idle: Duration::from_millis(1500),
+            join_window: Duration::from_secs(2),
+            link_wait: Duration::from_millis(100),
+            link_max_wait: Duration::from_millis(1500),
+            trace_idle: Duration::from_secs(3),
             ..PipelineConfig::default()
         };
         let idle = cfg.trace_idle;

@@ -48,6 +48,7 @@ fn config() -> PipelineConfig {
     PipelineConfig {
         join_window: Duration::from_millis(150),
         link_wait: Duration::from_millis(60),
+        link_max_wait: Duration::from_millis(250),
         trace_idle: Duration::from_millis(400),
         tick: Duration::from_millis(10),
         ..PipelineConfig::default()
@@ -299,8 +300,14 @@ async fn an_unknown_caller_still_yields_its_server_span_named_by_ip_over_otlp_ht
         ..Default::default()
     };
     let mut batches = synth::generate(&spec, now_nanos());
-    // A caller outside the inventory (and outside the cluster: no client half) calls svc0.
-    let t = now_nanos();
+    // A caller outside the inventory (and outside the cluster: no client half) calls svc0,
+    // after the chains (overlapping them it would be a second candidate parent).
+    let t = batches
+        .iter()
+        .flat_map(|b| b.exchanges.iter().map(|e| e.end_unix_nanos))
+        .max()
+        .unwrap()
+        + 10_000_000;
     batches.push(ObservedBatch {
         node: Arc::from("node-b"),
         instance: Arc::from("node-b-extra"),
