@@ -35,7 +35,18 @@ struct Counters {
     export_dropped: Option<f64>,
     pending_halves: Option<f64>,
     pending_calls: Option<f64>,
+    /// Spans in open traces (waiting for the idle window).
+    pending_spans: Option<f64>,
     pending_bytes: Option<f64>,
+}
+
+impl Counters {
+    /// Exchanges held in pending state: halves to join, calls to link, spans of open traces.
+    fn pending(&self) -> f64 {
+        self.pending_halves.unwrap_or(0.0)
+            + self.pending_calls.unwrap_or(0.0)
+            + self.pending_spans.unwrap_or(0.0)
+    }
 }
 
 fn counters(text: &str) -> Counters {
@@ -55,6 +66,7 @@ fn counters(text: &str) -> Counters {
         export_dropped: dropped,
         pending_halves: m("pipeline_pending_halves"),
         pending_calls: m("pipeline_pending_calls"),
+        pending_spans: m("assemble_pending_spans"),
         pending_bytes: m("pipeline_pending_bytes"),
     }
 }
@@ -135,7 +147,8 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
     let mut load_first: Option<Sample> = None;
     let mut load_last: Option<Sample> = None;
     let mut peak_pending = 0.0f64;
-    let mut peak_pending_bytes = 0.0f64;
+    // The stitcher's own estimate: the largest bytes/pending it reported at any sample.
+    let mut estimate_per_pending: Option<f64> = None;
     let mut rss_at_peak = base.rss_kib;
     let deadline = Instant::now() + args.duration + Duration::from_secs(30);
     let mut stitch_end;
@@ -146,11 +159,14 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
         }
         stitch_end = Sample::read(stitcher.pid())?;
         if let Ok(c) = scrape() {
-            let pending = c.pending_halves.unwrap_or(0.0) + c.pending_calls.unwrap_or(0.0);
+            let pending = c.pending();
             if pending > peak_pending {
                 peak_pending = pending;
-                peak_pending_bytes = c.pending_bytes.unwrap_or(0.0);
                 rss_at_peak = stitch_end.rss_kib;
+            }
+            if let Some(b) = c.pending_bytes.filter(|b| *b > 0.0 && pending > 0.0) {
+                let per = b / pending;
+                estimate_per_pending = Some(estimate_per_pending.map_or(per, |e: f64| e.max(per)));
             }
         }
         if loadgen.wait_timeout(Duration::from_millis(200)).is_ok() {
@@ -164,9 +180,22 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&load_out)?)
         .with_context(|| format!("weft-loadgen output ({status}): {}", loadgen.stderr_tail()))?;
     let after_load = scrape()?;
-    // Traces complete after the idle window: wait for the export to catch up.
-    std::thread::sleep(args.trace_idle + Duration::from_millis(1500));
-    let settled = scrape()?;
+    // Traces complete after the idle window: wait for the export to catch up (until its
+    // counters stop moving, bounded).
+    std::thread::sleep(args.trace_idle);
+    let mut settled = scrape()?;
+    let export_deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = scrape()?;
+        let moved = now.exported != settled.exported
+            || now.export_dropped != settled.export_dropped
+            || now.pending() > 0.0;
+        settled = now;
+        if !moved || Instant::now() > export_deadline {
+            break;
+        }
+    }
     let end_sample = Sample::read(stitcher.pid())?;
     stitcher.ensure_running()?;
 
@@ -234,28 +263,28 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
         Some(end_sample.hwm_kib as f64 / 1024.0),
         "MiB",
     ));
-    let pending_fig = |name: &str, bytes: Option<f64>| {
-        let value = bytes
-            .filter(|_| peak_pending > 0.0)
-            .map(|b| b / peak_pending);
+    let pending_fig = |name: &str, value: Option<f64>, why: &str| {
         let mut f = Figure::new(BENCH, name, value, "B")
             .target(Target::at_most(512.0))
             .note(format!(
-                "peak pending {} halves+calls",
+                "peak pending {} exchanges (halves + calls + spans of open traces)",
                 stats_int(peak_pending)
             ));
         if value.is_none() {
-            f = f.note("no pending-state gauge (weft_stitcher_pipeline_pending_*)");
+            f = f.note(why);
         }
         f
     };
     report.add(pending_fig(
         "bytes/pending exchange (RSS growth)",
-        Some((rss_at_peak.saturating_sub(base.rss_kib) * 1024) as f64),
+        (peak_pending > 0.0)
+            .then(|| (rss_at_peak.saturating_sub(base.rss_kib) * 1024) as f64 / peak_pending),
+        "no pending-state gauges (weft_stitcher_pipeline_pending_*, assemble_pending_spans)",
     ));
     report.add(pending_fig(
         "bytes/pending exchange (stitcher estimate)",
-        after_load.pending_bytes.map(|_| peak_pending_bytes),
+        estimate_per_pending,
+        "weft_stitcher_pipeline_pending_bytes stayed 0 while exchanges were pending",
     ));
     let exported = match (settled.exported, before.exported) {
         (Some(a), b) => Some(a - b.unwrap_or(0.0)),
@@ -267,9 +296,10 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
     } else {
         let share = stats::share_pct(exported.unwrap_or(0.0) as u64, ingested as u64);
         f = f.note(format!(
-            "{} of ingested exchanges exported as spans after the idle window; export drops {}",
+            "{} of ingested exchanges exported as spans; export drops {} (queue full, \
+             failed, rejected)",
             share.map(|s| format!("{s:.1}%")).unwrap_or("-".into()),
-            settled.export_dropped.unwrap_or(0.0)
+            settled.export_dropped.unwrap_or(0.0) - before.export_dropped.unwrap_or(0.0)
         ));
     }
     report.add(f);
@@ -297,6 +327,7 @@ mod tests {
             weft_stitcher_pipeline_pending_halves 10\n\
             weft_stitcher_pipeline_pending_calls 5\n\
             weft_stitcher_pipeline_pending_bytes 4096\n\
+            weft_stitcher_assemble_pending_spans 20\n\
             weft_stitcher_export_otlp_spans 900\n\
             weft_stitcher_export_otlp_dropped 3\n";
         let c = counters(text);
@@ -305,6 +336,7 @@ mod tests {
         assert_eq!(c.pending_halves, Some(10.0));
         assert_eq!(c.pending_calls, Some(5.0));
         assert_eq!(c.pending_bytes, Some(4096.0));
+        assert_eq!(c.pending(), 35.0);
         assert_eq!(c.exported, Some(900.0));
         assert_eq!(c.export_dropped, Some(3.0));
         let none = counters("weft_stitcher_ingest_exchanges 5\n");
