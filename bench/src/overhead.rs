@@ -242,6 +242,15 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
             "at up to {} packets/s seen by the collector",
             pps.map_or("-".into(), |p| report::number(p.round()))
         ));
+    f = f.note(format!(
+        "per round (packets/s, drops): {}",
+        collector_rounds
+            .iter()
+            .filter(|c| c.seconds > 0.0)
+            .map(|c| format!("({:.0}, {:.0})", c.packets / c.seconds, c.ring_drops))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
     if pps.is_some_and(|p| p < 100_000.0) {
         f = f.note("100k packets/s not reached by this load");
     }
