@@ -150,15 +150,23 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
         rps_with,
         "/s",
     ));
+    // Paired by round (the two runs of a round are adjacent in time, so they share the
+    // machine's background load), then the median over rounds.
+    let paired: Vec<f64> = with
+        .iter()
+        .zip(&without)
+        .filter(|(_, wo)| wo.rps > 0.0)
+        .map(|(w, wo)| w.rps / wo.rps)
+        .collect();
     let mut f = Figure::new(
         BENCH,
         "throughput ratio with/without",
-        stats::ratio(rps_with, rps_without),
+        stats::median(&paired),
         "",
     )
     .target(Target::at_least(0.97))
     .note(format!(
-        "per-round rates without {:?}, with {:?}",
+        "median of per-round ratios; rates without {:?}, with {:?}",
         without.iter().map(|l| l.rps.round()).collect::<Vec<_>>(),
         with.iter().map(|l| l.rps.round()).collect::<Vec<_>>()
     ));
