@@ -351,14 +351,19 @@ fn query_md_commands_work_as_written() {
     }
     let server = Server::start(store, vec![], registry);
 
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/QUERY.md"))
-        .expect("stitcher/QUERY.md");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    // Only the "Query the stitcher" section: up to the next section heading.
+    let doc = readme
+        .split_once("\n## Query the stitcher\n")
+        .map(|(_, rest)| rest.split("\n## ").next().unwrap_or(""))
+        .expect("README.md has a \"## Query the stitcher\" section");
     let blocks: Vec<&str> = doc
         .split("```sh\n")
         .skip(1)
         .map(|b| b.split("```").next().unwrap_or(""))
         .collect();
-    assert!(!blocks.is_empty(), "no sh block in QUERY.md");
+    assert!(!blocks.is_empty(), "no sh block in the README section");
     let script = blocks
         .join("\n")
         .replace("localhost:9400", &server.addr.to_string());
@@ -377,7 +382,7 @@ fn query_md_commands_work_as_written() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "QUERY.md commands failed: {}\n{stdout}",
+        "README query commands failed: {}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
     // The newest trace is listed (ListTraces, twice) and fetched (GetTrace: its id once
