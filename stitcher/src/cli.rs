@@ -12,7 +12,7 @@ use weft_stitcher::ingest::IngestConfig;
 use weft_stitcher::ingest::print::PrintFormat;
 use weft_stitcher::pipeline::PipelineConfig;
 use weft_stitcher::resolve::ResolveArgs;
-use weft_stitcher::store::StoreConfig;
+use weft_stitcher::store::{StoreConfig, parse_bytes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Protocol {
@@ -58,6 +58,15 @@ pub struct Cli {
     /// A trace is complete after this long without new spans.
     #[arg(long, env = "WEFT_TRACE_IDLE", default_value = "2s", value_parser = humantime::parse_duration)]
     pub trace_idle: Duration,
+
+    /// Memory budget of pending stitch state (halves waiting to join, calls waiting to
+    /// link, link candidates, open traces, the late-arrival index); every pending bound is
+    /// sized from it (suffixes KiB, MiB, GiB). Past a bound the oldest entries move on
+    /// early (join.evicted, link.evicted, link.candidates_evicted, assemble.evicted,
+    /// assemble.late_index_evicted). Process memory is about this plus --store-max-bytes
+    /// plus --ingest-buffer batches plus ~40 MB of runtime.
+    #[arg(long, env = "WEFT_MAX_PENDING_MEMORY", default_value = "256MiB", value_parser = parse_bytes)]
+    pub max_pending_memory: u64,
 
     /// Debug: print every ingested (deduplicated) exchange on stdout, one line each.
     #[arg(long, env = "WEFT_PRINT_EXCHANGES", value_enum, default_value = "off")]
@@ -128,7 +137,9 @@ impl Cli {
     }
 
     pub fn pipeline(&self) -> PipelineConfig {
-        PipelineConfig::default().with_trace_idle(self.trace_idle)
+        PipelineConfig::default()
+            .with_trace_idle(self.trace_idle)
+            .with_memory_budget(self.max_pending_memory)
     }
 
     pub fn ingest(&self) -> IngestConfig {
@@ -155,5 +166,10 @@ mod tests {
         assert_eq!(cli.trace_idle, Duration::from_secs(2));
         assert_eq!(cli.print_exchanges, PrintFormat::Off);
         assert_eq!(cli.ingest().max_message_bytes, 16 << 20);
+        assert_eq!(cli.max_pending_memory, 256 << 20);
+        let budget = Cli::try_parse_from(["weft-stitcher", "--max-pending-memory", "64MiB"])
+            .unwrap()
+            .pipeline();
+        assert!(budget.max_pending_spans < cli.pipeline().max_pending_spans);
     }
 }
