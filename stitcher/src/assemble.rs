@@ -144,6 +144,11 @@ impl Assembler {
         self.pending_spans
     }
 
+    /// Exported span ids remembered for late arrivals.
+    pub fn remembered_spans(&self) -> usize {
+        self.exported.len()
+    }
+
     pub fn push(&mut self, mut lc: LinkedCall, now: u64, out: &mut Vec<CompletedTrace>) {
         self.forget_exported(now);
         self.dedup_client_id(&mut lc);

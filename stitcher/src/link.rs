@@ -187,6 +187,11 @@ impl Linker {
         self.waiting.len()
     }
 
+    /// Server spans kept as candidate parents.
+    pub fn candidates(&self) -> usize {
+        self.candidates.len()
+    }
+
     /// Halves held by waiting calls (O(n): for figures, not the hot path).
     pub fn pending_halves(&self) -> usize {
         self.waiting.iter().map(|(_, c)| c.halves()).sum()

@@ -173,6 +173,8 @@ struct Counters {
     bad_traceparent: Counter,
     pending_halves: Counter,
     pending_calls: Counter,
+    link_candidates: Counter,
+    remembered_spans: Counter,
     pending_bytes: Counter,
 }
 
@@ -219,6 +221,14 @@ impl Stitcher {
                 pending_calls: c(
                     "pipeline.pending_calls",
                     "calls waiting to be linked (gauge)",
+                ),
+                link_candidates: c(
+                    "pipeline.link_candidates",
+                    "server spans kept as candidate parents for linking (gauge)",
+                ),
+                remembered_spans: c(
+                    "pipeline.remembered_spans",
+                    "exported span ids kept for late arrivals (gauge)",
                 ),
                 pending_bytes: c(
                     "pipeline.pending_bytes",
@@ -271,6 +281,12 @@ impl Stitcher {
         self.counters
             .pending_calls
             .set(self.linker.pending() as u64);
+        self.counters
+            .link_candidates
+            .set(self.linker.candidates() as u64);
+        self.counters
+            .remembered_spans
+            .set(self.assembler.remembered_spans() as u64);
     }
 
     /// Completes everything pending (shutdown).
