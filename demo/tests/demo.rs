@@ -25,30 +25,18 @@ const DEMO: &str = env!("CARGO_BIN_EXE_weft-demo");
 /// The run's bound: 20 s of traffic plus start-up and teardown.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
 
-/// The directory holding weft-demo and, once built, the other binaries of the workspace.
+/// The directory holding the binaries the demo runs: the workspace build's, next to weft-demo
+/// (`weft_harness::binaries`: built if missing or stale).
 fn bin_dir() -> PathBuf {
     let dir = Path::new(DEMO).parent().unwrap().to_path_buf();
-    let wanted = ["weft-collector", "weft-stitcher", "weft-demo-app"];
-    if wanted.iter().all(|b| dir.join(b).is_file()) {
-        return dir;
+    for name in ["weft-collector", "weft-stitcher", "weft-demo-app"] {
+        let bin = weft_harness::binaries::path(name).expect(name);
+        assert_eq!(
+            bin.parent(),
+            Some(dir.as_path()),
+            "{name} must be next to weft-demo (or set WEFT_DEMO_BIN_DIR)"
+        );
     }
-    // `cargo nextest run -p weft-demo` builds only this package's binaries.
-    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo.args([
-        "build",
-        "--bins",
-        "-p",
-        "weft-collector",
-        "-p",
-        "weft-stitcher",
-        "-p",
-        "weft-harness",
-    ]);
-    if dir.ends_with("release") {
-        cargo.arg("--release");
-    }
-    let status = cargo.status().expect("running cargo build");
-    assert!(status.success(), "building the binaries the demo runs");
     dir
 }
 

@@ -39,9 +39,13 @@
 //! test is panicking or `WEFT_HARNESS_KEEP_LOGS` is set: then it keeps the logs (without the
 //! owner file) and prints where; stale clean-up removes kept logs after a day.
 //!
+//! Tests that need another package's binary (`weft-collector`, `weft-demo-app`, ...) take it
+//! from the workspace build with [`binaries::path`].
+//!
 //! Timing (`cargo run -p weft-harness --example cluster_timing -- 3 4`): 3 nodes × 4 pods up
 //! in about 0.3 s, dropped in about 10 ms.
 
+pub mod binaries;
 mod cluster;
 mod inventory;
 mod proc;

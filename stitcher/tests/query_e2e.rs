@@ -5,8 +5,8 @@
 //! stitcher. Every expected figure follows from the requests sent.
 //!
 //! Needs root (namespaces, eBPF) and the binaries `weft-collector` and
-//! `weft-demo-app`, built here if missing (or given as `WEFT_COLLECTOR_BIN`,
-//! `WEFT_DEMO_APP_BIN`).
+//! `weft-demo-app` of the workspace build (`weft_harness::binaries`: built if missing or
+//! stale, or given as `WEFT_COLLECTOR_BIN`, `WEFT_DEMO_APP_BIN`).
 
 mod query_common;
 
@@ -30,28 +30,6 @@ const REQUESTS: u64 = 50;
 const ERROR_EVERY: u64 = 5;
 /// (pod = workload, node), in call order.
 const CHAIN: [(&str, &str); 3] = [("client", "n1"), ("frontend", "n2"), ("backend", "n3")];
-
-/// A binary of another package of this workspace, built once (a no-op when up to date).
-fn workspace_bin(package: &str, bin: &str, env: &str) -> PathBuf {
-    if let Ok(p) = std::env::var(env) {
-        return PathBuf::from(p);
-    }
-    // <target>/<profile>/deps/<test exe>
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("profile dir");
-    let target_dir = profile_dir.parent().expect("target dir");
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().expect("run cargo build");
-    assert!(status.success(), "building {bin} failed");
-    profile_dir.join(bin)
-}
 
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -128,8 +106,8 @@ fn start_collector(cluster: &Cluster, bin: &PathBuf, node: &str, url: &str) -> P
 #[test]
 fn grpcurl_answers_match_real_traffic() {
     let grpcurl_bin = grpcurl();
-    let collector_bin = workspace_bin("weft-collector", "weft-collector", "WEFT_COLLECTOR_BIN");
-    let demo_app = workspace_bin("weft-harness", "weft-demo-app", "WEFT_DEMO_APP_BIN");
+    let collector_bin = weft_harness::binaries::path("weft-collector").expect("weft-collector");
+    let demo_app = weft_harness::binaries::path("weft-demo-app").expect("weft-demo-app");
     let stitcher_bin = env!("CARGO_BIN_EXE_weft-stitcher");
 
     let cluster = Cluster::up(&ClusterSpec {

@@ -12,8 +12,8 @@
 //! `n` with the path it served, and calls `/store/{n}`. So a CLIENT span's correct parent
 //! is known without trusting the stitcher.
 //!
-//! Needs root (namespaces, BPF) and the `weft-collector` and `weft-demo-app` binaries:
-//! next to the test's target directory, else built with cargo.
+//! Needs root (namespaces, BPF) and the `weft-collector` and `weft-demo-app` binaries of the
+//! workspace build (`weft_harness::binaries`).
 
 mod stitch_common;
 
@@ -37,39 +37,10 @@ use weft_stitcher::resolve::inventory::StaticInventory;
 
 const PORT: u16 = 8080;
 
-/// The binaries the test runs, built if absent.
+/// The binaries the test runs: the workspace build's (built if missing or stale).
 fn binaries() -> (PathBuf, PathBuf) {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target directory")
-        .to_path_buf();
-    let collector = dir.join("weft-collector");
-    let app = dir.join("weft-demo-app");
-    if !collector.exists() || !app.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .args([
-                "build",
-                "-p",
-                "weft-collector",
-                "-p",
-                "weft-harness",
-                "--bins",
-            ]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build");
-        assert!(
-            status.success(),
-            "building weft-collector and weft-demo-app failed"
-        );
-    }
-    (collector, app)
+    let bin = |name| weft_harness::binaries::path(name).expect(name);
+    (bin("weft-collector"), bin("weft-demo-app"))
 }
 
 fn spec() -> ClusterSpec {

@@ -14,39 +14,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use weft_proto::v1;
 
-/// Path of the `weft-stitcher` binary of this workspace, built once per test process
-/// (a no-op when it is up to date). Cargo exposes binaries only to their own package's
-/// tests, so the collector's tests build it themselves.
+/// Path of the `weft-stitcher` binary of the workspace build (Cargo exposes binaries only to
+/// their own package's tests): `weft_harness::binaries`, built if missing or stale, or
+/// `WEFT_STITCHER_BIN`.
 pub fn stitcher_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("WEFT_STITCHER_BIN") {
-            return PathBuf::from(p);
-        }
-        // <target>/<profile>/deps/<test exe>
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("profile dir");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "weft-stitcher",
-            "--bin",
-            "weft-stitcher",
-        ])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build -p weft-stitcher");
-        assert!(status.success(), "building weft-stitcher failed");
-        profile_dir.join("weft-stitcher")
-    })
-    .clone()
+    BIN.get_or_init(|| weft_harness::binaries::path("weft-stitcher").expect("weft-stitcher"))
+        .clone()
 }
 
 /// A loopback port that was free a moment ago (the stitcher binds it; restarts reuse it).
