@@ -82,7 +82,6 @@ pub fn run(settings: &Settings, args: &AccuracyArgs, report: &mut Report) -> Res
             })
             .collect(),
     })?;
-    let up = Instant::now();
     let inventory = work.join("inventory.yaml");
     std::fs::write(&inventory, cluster.inventory_yaml())?;
 
@@ -123,7 +122,6 @@ pub fn run(settings: &Settings, args: &AccuracyArgs, report: &mut Report) -> Res
     };
     wait_healthy_in(&cluster, &mut stitcher)?;
 
-    crate::overhead::settle_bridge_ports(up);
     let stitcher_url = format!("http://{}:{STITCHER_PORT}", cluster.control_ip());
     let mut collectors = Vec::new();
     for (_, node) in CHAIN {

@@ -77,7 +77,6 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
         }],
         services: vec![],
     })?;
-    let up = Instant::now();
     let node_ns = cluster.node("a").netns().to_owned();
     let server = cluster.pod("server");
     let client_ns = cluster.pod("client").netns().to_owned();
@@ -98,7 +97,6 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
         SocketAddr::from((server.ip(), SERVER_PORT)),
     )?;
 
-    settle_bridge_ports(up);
     let mut without = Vec::new();
     let mut with = Vec::new();
     let mut collector_rounds = Vec::new();
@@ -326,22 +324,6 @@ fn with_collector(
             seconds: s1.at.duration_since(s0.at).as_secs_f64(),
         },
     ))
-}
-
-/// About 15 s after a veth joins a bridge, the kernel sends an `AF_BRIDGE` RTM_NEWLINK
-/// for the port (no `IFLA_LINKINFO`); weft-collector currently takes it for a rename to a
-/// non-veth device and detaches the pod's classifiers (collector/src/attach/links.rs
-/// `iface_of`, collector/src/main.rs `on_link_event`). Until that is fixed, collectors
-/// start only after that moment.
-pub fn settle_bridge_ports(cluster_up: Instant) {
-    const SETTLE: Duration = Duration::from_secs(17);
-    if let Some(rest) = SETTLE.checked_sub(cluster_up.elapsed()) {
-        eprintln!(
-            "weft-bench: waiting {:.0} s for the bridge ports' late link notification",
-            rest.as_secs_f64()
-        );
-        std::thread::sleep(rest);
-    }
 }
 
 pub fn wait_running(proc: &Proc) -> Result<()> {
