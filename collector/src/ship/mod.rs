@@ -100,7 +100,7 @@ impl ShipConfig {
             stitcher,
             node_name: node_name.into(),
             batch_max_events: 1000,
-            batch_max_delay: Duration::from_millis(200),
+            batch_max_delay: Duration::from_millis(50),
             queue_max_events: 100_000,
             max_in_flight_batches: 32,
             compression: Compression::Zstd,
@@ -123,8 +123,9 @@ pub struct ShipArgs {
     /// Seal a batch at this many events.
     #[arg(long, env = "WEFT_BATCH_MAX_EVENTS", default_value_t = 1000)]
     pub batch_max_events: usize,
-    /// Seal a batch when its oldest event has waited this long.
-    #[arg(long, env = "WEFT_BATCH_MAX_DELAY", default_value = "200ms", value_parser = humantime::parse_duration)]
+    /// Seal a batch when its oldest event has waited this long (part of every trace's
+    /// export delay; at high rates batches fill by count first).
+    #[arg(long, env = "WEFT_BATCH_MAX_DELAY", default_value = "50ms", value_parser = humantime::parse_duration)]
     pub batch_max_delay: Duration,
     /// Most events held for the stitcher (unacknowledged included); beyond it the oldest
     /// unsent events are dropped and counted.
