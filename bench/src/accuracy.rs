@@ -152,7 +152,7 @@ pub fn run(settings: &Settings, args: &AccuracyArgs, report: &mut Report) -> Res
         }
         let logs: Vec<Vec<score::Served>> = servers
             .iter()
-            .map(|p| score::parse_served(&p.stdout_text()))
+            .map(|p| weft_harness::app_log::served(&p.stdout_text()))
             .collect();
         phases.push((propagate, mode, logs));
         drop(servers);
@@ -462,7 +462,11 @@ mod tests {
 
     #[test]
     fn phases_follow_the_logs_down_the_chain() {
-        let served = |n, p: &str| Served { n, path: p.into() };
+        let served = |n, p: &str| Served {
+            n,
+            path: p.into(),
+            ..Served::default()
+        };
         let logs = vec![
             vec![served(1, "/et1"), served(2, "/et8")],
             vec![served(1, "/ft/1"), served(2, "/ft/2")],

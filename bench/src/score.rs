@@ -2,7 +2,7 @@
 //!
 //! In: the spans printed by `weft-stitcher --print json` (one JSON object per line, each
 //! with the time the benchmark read it) and the request logs of the demo apps of the
-//! chain. Out: join recall and precision, share of correct parent links (overall and by
+//! chain (read by `weft_harness::app_log`). Out: join recall and precision, share of correct parent links (overall and by
 //! link kind), share marked ambiguous, and freshness (last response → export) per trace.
 //!
 //! Every downstream call of the chain has a unique path (`/<hop><mode>/<n>`, `n` being the
@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 
 use serde_json::Value;
+pub use weft_harness::app_log::Served;
 
 /// One printed span, with the time (unix nanos) the benchmark read its line.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,27 +45,6 @@ impl Span {
             late: v.get("late").and_then(Value::as_bool).unwrap_or(false),
         })
     }
-}
-
-/// A request a demo app served: its path and its request number (`{n}` of its calls).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Served {
-    pub n: u64,
-    pub path: String,
-}
-
-/// `weft-demo-app serve` log lines with `"event":"request"`.
-pub fn parse_served(log: &str) -> Vec<Served> {
-    log.lines()
-        .filter_map(|l| {
-            let v: Value = serde_json::from_str(l).ok()?;
-            (v.get("event")?.as_str()? == "request").then_some(())?;
-            Some(Served {
-                n: v.get("n")?.as_u64()?,
-                path: v.get("path")?.as_str()?.to_owned(),
-            })
-        })
-        .collect()
 }
 
 /// One hop of the chain: the caller's log, the path template of its call (`{n}` replaced by
@@ -226,11 +206,12 @@ mod tests {
         Served {
             n,
             path: path.into(),
+            ..Served::default()
         }
     }
 
     #[test]
-    fn printer_and_demo_lines_parse() {
+    fn printer_lines_parse() {
         let line = r#"{"trace_id":"ab","span_id":"01","parent_span_id":"","kind":"SERVER","path":"/x","link":"","end_unix_nanos":5,"late":false}"#;
         let s = Span::parse(line, 9).unwrap();
         assert!(
@@ -238,9 +219,6 @@ mod tests {
         );
         assert_eq!(Span::parse("not json", 0), None);
         assert_eq!(Span::parse(r#"{"trace_id":"ab"}"#, 0), None);
-        let log = "{\"event\":\"listening\",\"name\":\"f\"}\n\
-                   {\"event\":\"request\",\"name\":\"f\",\"n\":3,\"path\":\"/f/7\",\"status\":200}\n";
-        assert_eq!(parse_served(log), vec![served(3, "/f/7")]);
     }
 
     /// Caller F served /in/1 (n=1) and /in/2 (n=2), calling /b/1 and /b/2 on B.

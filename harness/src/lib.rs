@@ -40,11 +40,13 @@
 //! owner file) and prints where; stale clean-up removes kept logs after a day.
 //!
 //! Tests that need another package's binary (`weft-collector`, `weft-demo-app`, ...) take it
-//! from the workspace build with [`binaries::path`].
+//! from the workspace build with [`binaries::path`]; they read the demo app's request log (the
+//! ground truth they score the stitcher against) with [`app_log::served`].
 //!
 //! Timing (`cargo run -p weft-harness --example cluster_timing -- 3 4`): 3 nodes × 4 pods up
 //! in about 0.3 s, dropped in about 10 ms.
 
+pub mod app_log;
 pub mod binaries;
 mod cluster;
 mod inventory;

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use weft_harness::app_log;
 
 const DEMO_APP: &str = env!("CARGO_BIN_EXE_weft-demo-app");
 
@@ -61,6 +62,11 @@ impl Server {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|v| v["event"] == event)
             .collect()
+    }
+
+    /// The whole log so far.
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
     }
 
     /// Waits until `n` requests are logged (the log line follows the response by a moment).
@@ -195,6 +201,29 @@ fn calls_downstream_and_propagates_traceparent_only_when_asked() {
         assert_eq!(f[1], b[1], "same trace id");
         assert_ne!(f[2], b[2], "a new span id for the call");
         assert_eq!(front["calls"], serde_json::json!([200]));
+    }
+    // The shared reader of this log (what tests and benchmarks score against) sees the same.
+    let (front, back) = (
+        app_log::served(&frontend.log()),
+        app_log::served(&backend.log()),
+    );
+    let calls: Vec<(u64, &str)> = back.iter().map(|s| (s.n, s.path.as_str())).collect();
+    assert_eq!(
+        calls,
+        [
+            (1, "/items/1"),
+            (2, "/items/2"),
+            (3, "/items/3"),
+            (4, "/items/4"),
+            (5, "/items/5")
+        ]
+    );
+    assert_eq!(front.len(), 5);
+    for (f, b) in front.iter().zip(&back) {
+        assert!(f.trace_id().is_some_and(|t| t.len() == 32), "{f:?}");
+        assert_eq!(f.trace_id(), b.trace_id());
+        assert_eq!((f.status, b.status), (200, 200));
+        assert!(b.peer.starts_with("127.0.0.1:"), "{b:?}");
     }
 
     // Without --propagate the downstream call carries no traceparent.

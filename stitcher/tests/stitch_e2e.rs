@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use stitch_common::{Got, Received, by_trace, grpc_receiver};
 use tokio::sync::mpsc;
+use weft_harness::app_log::{self, Served};
 use weft_harness::{Cluster, ClusterSpec, NodeSpec, PodSpec, Proc, ServiceSpec};
 use weft_stitcher::export::otlp::{OtlpConfig, OtlpExporter};
 use weft_stitcher::ingest::{Ingest, IngestConfig};
@@ -256,22 +257,17 @@ impl Stack {
     }
 
     /// Request numbers from an app's log: caller address → n (frontend), path → n (backend).
-    fn log(&self, app: &str, key: &str) -> HashMap<String, u64> {
-        self.apps[app]
-            .stdout_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["event"] == "request")
-            .filter_map(|v| Some((v[key].as_str()?.to_string(), v["n"].as_u64()?)))
+    fn log(&self, app: &str, key: fn(&Served) -> &str) -> HashMap<String, u64> {
+        app_log::served(&self.apps[app].stdout_text())
+            .iter()
+            .map(|r| (key(r).to_string(), r.n))
             .collect()
     }
 
     fn frontend_traceparents(&self) -> HashSet<String> {
-        self.apps["frontend"]
-            .stdout_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| Some(v["traceparent"].as_str()?[3..35].to_string()))
+        app_log::served(&self.apps["frontend"].stdout_text())
+            .iter()
+            .filter_map(|r| Some(r.trace_id()?.to_string()))
             .collect()
     }
 
@@ -293,8 +289,8 @@ struct LinkStats {
 }
 
 fn link_stats(stack: &Stack, spans: &[Got]) -> LinkStats {
-    let by_peer = stack.log("frontend", "peer");
-    let by_path = stack.log("backend", "path");
+    let by_peer = stack.log("frontend", |r| &r.peer);
+    let by_path = stack.log("backend", |r| &r.path);
     let by_id: HashMap<&str, &Got> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
     let mut st = LinkStats {
         total: 0,
