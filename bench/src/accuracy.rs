@@ -179,13 +179,16 @@ pub fn run(settings: &Settings, args: &AccuracyArgs, report: &mut Report) -> Res
         }
     }
 
-    let fresh = score::freshness_ms(&all_spans, args.trace_idle.as_nanos() as u64);
+    let freshness = score::freshness(&all_spans, args.trace_idle.as_nanos() as u64);
+    let fresh = &freshness.net_ms;
     let note = format!(
-        "{} traces, --trace-idle {:?}, printer line read time",
+        "{} traces ({} with late spans, counted to their late export), --trace-idle {:?}; \
+         last span end → its printer line read",
         fresh.len(),
+        freshness.with_late_spans,
         args.trace_idle
     );
-    let p = |q| stats::percentile(&fresh, q);
+    let p = |q| stats::percentile(fresh, q);
     let mut f50 = Figure::new("freshness", "p50 net of idle", p(0.5), "ms").note(note);
     let mut f99 =
         Figure::new("freshness", "p99 net of idle", p(0.99), "ms").target(Target::at_most(250.0));

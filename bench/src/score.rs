@@ -169,19 +169,33 @@ pub fn score(spans: &[Span], hops: &[Hop<'_>], select: &dyn Fn(&str) -> bool) ->
     sc
 }
 
-/// Per trace: time from the end of its last span to the moment its last line was read,
-/// minus `idle_nanos`, in milliseconds. Late re-exports are left out.
-pub fn freshness_ms(spans: &[Span], idle_nanos: u64) -> Vec<f64> {
-    let mut traces: HashMap<&str, (u64, u64)> = HashMap::new();
-    for s in spans.iter().filter(|s| !s.late) {
+/// Freshness of the printed traces (the "last response → export").
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Freshness {
+    /// Per trace: from the end of its last span (its last response) to the moment its last
+    /// line was read (the whole trace exported), minus the idle window, in milliseconds.
+    pub net_ms: Vec<f64>,
+    /// Traces with spans exported after the trace (`late`): their freshness runs to that
+    /// late export, since only then is the whole trace out.
+    pub with_late_spans: usize,
+}
+
+/// Freshness per trace id, over every printed span, late re-exports included.
+pub fn freshness(spans: &[Span], idle_nanos: u64) -> Freshness {
+    let mut traces: HashMap<&str, (u64, u64, bool)> = HashMap::new();
+    for s in spans {
         let e = traces.entry(s.trace_id.as_str()).or_default();
         e.0 = e.0.max(s.end_unix_nanos);
         e.1 = e.1.max(s.read_unix_nanos);
+        e.2 |= s.late;
     }
-    traces
-        .values()
-        .map(|&(end, read)| (read as f64 - end as f64 - idle_nanos as f64) / 1e6)
-        .collect()
+    Freshness {
+        net_ms: traces
+            .values()
+            .map(|&(end, read, _)| (read as f64 - end as f64 - idle_nanos as f64) / 1e6)
+            .collect(),
+        with_late_spans: traces.values().filter(|t| t.2).count(),
+    }
 }
 
 #[cfg(test)]
@@ -289,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn freshness_takes_the_last_span_and_the_last_read_per_trace() {
+    fn freshness_takes_the_last_span_and_the_last_read_per_trace_late_ones_included() {
         let mut a = span("a", "", false, "/", "");
         a.end_unix_nanos = 1_000_000_000;
         a.read_unix_nanos = 2_100_000_000;
@@ -297,11 +311,20 @@ mod tests {
         b.span_id = "b".into();
         b.end_unix_nanos = 1_050_000_000;
         b.read_unix_nanos = 2_150_000_000;
-        let mut late = a.clone();
-        late.trace_id = "other".into();
+        // Trace "other": its last span came after the trace was exported.
+        let mut first = a.clone();
+        first.trace_id = "other".into();
+        let mut late = first.clone();
+        late.span_id = "l".into();
+        late.end_unix_nanos = 1_100_000_000;
+        late.read_unix_nanos = 2_600_000_000;
         late.late = true;
-        let f = freshness_ms(&[a, b, late], 1_000_000_000);
-        assert_eq!(f.len(), 1);
-        assert!((f[0] - 100.0).abs() < 1e-6, "{f:?}");
+        let f = freshness(&[a, b, first, late], 1_000_000_000);
+        let mut ms = f.net_ms.clone();
+        ms.sort_by(f64::total_cmp);
+        assert_eq!(ms.len(), 2);
+        assert!((ms[0] - 100.0).abs() < 1e-6, "{ms:?}");
+        assert!((ms[1] - 500.0).abs() < 1e-6, "{ms:?}");
+        assert_eq!(f.with_late_spans, 1);
     }
 }
