@@ -3,6 +3,12 @@
 //! In: [`LinkedCall`]s (a call's halves, and the parent of its CLIENT span).
 //! Out: [`CompletedTrace`]s, each exported once, after `idle_nanos` without new spans.
 //!
+//! The idle window counts from when a trace's latest span *reached the stitcher*
+//! ([`Half::arrived`]), not from when its call got here: the link stage holds a call up
+//! to its `max_wait` (from the same arrival) and the join stage up to its window, and
+//! both run inside the idle window instead of before it. The windows nest (see the
+//! pipeline): a call decided within them reaches its trace before the trace is idle.
+//!
 //! A trace is a connected set of spans. Each call contributes up to two spans: the CLIENT
 //! span (parent: the server span it was linked to) and the SERVER span (parent: its CLIENT
 //! span when both halves were joined). Calls become connected when one names a span of
@@ -65,7 +71,10 @@ struct Group {
     /// Every id that points to this group (its spans and the parents it waits for).
     ids: Vec<SpanId>,
     spans: usize,
-    last_update: u64,
+    /// Latest arrival at the stitcher of any of its spans: idle from here.
+    last_arrival: u64,
+    /// Bucket of this group's entry in the deadline calendar (one entry per group).
+    queued: u64,
     /// Set when the group connects to an already exported trace.
     late_of: Option<TraceId>,
 }
@@ -87,8 +96,10 @@ pub struct Assembler {
     groups: FastMap<GroupId, Group>,
     next_group: GroupId,
     by_span: FastMap<SpanId, GroupId>,
-    /// (deadline, group): one entry per update; stale entries are skipped.
-    idle: VecDeque<(u64, GroupId)>,
+    /// When each group may be idle: one entry per group, at or before its deadline.
+    idle: Deadlines,
+    /// Scratch for `tick`: entries that surfaced before their deadline.
+    not_yet: Vec<(u64, GroupId)>,
     /// Spans of exported traces, for late arrivals: span → (trace, forget at).
     exported: FastMap<SpanId, TraceId>,
     exported_order: VecDeque<(u64, SpanId)>,
@@ -104,7 +115,8 @@ impl Assembler {
             groups: FastMap::default(),
             next_group: 0,
             by_span: FastMap::default(),
-            idle: VecDeque::new(),
+            idle: Deadlines::default(),
+            not_yet: Vec::new(),
             exported: FastMap::default(),
             exported_order: VecDeque::new(),
             pending_spans: 0,
@@ -171,8 +183,9 @@ impl Assembler {
                 late_of.get_or_insert(*t);
             }
         }
-        let gid = self.merge(found, now);
+        let gid = self.merge(found);
         let spans = lc.call.halves();
+        let arrived = lc.call.arrived();
         let group = self.groups.get_mut(&gid).expect("merged group exists");
         if group.late_of.is_none() {
             group.late_of = late_of;
@@ -184,38 +197,61 @@ impl Assembler {
         }
         group.calls.push(lc);
         group.spans += spans;
-        group.last_update = now;
+        group.last_arrival = group.last_arrival.max(arrived);
+        if group.queued == UNQUEUED {
+            group.queued = self
+                .idle
+                .push(group.last_arrival.saturating_add(self.cfg.idle_nanos), gid);
+        }
         self.pending_spans += spans;
-        self.idle
-            .push_back((now.saturating_add(self.cfg.idle_nanos), gid));
 
+        let mut kept_own = false;
         while self.pending_spans > self.cfg.max_pending_spans {
-            let Some((_, oldest)) = self.idle.pop_front() else {
+            let Some((bucket, oldest)) = self.idle.pop_front() else {
                 break;
             };
-            if self.groups.contains_key(&oldest) && oldest != gid {
+            if oldest == gid {
+                kept_own = true;
+                continue;
+            }
+            if self.groups.get(&oldest).is_some_and(|g| g.queued == bucket) {
                 self.counters.evicted.inc();
                 out.push(self.complete(oldest, now));
             }
         }
+        if kept_own && let Some(g) = self.groups.get_mut(&gid) {
+            g.queued = self
+                .idle
+                .push(g.last_arrival.saturating_add(self.cfg.idle_nanos), gid);
+        }
         self.counters.pending_spans.set(self.pending_spans as u64);
     }
 
-    /// Completes every trace idle for `idle_nanos`; forgets expired exported ids.
+    /// Completes every trace idle for `idle_nanos` since its latest span arrived;
+    /// forgets expired exported ids.
     pub fn tick(&mut self, now: u64, out: &mut Vec<CompletedTrace>) {
-        while let Some(&(deadline, gid)) = self.idle.front() {
-            if deadline > now {
-                break;
+        let mut later = std::mem::take(&mut self.not_yet);
+        while let Some((bucket, gid)) = self.idle.pop_due(now) {
+            let Some(g) = self.groups.get(&gid) else {
+                continue;
+            };
+            if g.queued != bucket {
+                continue;
             }
-            self.idle.pop_front();
-            let idle = self
-                .groups
-                .get(&gid)
-                .is_some_and(|g| g.last_update.saturating_add(self.cfg.idle_nanos) <= now);
-            if idle {
+            let deadline = g.last_arrival.saturating_add(self.cfg.idle_nanos);
+            if deadline <= now {
                 out.push(self.complete(gid, now));
+            } else {
+                // Not yet (its bucket has begun, or a span arrived since it was queued).
+                later.push((deadline, gid));
             }
         }
+        for (deadline, gid) in later.drain(..) {
+            if let Some(g) = self.groups.get_mut(&gid) {
+                g.queued = self.idle.push(deadline, gid);
+            }
+        }
+        self.not_yet = later;
         self.forget_exported(now);
         self.counters.pending_spans.set(self.pending_spans as u64);
     }
@@ -235,6 +271,11 @@ impl Assembler {
                 out.push(self.complete(gid, now));
             }
         }
+        // Every group has an entry; nothing can be left, but never lose a span.
+        let rest: Vec<GroupId> = self.groups.keys().copied().collect();
+        for gid in rest {
+            out.push(self.complete(gid, now));
+        }
         self.counters.pending_spans.set(self.pending_spans as u64);
     }
 
@@ -250,7 +291,7 @@ impl Assembler {
     }
 
     /// Merges the groups into the largest one (or makes a new group); returns its id.
-    fn merge(&mut self, mut found: Vec<GroupId>, now: u64) -> GroupId {
+    fn merge(&mut self, mut found: Vec<GroupId>) -> GroupId {
         if found.is_empty() {
             let gid = self.next_group;
             self.next_group += 1;
@@ -260,7 +301,8 @@ impl Assembler {
                     calls: Vec::with_capacity(4),
                     ids: Vec::with_capacity(8),
                     spans: 0,
-                    last_update: now,
+                    last_arrival: 0,
+                    queued: UNQUEUED,
                     late_of: None,
                 },
             );
@@ -279,6 +321,9 @@ impl Assembler {
             big.ids.extend(small.ids);
             big.calls.extend(small.calls);
             big.spans += small.spans;
+            // The big group's entry stays; when it surfaces before the merged deadline
+            // it is queued again (`tick`).
+            big.last_arrival = big.last_arrival.max(small.last_arrival);
             if big.late_of.is_none() {
                 big.late_of = small.late_of;
             }
@@ -376,13 +421,104 @@ impl Assembler {
             })
             .sum();
         let index = self.by_span.capacity() * (std::mem::size_of::<(SpanId, GroupId)>() + 1);
-        calls + index + self.idle.capacity() * std::mem::size_of::<(u64, GroupId)>()
+        calls + index + self.idle.bytes()
     }
 
     /// Bytes of the late-arrival index (exported ids kept for the grace period).
     pub fn remembered_bytes(&self) -> usize {
         self.exported.capacity() * (std::mem::size_of::<(SpanId, TraceId)>() + 1)
             + self.exported_order.capacity() * std::mem::size_of::<(u64, SpanId)>()
+    }
+}
+
+/// A group not (yet) in the deadline calendar.
+const UNQUEUED: u64 = u64::MAX;
+
+/// Groups by the time they may be idle, in buckets of 2^20 ns (about 1 ms). Deadlines
+/// come out of order (a call reaches assemble up to the link wait after its spans
+/// arrived), so a FIFO cannot hold them in order; a heap would cost log n per group.
+/// An entry sits in the bucket its deadline falls in (or the first, when that one has
+/// passed); `tick` checks the exact deadline of what surfaces.
+#[derive(Default)]
+struct Deadlines {
+    /// Bucket number of `buckets[0]`.
+    base: u64,
+    buckets: VecDeque<VecDeque<GroupId>>,
+    /// Emptied buckets, for reuse (their capacity).
+    spare: Vec<VecDeque<GroupId>>,
+    /// The latest bucket `pop_due` has reached: nothing is queued before it.
+    horizon: u64,
+}
+
+const BUCKET_SHIFT: u32 = 20;
+/// Most buckets ahead of the first (about 70 s): a later deadline sits in the last one
+/// and is queued again when it surfaces.
+const MAX_BUCKETS: u64 = 1 << 16;
+
+impl Deadlines {
+    /// Queues `gid` at `deadline`; returns the bucket it went to.
+    fn push(&mut self, deadline: u64, gid: GroupId) -> u64 {
+        let want = (deadline >> BUCKET_SHIFT).max(self.horizon);
+        if self.buckets.is_empty() {
+            self.base = want;
+        }
+        while want < self.base && self.buckets.len() < MAX_BUCKETS as usize {
+            let b = self.spare.pop().unwrap_or_default();
+            self.buckets.push_front(b);
+            self.base -= 1;
+        }
+        let bucket = want.clamp(self.base, self.base + MAX_BUCKETS - 1);
+        let i = usize::try_from(bucket - self.base).unwrap_or(usize::MAX);
+        while self.buckets.len() <= i {
+            let b = self.spare.pop().unwrap_or_default();
+            self.buckets.push_back(b);
+        }
+        self.buckets[i].push_back(gid);
+        bucket
+    }
+
+    /// The next entry of the earliest bucket, whatever its time (the pending bound).
+    fn pop_front(&mut self) -> Option<(u64, GroupId)> {
+        loop {
+            let front = self.buckets.front_mut()?;
+            if let Some(gid) = front.pop_front() {
+                return Some((self.base, gid));
+            }
+            self.drop_front();
+        }
+    }
+
+    /// The next entry whose bucket has begun by `now`.
+    fn pop_due(&mut self, now: u64) -> Option<(u64, GroupId)> {
+        self.horizon = self.horizon.max(now >> BUCKET_SHIFT);
+        loop {
+            if self.base > now >> BUCKET_SHIFT {
+                return None;
+            }
+            let front = self.buckets.front_mut()?;
+            if let Some(gid) = front.pop_front() {
+                return Some((self.base, gid));
+            }
+            self.drop_front();
+        }
+    }
+
+    fn drop_front(&mut self) {
+        if let Some(b) = self.buckets.pop_front() {
+            if self.spare.len() < 64 {
+                self.spare.push(b);
+            }
+            self.base += 1;
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.buckets
+            .iter()
+            .chain(&self.spare)
+            .map(|b| b.capacity() * std::mem::size_of::<GroupId>())
+            .sum::<usize>()
+            + self.buckets.capacity() * std::mem::size_of::<VecDeque<GroupId>>()
     }
 }
 
@@ -490,6 +626,17 @@ mod tests {
         }
     }
 
+    /// The call's halves reach the stitcher at `at`, and the call reaches assemble then.
+    fn arrive(a: &mut Assembler, mut lc: LinkedCall, at: u64, out: &mut Vec<CompletedTrace>) {
+        for h in [&mut lc.call.client, &mut lc.call.server]
+            .into_iter()
+            .flatten()
+        {
+            h.arrived = at;
+        }
+        a.push(lc, at, out);
+    }
+
     fn check_trace(t: &CompletedTrace) {
         let ids: HashSet<SpanId> = t.spans.iter().map(|s| s.span_id).collect();
         assert_eq!(ids.len(), t.spans.len(), "no span twice");
@@ -511,12 +658,13 @@ mod tests {
         let inner_parent = server_id(&outer);
         let mut out = Vec::new();
         // The child first: it waits for its parent.
-        a.push(
+        arrive(
+            &mut a,
             linked(inner, Some((inner_parent, LinkKind::Timing))),
             0,
             &mut out,
         );
-        a.push(linked(outer, None), 500, &mut out);
+        arrive(&mut a, linked(outer, None), 500, &mut out);
         a.tick(1_499, &mut out);
         assert!(out.is_empty(), "not idle yet");
         a.tick(1_500, &mut out);
@@ -537,16 +685,93 @@ mod tests {
     }
 
     #[test]
+    fn the_idle_window_counts_from_arrival_not_from_when_link_let_the_call_go() {
+        let reg = Registry::new();
+        let mut a = Assembler::new(cfg(), &reg);
+        let mut out = Vec::new();
+        // Both halves arrived at 0; link held the call until 800.
+        let mut lc = linked(joined("10.0.0.1", "10.0.0.2", 1, 100, 900, None), None);
+        for h in [&mut lc.call.client, &mut lc.call.server]
+            .into_iter()
+            .flatten()
+        {
+            h.arrived = 0;
+        }
+        a.push(lc, 800, &mut out);
+        a.tick(999, &mut out);
+        assert!(out.is_empty(), "not before the idle window");
+        a.tick(1_000, &mut out);
+        assert_eq!(
+            out.len(),
+            1,
+            "idle from arrival (0 + 1000), not from 800 + 1000"
+        );
+    }
+
+    #[test]
+    fn deadlines_out_of_arrival_order_complete_each_on_time() {
+        let reg = Registry::new();
+        let mut a = Assembler::new(
+            AssembleConfig {
+                idle_nanos: 10 << 20,
+                ..cfg()
+            },
+            &reg,
+        );
+        let mut out = Vec::new();
+        // Pushed first but arrived last, then pushed last but arrived first.
+        arrive(
+            &mut a,
+            linked(joined("10.0.0.1", "10.0.0.2", 1, 100, 900, None), None),
+            5 << 20,
+            &mut out,
+        );
+        let mut early = linked(joined("10.0.0.1", "10.0.0.2", 2, 100, 900, None), None);
+        for h in [&mut early.call.client, &mut early.call.server]
+            .into_iter()
+            .flatten()
+        {
+            h.arrived = 1 << 20;
+        }
+        a.push(early, 6 << 20, &mut out);
+        a.tick(11 << 20, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].spans[0].source.1, 2, "the earlier arrival first");
+        a.tick((15 << 20) - 1, &mut out);
+        assert_eq!(out.len(), 1);
+        a.tick(15 << 20, &mut out);
+        assert_eq!(out.len(), 2);
+        // A span joining an open trace moves its deadline.
+        let outer = joined("10.0.0.1", "10.0.0.2", 3, 100, 900, None);
+        let parent = server_id(&outer);
+        arrive(&mut a, linked(outer, None), 20 << 20, &mut out);
+        let inner = joined("10.0.0.2", "10.0.0.3", 4, 200, 800, None);
+        arrive(
+            &mut a,
+            linked(inner, Some((parent, LinkKind::Timing))),
+            25 << 20,
+            &mut out,
+        );
+        a.tick(30 << 20, &mut out);
+        assert_eq!(out.len(), 2, "idle from the later span");
+        a.tick(35 << 20, &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[2].spans.len(), 4);
+    }
+
+    #[test]
     fn unrelated_calls_are_separate_traces_with_random_w3c_ids() {
         let reg = Registry::new();
         let mut a = Assembler::new(cfg(), &reg);
         let mut out = Vec::new();
-        a.push(
+        arrive(
+            &mut a,
             linked(joined("10.0.0.1", "10.0.0.2", 1, 100, 900, None), None),
             0,
             &mut out,
         );
-        a.push(
+        arrive(
+            &mut a,
             linked(joined("10.0.0.1", "10.0.0.2", 2, 100, 900, None), None),
             0,
             &mut out,
@@ -566,7 +791,8 @@ mod tests {
         let mut a = Assembler::new(cfg(), &reg);
         let mut out = Vec::new();
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        a.push(
+        arrive(
+            &mut a,
             linked(joined("10.0.0.1", "10.0.0.2", 1, 100, 900, Some(tp)), None),
             0,
             &mut out,
@@ -586,7 +812,8 @@ mod tests {
         let mut a = Assembler::new(cfg(), &reg);
         let mut out = Vec::new();
         let call = joined("10.0.0.2", "10.0.0.3", 2, 200, 800, None);
-        a.push(
+        arrive(
+            &mut a,
             linked(call, Some((SpanId::random(), LinkKind::Timing))),
             0,
             &mut out,
@@ -609,11 +836,12 @@ mod tests {
         let mut out = Vec::new();
         let outer = joined("10.0.0.1", "10.0.0.2", 1, 100, 900, None);
         let parent = server_id(&outer);
-        a.push(linked(outer, None), 0, &mut out);
+        arrive(&mut a, linked(outer, None), 0, &mut out);
         a.tick(1_000, &mut out);
         assert_eq!(out.len(), 1);
         let inner = joined("10.0.0.2", "10.0.0.3", 2, 200, 800, None);
-        a.push(
+        arrive(
+            &mut a,
             linked(inner, Some((parent, LinkKind::Timing))),
             2_000,
             &mut out,
@@ -635,7 +863,8 @@ mod tests {
         assert_eq!(reg.snapshot()["assemble.late_traces"], 1);
         // After the grace period a connecting call is a new trace of its own.
         let again = joined("10.0.0.2", "10.0.0.3", 3, 300, 700, None);
-        a.push(
+        arrive(
+            &mut a,
             linked(again, Some((parent, LinkKind::Timing))),
             20_000,
             &mut out,
@@ -659,7 +888,8 @@ mod tests {
         );
         let mut out = Vec::new();
         for seq in 0..3 {
-            a.push(
+            arrive(
+                &mut a,
                 linked(joined("10.0.0.1", "10.0.0.2", seq, 100, 900, None), None),
                 u64::from(seq),
                 &mut out,
@@ -677,12 +907,14 @@ mod tests {
         let mut a = Assembler::new(cfg(), &reg);
         let mut out = Vec::new();
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        a.push(
+        arrive(
+            &mut a,
             linked(joined("10.0.0.1", "10.0.0.2", 1, 100, 900, Some(tp)), None),
             0,
             &mut out,
         );
-        a.push(
+        arrive(
+            &mut a,
             linked(joined("10.0.0.1", "10.0.0.2", 2, 100, 900, Some(tp)), None),
             0,
             &mut out,

@@ -72,6 +72,13 @@ impl Call {
         }
     }
 
+    /// When the call's last half reached the stitch path: what the trace's idle window
+    /// counts from.
+    pub fn arrived(&self) -> u64 {
+        let at = |h: &Option<Box<Half>>| h.as_ref().map_or(0, |h| h.arrived);
+        at(&self.client).max(at(&self.server))
+    }
+
     /// Number of halves (observed exchanges) in this call.
     pub fn halves(&self) -> usize {
         usize::from(self.client.is_some()) + usize::from(self.server.is_some())
@@ -363,6 +370,7 @@ pub(crate) mod tests {
             }),
             instance: Arc::from("i-1"),
             exchange_id: u64::from(seqs.0),
+            arrived: 0,
             client,
             server,
             request_seq: seqs.0,

@@ -31,7 +31,11 @@
 //! (the latest exchange end it reported, [`Linker::note_progress`]) has passed the call's
 //! end by `progress_slack_nanos`: by then the server spans that contain the call and end
 //! soon after it have been reported. It waits at least `wait_nanos` and at most
-//! `max_wait_nanos` (stitcher clock, from its arrival: a quiet node makes no progress).
+//! `max_wait_nanos` (stitcher clock, from its CLIENT half's arrival at the stitcher, not
+//! from the call's arrival here: the wait runs while the join waits for the other half
+//! and while the trace's idle window runs, instead of adding to them; a quiet node makes
+//! no progress). Calls wait in one queue per node of their CLIENT half, because progress
+//! is per node: a quiet node's calls never hold up a busy node's.
 //! Waiting on the collector's progress rather than on the clock alone keeps a slow or
 //! starved collector from turning a half-seen candidate set into a confident `timing` link.
 //! Candidates are kept in a per-pod index for `retention_nanos`. A parent that ends later
@@ -135,8 +139,9 @@ pub struct Linker {
     by_trace: FastMap<(IpAddr, TraceId), Vec<SpanId>>,
     /// Candidate expiry order: (expires, pod, start, span, trace).
     candidates: VecDeque<(u64, IpAddr, u64, SpanId, Option<TraceId>)>,
-    /// Calls waiting for a decision, in arrival order: (arrived at, call).
-    waiting: VecDeque<(u64, Call)>,
+    /// Calls waiting for a decision, by node of their CLIENT half, in the order they came.
+    waiting: FastMap<Arc<str>, VecDeque<Call>>,
+    waiting_len: usize,
     /// Per collector node, the latest exchange end it reported.
     progress: FastMap<Arc<str>, u64>,
     counters: Counters,
@@ -150,7 +155,8 @@ impl Linker {
             pods: FastMap::default(),
             by_trace: FastMap::default(),
             candidates: VecDeque::new(),
-            waiting: VecDeque::new(),
+            waiting: FastMap::default(),
+            waiting_len: 0,
             progress: FastMap::default(),
             counters: Counters {
                 traceparent: c(
@@ -184,7 +190,7 @@ impl Linker {
 
     /// Calls waiting for a decision.
     pub fn pending(&self) -> usize {
-        self.waiting.len()
+        self.waiting_len
     }
 
     /// Server spans kept as candidate parents.
@@ -194,7 +200,7 @@ impl Linker {
 
     /// Halves held by waiting calls (O(n): for figures, not the hot path).
     pub fn pending_halves(&self) -> usize {
-        self.waiting.iter().map(|(_, c)| c.halves()).sum()
+        self.waiting.values().flatten().map(Call::halves).sum()
     }
 
     /// Notes how far a node's collector has reported (every half, as it arrives).
@@ -205,24 +211,6 @@ impl Linker {
                 self.progress.insert(half.node.clone(), half.end_unix_nanos);
             }
         }
-    }
-
-    /// Whether the call at the head of the queue may be decided now.
-    fn ready(&self, arrived: u64, call: &Call, now: u64) -> bool {
-        let waited = now.saturating_sub(arrived);
-        if waited < self.cfg.wait_nanos {
-            return false;
-        }
-        if waited >= self.cfg.max_wait_nanos {
-            return true;
-        }
-        call.client.as_ref().is_none_or(|c| {
-            self.progress.get(&*c.node).is_some_and(|p| {
-                *p >= c
-                    .end_unix_nanos
-                    .saturating_add(self.cfg.progress_slack_nanos)
-            })
-        })
     }
 
     /// Indexes a SERVER half as a candidate parent for calls made by its pod.
@@ -263,33 +251,49 @@ impl Linker {
 
     /// Takes a call from the join stage. Calls without a CLIENT half have no parent to
     /// find and pass straight through.
-    pub fn push(&mut self, call: Call, now: u64, out: &mut Vec<LinkedCall>) {
-        if call.client.is_none() {
+    pub fn push(&mut self, call: Call, out: &mut Vec<LinkedCall>) {
+        let Some(node) = call.client.as_ref().map(|c| c.node.clone()) else {
             out.push(LinkedCall { call, parent: None });
             return;
+        };
+        self.waiting.entry(node).or_default().push_back(call);
+        self.waiting_len += 1;
+        while self.waiting_len > self.cfg.max_pending {
+            let Some(call) = self.pop_oldest() else { break };
+            self.counters.evicted_pending.inc();
+            let parent = self.decide(&call);
+            out.push(LinkedCall { call, parent });
         }
-        self.waiting.push_back((now, call));
-        while self.waiting.len() > self.cfg.max_pending {
-            if let Some((_, call)) = self.waiting.pop_front() {
-                self.counters.evicted_pending.inc();
-                let parent = self.decide(&call);
-                out.push(LinkedCall { call, parent });
-            }
-        }
+    }
+
+    /// The waiting call whose CLIENT half arrived first (nodes are few).
+    fn pop_oldest(&mut self) -> Option<Call> {
+        let queue = self
+            .waiting
+            .values_mut()
+            .filter(|q| !q.is_empty())
+            .min_by_key(|q| q.front().map_or(u64::MAX, wait_from))?;
+        self.waiting_len -= 1;
+        queue.pop_front()
     }
 
     /// Decides every call whose wait is over, and forgets expired candidates.
     pub fn tick(&mut self, now: u64, out: &mut Vec<LinkedCall>) {
-        while self
-            .waiting
-            .front()
-            .is_some_and(|(arrived, call)| self.ready(*arrived, call, now))
-        {
-            if let Some((_, call)) = self.waiting.pop_front() {
-                let parent = self.decide(&call);
-                out.push(LinkedCall { call, parent });
+        let mut waiting = std::mem::take(&mut self.waiting);
+        for queue in waiting.values_mut() {
+            while queue
+                .front()
+                .is_some_and(|call| ready(&self.cfg, &self.progress, call, now))
+            {
+                if let Some(call) = queue.pop_front() {
+                    self.waiting_len -= 1;
+                    let parent = self.decide(&call);
+                    out.push(LinkedCall { call, parent });
+                }
             }
         }
+        waiting.retain(|_, q| !q.is_empty());
+        self.waiting = waiting;
         while self.candidates.front().is_some_and(|c| c.0 <= now) {
             self.forget_oldest_candidate();
         }
@@ -297,10 +301,11 @@ impl Linker {
 
     /// Decides everything still waiting (shutdown).
     pub fn flush(&mut self, out: &mut Vec<LinkedCall>) {
-        while let Some((_, call)) = self.waiting.pop_front() {
+        while let Some(call) = self.pop_oldest() {
             let parent = self.decide(&call);
             out.push(LinkedCall { call, parent });
         }
+        self.waiting.clear();
     }
 
     fn forget_oldest_candidate(&mut self) {
@@ -407,9 +412,10 @@ impl Linker {
                 + 16);
         let waiting: usize = self
             .waiting
-            .iter()
-            .map(|(_, c)| {
-                std::mem::size_of::<(u64, Call)>()
+            .values()
+            .flatten()
+            .map(|c| {
+                std::mem::size_of::<Call>()
                     + c.halves() * std::mem::size_of::<Half>()
                     + c.client.as_ref().map_or(0, |h| h.path.len())
                     + c.server.as_ref().map_or(0, |h| h.path.len())
@@ -417,6 +423,28 @@ impl Linker {
             .sum();
         cand + waiting + self.by_trace.len() * 64
     }
+}
+
+/// When a waiting call's wait started: its CLIENT half's arrival at the stitcher.
+fn wait_from(call: &Call) -> u64 {
+    call.client.as_ref().map_or(0, |c| c.arrived)
+}
+
+/// Whether a waiting call may be decided now: it waited `wait_nanos` and its node has
+/// reported past its end by the slack, or it waited `max_wait_nanos`.
+fn ready(cfg: &LinkConfig, progress: &FastMap<Arc<str>, u64>, call: &Call, now: u64) -> bool {
+    let waited = now.saturating_sub(wait_from(call));
+    if waited < cfg.wait_nanos {
+        return false;
+    }
+    if waited >= cfg.max_wait_nanos {
+        return true;
+    }
+    call.client.as_ref().is_none_or(|c| {
+        progress
+            .get(&*c.node)
+            .is_some_and(|p| *p >= c.end_unix_nanos.saturating_add(cfg.progress_slack_nanos))
+    })
 }
 
 #[cfg(test)]
@@ -470,9 +498,17 @@ mod tests {
         )
     }
 
+    /// The call as it reaches the stitcher at `at`.
+    fn arriving(mut c: Call, at: u64) -> Call {
+        if let Some(h) = c.client.as_mut() {
+            h.arrived = at;
+        }
+        c
+    }
+
     fn decide(l: &mut Linker, c: Call, now: u64) -> Option<SpanLink> {
         let mut out = Vec::new();
-        l.push(c, now, &mut out);
+        l.push(arriving(c, now), &mut out);
         assert!(out.is_empty(), "a call waits before it is linked");
         l.tick(now + 99, &mut out);
         assert!(out.is_empty());
@@ -498,7 +534,7 @@ mod tests {
         let mut out = Vec::new();
         let c = call(200, 300, None);
         l.note_progress(c.client.as_ref().unwrap());
-        l.push(c, 0, &mut out);
+        l.push(arriving(c, 0), &mut out);
         l.observe_server(&served(100, 900, None), 10);
         // The clock alone is not enough: the node has not reported past 300 + 50 yet.
         l.tick(500, &mut out);
@@ -514,11 +550,82 @@ mod tests {
         assert_eq!(out[0].parent.unwrap().kind, LinkKind::Ambiguous);
         // Without progress, the most it waits is max_wait.
         let c = call(2_000, 2_100, None);
-        l.push(c, 1_000, &mut out);
+        l.push(arriving(c, 1_000), &mut out);
         l.tick(1_999, &mut out);
         assert_eq!(out.len(), 1);
         l.tick(2_000, &mut out);
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn the_wait_counts_from_the_client_halfs_arrival_not_from_the_join() {
+        let reg = Registry::new();
+        let mut l = Linker::new(
+            LinkConfig {
+                wait_nanos: 100,
+                max_wait_nanos: 1_000,
+                progress_slack_nanos: 50,
+                retention_nanos: 10_000,
+                max_pending: 1_000,
+                max_candidates: 1_000,
+            },
+            &reg,
+        );
+        let mut out = Vec::new();
+        // The client half reached the stitcher at 0; the join held it until 900 (its
+        // server half came late). The node reports no progress.
+        l.push(arriving(call(200, 300, None), 0), &mut out);
+        l.tick(999, &mut out);
+        assert!(out.is_empty());
+        l.tick(1_000, &mut out);
+        assert_eq!(
+            out.len(),
+            1,
+            "decided link_max_wait after arrival, not after the join"
+        );
+        // With the node's progress past the call, only the least wait counts, also from
+        // the arrival: a call joined late is decided at once.
+        let c = call(400, 500, None);
+        let mut ahead = served(100, 600, None);
+        ahead.node = Arc::from("node-a");
+        l.note_progress(&ahead);
+        l.push(arriving(c, 1_000), &mut out);
+        l.tick(1_100, &mut out);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn a_quiet_nodes_call_does_not_hold_up_another_nodes() {
+        let reg = Registry::new();
+        let mut l = Linker::new(
+            LinkConfig {
+                wait_nanos: 100,
+                max_wait_nanos: 1_000,
+                progress_slack_nanos: 50,
+                retention_nanos: 10_000,
+                max_pending: 1_000,
+                max_candidates: 1_000,
+            },
+            &reg,
+        );
+        let mut out = Vec::new();
+        // First a call from node-a, whose collector reports nothing more.
+        l.push(arriving(call(200, 300, None), 0), &mut out);
+        // Then one from node-c, whose collector has reported well past it.
+        let mut busy = call(200, 300, None);
+        if let Some(h) = busy.client.as_mut() {
+            h.node = Arc::from("node-c");
+            l.note_progress(h);
+            h.end_unix_nanos = 250;
+        }
+        l.push(arriving(busy, 0), &mut out);
+        l.tick(100, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(&*out[0].call.client.as_ref().unwrap().node, "node-c");
+        assert_eq!(l.pending(), 1);
+        l.tick(1_000, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(l.pending(), 0);
     }
 
     #[test]
@@ -577,7 +684,7 @@ mod tests {
         let reg = Registry::new();
         let mut l = linker(&reg);
         let mut out = Vec::new();
-        l.push(call(200, 300, None), 0, &mut out);
+        l.push(arriving(call(200, 300, None), 0), &mut out);
         let a = served(100, 900, None);
         l.observe_server(&a, 50);
         l.tick(100, &mut out);
@@ -641,7 +748,7 @@ mod tests {
             client: None,
             server: Some(Box::new(served(1, 2, None))),
         };
-        l.push(s, 10_002, &mut out);
+        l.push(s, &mut out);
         assert_eq!(out.len(), 1);
         assert!(out[0].parent.is_none());
     }

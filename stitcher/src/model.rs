@@ -38,6 +38,10 @@ pub struct Half {
     /// Collector instance and exchange id: the observation this half came from.
     pub instance: Arc<str>,
     pub exchange_id: u64,
+    /// When this half reached the stitch path (stitcher clock, nanos). Every window
+    /// counts from here (join window, link wait, trace idle), so they run at the same
+    /// time instead of one after the other.
+    pub arrived: u64,
     /// The caller, as resolved at the exchange's start time.
     pub client: Identity,
     /// The callee as addressed: a Service on the client side before DNAT, a pod on the

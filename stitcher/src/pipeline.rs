@@ -19,9 +19,21 @@
 //! dropping every sender of the channel stops it after it delivered everything pending
 //! ([`PipelineHandle::stopped`]).
 //!
-//! The windows nest on purpose: `link_wait` ≤ `link_max_wait`, `join_window` < `trace_idle`,
-//! so a call's parent (decided within `link_max_wait`) and a lone half (emitted after
-//! `join_window`) reach their trace before it goes idle.
+//! Every window counts from the moment a half reached the stitch path ([`Half::arrived`],
+//! the stitcher clock when its batch is taken in), not from when it reached a stage: the
+//! join window, the link wait (from the CLIENT half's arrival) and the trace's idle window
+//! (from its latest span's arrival) run at the same time, so a trace is exported
+//! `trace_idle` (plus at most a tick) after its last span came in, however long link held
+//! a call. The arrival is taken on the stitch thread rather than in ingest: under a
+//! backlog in the channel the windows then still see the spans that were sent with them.
+//!
+//! The windows nest on purpose: `link_wait` ≤ `link_max_wait` < `trace_idle` and
+//! `join_window` < `trace_idle`, so a call is linked by max(`join_window`,
+//! `link_max_wait`) after its halves arrived (plus a tick), before the trace its spans
+//! belong to (idle from their arrival at the earliest) can complete. A lone half is
+//! emitted after `join_window` and, waited long enough by then, linked on the same tick.
+//! A call that still comes later (its node's queue held behind a call waiting for
+//! progress) joins the exported trace id as a late trace within `late_grace`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -250,7 +262,7 @@ impl Stitcher {
             ..
         } = batch;
         for ex in exchanges {
-            match self.resolve(&node, &instance, ex) {
+            match self.resolve(&node, &instance, ex, now) {
                 Ok(half) => {
                     self.linker.note_progress(&half);
                     if half.side == v1::Side::Server {
@@ -300,7 +312,7 @@ impl Stitcher {
 
     fn advance(&mut self, now: u64, out: &mut Vec<CompletedTrace>) {
         for call in self.calls.drain(..) {
-            self.linker.push(call, now, &mut self.linked);
+            self.linker.push(call, &mut self.linked);
         }
         self.drain_linked(now, out);
     }
@@ -347,6 +359,7 @@ impl Stitcher {
         node: &Arc<str>,
         instance: &Arc<str>,
         ex: v1::Exchange,
+        now: u64,
     ) -> Result<Half, &'static str> {
         let side = v1::Side::try_from(ex.side).map_err(|_| "unknown side")?;
         if side == v1::Side::Unspecified {
@@ -384,6 +397,7 @@ impl Stitcher {
             node: node.clone(),
             instance: instance.clone(),
             exchange_id: ex.id,
+            arrived: now,
             client: self.resolver.resolve(client, start),
             server: self.resolver.resolve(server, start),
             request_seq: ex.request_seq,
@@ -508,5 +522,136 @@ fn deliver(out: &mut Vec<CompletedTrace>, sinks: &[Arc<dyn TraceSink>]) {
         for sink in sinks {
             sink.on_trace(&trace);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolve::directory::CacheConfig;
+    use crate::resolve::inventory::StaticInventory;
+
+    const MS: u64 = 1_000_000;
+
+    /// The default windows: join 1 s, link 200 ms..1.5 s, idle 2 s, tick 50 ms.
+    fn stitcher(spec: &synth::ChainSpec, reg: &Registry) -> Stitcher {
+        let inv =
+            StaticInventory::from_yaml(&synth::inventory_yaml(spec), CacheConfig::default(), reg)
+                .unwrap();
+        Stitcher::new(&PipelineConfig::default(), inv, reg)
+    }
+
+    /// One 3-hop request, every batch of it taken in at stitcher time `at`; then the
+    /// clock ticks every 50 ms from `at` on. Returns when (stitcher time) its trace was
+    /// completed, and the trace.
+    fn one_request(at: u64) -> (u64, CompletedTrace, Registry) {
+        let spec = synth::ChainSpec {
+            requests: 1,
+            batch: 1,
+            ..Default::default()
+        };
+        let reg = Registry::new();
+        let mut s = stitcher(&spec, &reg);
+        let mut out = Vec::new();
+        for b in synth::generate(&spec, 1_700_000_000_000_000_000) {
+            s.push_batch(b, at, &mut out);
+        }
+        assert!(out.is_empty());
+        let mut t = at;
+        while out.is_empty() && t < at + 10_000 * MS {
+            t += 50 * MS;
+            s.tick(t, &mut out);
+        }
+        assert_eq!(out.len(), 1, "one trace");
+        (t, out.pop().unwrap(), reg)
+    }
+
+    #[test]
+    fn a_trace_completes_one_idle_window_after_its_last_span_arrived_not_after_link() {
+        // The collectors report nothing after this request: every call waits in link
+        // for its node's progress until link_max_wait (1.5 s). Counted from link's
+        // decision, the trace would complete after 1.5 + 2 s; counted from the spans'
+        // arrival, after 2 s (and at most one 50 ms tick and a 1 ms bucket later).
+        let at = 5_000 * MS;
+        let (done, trace, reg) = one_request(at);
+        assert_eq!(trace.spans.len(), 6);
+        assert!(!trace.late);
+        let idle = PipelineConfig::default().trace_idle.as_nanos() as u64;
+        assert!(done >= at + idle, "not before the idle window: {done}");
+        assert!(
+            done <= at + idle + 50 * MS,
+            "completed {} ms after the last arrival",
+            (done - at) / MS
+        );
+        let m = reg.snapshot();
+        assert_eq!(m["join.matched"], 3);
+        assert_eq!(m["link.timing"], 2, "both inner calls linked");
+        assert_eq!(m["assemble.traces"], 1);
+        assert_eq!(m["assemble.late_traces"], 0);
+    }
+
+    #[test]
+    fn a_join_that_found_both_halves_goes_on_to_link_at_once() {
+        let spec = synth::ChainSpec {
+            requests: 1,
+            hops: 1,
+            batch: 1,
+            ..Default::default()
+        };
+        let reg = Registry::new();
+        let mut s = stitcher(&spec, &reg);
+        let mut out = Vec::new();
+        let batches = synth::generate(&spec, 1_700_000_000_000_000_000);
+        assert_eq!(batches.len(), 2);
+        for b in batches {
+            s.push_batch(b, 7 * MS, &mut out);
+        }
+        // Same instant: nothing waits for the join window, the call waits in link.
+        assert_eq!(s.pending(), (0, 1, 0));
+        assert_eq!(reg.snapshot()["join.matched"], 1);
+    }
+
+    #[test]
+    fn spans_arriving_later_keep_the_trace_open_from_their_own_arrival() {
+        // The leaf's SERVER half comes 500 ms after the rest (its node's collector was
+        // slow): the join holds the leaf call's client half until then, link decides it
+        // at its max wait from the client half's arrival (1.5 s), and the trace is idle
+        // 2 s after the last arrival (2.5 s), one trace.
+        let spec = synth::ChainSpec {
+            requests: 1,
+            batch: 1,
+            ..Default::default()
+        };
+        let reg = Registry::new();
+        let mut s = stitcher(&spec, &reg);
+        let mut out = Vec::new();
+        let (leaf, rest): (Vec<_>, Vec<_>) = synth::generate(&spec, 1_700_000_000_000_000_000)
+            .into_iter()
+            .partition(|b| {
+                b.exchanges
+                    .iter()
+                    .all(|e| e.path.starts_with("/hop2/") && e.side == v1::Side::Server as i32)
+            });
+        assert_eq!(leaf.len(), 1);
+        for b in rest {
+            s.push_batch(b, 0, &mut out);
+        }
+        let mut t = 0;
+        while t < 500 * MS {
+            t += 50 * MS;
+            s.tick(t, &mut out);
+        }
+        for b in leaf {
+            s.push_batch(b, t, &mut out);
+        }
+        let last = t;
+        while out.is_empty() && t < 10_000 * MS {
+            t += 50 * MS;
+            s.tick(t, &mut out);
+        }
+        assert_eq!(out.len(), 1, "one trace, not split");
+        assert_eq!(out[0].spans.len(), 6);
+        assert!(t >= last + 2_000 * MS && t <= last + 2_050 * MS, "{t}");
+        assert_eq!(reg.snapshot()["join.matched"], 3);
     }
 }
