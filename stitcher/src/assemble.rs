@@ -167,30 +167,30 @@ impl Assembler {
         let server_id = lc.call.server.as_ref().map(|h| h.span_id);
         let client_id = lc.call.client.as_ref().map(|h| h.span_id);
         let parent_id = lc.parent.map(|l| l.parent);
-        let ids: Vec<SpanId> = [client_id, server_id, parent_id]
-            .into_iter()
-            .flatten()
-            .collect();
+        let ids = [client_id, server_id, parent_id];
 
         let mut late_of = None;
-        let mut found: Vec<GroupId> = Vec::new();
-        for id in &ids {
+        // At most three groups (one per id): no allocation per call.
+        let mut found: [GroupId; 3] = [0; 3];
+        let mut n = 0;
+        for id in ids.iter().flatten() {
             if let Some(g) = self.by_span.get(id) {
-                if !found.contains(g) {
-                    found.push(*g);
+                if !found[..n].contains(g) {
+                    found[n] = *g;
+                    n += 1;
                 }
             } else if let Some(t) = self.exported.get(id) {
                 late_of.get_or_insert(*t);
             }
         }
-        let gid = self.merge(found);
+        let gid = self.merge(&mut found[..n]);
         let spans = lc.call.halves();
         let arrived = lc.call.arrived();
         let group = self.groups.get_mut(&gid).expect("merged group exists");
         if group.late_of.is_none() {
             group.late_of = late_of;
         }
-        for id in ids {
+        for id in ids.into_iter().flatten() {
             if self.by_span.insert(id, gid).is_none() {
                 group.ids.push(id);
             }
@@ -291,7 +291,7 @@ impl Assembler {
     }
 
     /// Merges the groups into the largest one (or makes a new group); returns its id.
-    fn merge(&mut self, mut found: Vec<GroupId>) -> GroupId {
+    fn merge(&mut self, found: &mut [GroupId]) -> GroupId {
         if found.is_empty() {
             let gid = self.next_group;
             self.next_group += 1;
@@ -310,8 +310,8 @@ impl Assembler {
         }
         found.sort_by_key(|g| std::cmp::Reverse(self.groups.get(g).map_or(0, |g| g.ids.len())));
         let into = found[0];
-        for from in found.into_iter().skip(1) {
-            let Some(small) = self.groups.remove(&from) else {
+        for from in found.iter().skip(1) {
+            let Some(small) = self.groups.remove(from) else {
                 continue;
             };
             for id in &small.ids {

@@ -26,6 +26,7 @@
 //! pending halves emits the oldest early (also unmatched, and counted in `join.evicted`).
 
 use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
 
 use weft_proto::v1::Side;
 
@@ -117,10 +118,10 @@ struct Counters {
 /// The join stage: holds halves until their partner arrives or the window closes.
 pub struct Joiner {
     cfg: JoinConfig,
-    /// Halves waiting, by key. Almost always one per key; a vector for collisions.
-    /// Boxed on purpose: a half leaves as the same box it came in (into a `Call`).
-    #[allow(clippy::vec_box)]
-    pending: FastMap<JoinKey, Vec<Box<Half>>>,
+    /// Halves waiting, by key. Almost always one per key (no vector to allocate); a
+    /// vector for collisions. Boxed on purpose: a half leaves as the same box it came in
+    /// (into a `Call`).
+    pending: FastMap<JoinKey, Waiting>,
     /// Expiry order: (deadline, key, span id). Deadlines are pushed in clock order, so
     /// the front is always the next to expire; entries of halves already joined are
     /// skipped when they surface.
@@ -181,43 +182,41 @@ impl Joiner {
         }
         let key = JoinKey::of(&half);
         if let Some(waiting) = self.pending.get_mut(&key) {
-            let partner = waiting.iter().position(|w| {
+            let skew = self.cfg.max_skew_nanos;
+            let partner = waiting.as_slice().iter().position(|w| {
                 w.side != side
                     && match side {
-                        Side::Client => confirms(&half, w, self.cfg.max_skew_nanos),
-                        _ => confirms(w, &half, self.cfg.max_skew_nanos),
+                        Side::Client => confirms(&half, w, skew),
+                        _ => confirms(w, &half, skew),
                     }
             });
-            match partner {
-                Some(i) => {
-                    let other = waiting.swap_remove(i);
-                    if waiting.is_empty() {
-                        self.pending.remove(&key);
-                    }
-                    self.len -= 1;
-                    self.counters.matched.inc();
-                    let (mut client, server) = if side == Side::Client {
-                        (half, other)
-                    } else {
-                        (other, half)
-                    };
-                    share_traceparent(&mut client, &server);
-                    out.push(Call {
-                        client: Some(client),
-                        server: Some(server),
-                    });
-                    return;
-                }
-                None => {
-                    if waiting.iter().any(|w| w.side != side) {
-                        self.counters.rejected.inc();
-                    }
-                }
+            let rejected = partner.is_none() && waiting.as_slice().iter().any(|w| w.side != side);
+            if rejected {
+                self.counters.rejected.inc();
+            }
+            if let Some(other) = partner.and_then(|i| self.remove_at(key, i)) {
+                self.counters.matched.inc();
+                let (mut client, server) = if side == Side::Client {
+                    (half, other)
+                } else {
+                    (other, half)
+                };
+                share_traceparent(&mut client, &server);
+                out.push(Call {
+                    client: Some(client),
+                    server: Some(server),
+                });
+                return;
             }
         }
         self.order
             .push_back((now.saturating_add(self.cfg.window_nanos), key, half.span_id));
-        self.pending.entry(key).or_default().push(half);
+        match self.pending.entry(key) {
+            Entry::Occupied(mut e) => e.get_mut().push(half),
+            Entry::Vacant(e) => {
+                e.insert(Waiting::One(half));
+            }
+        }
         self.len += 1;
         while self.len > self.cfg.max_pending {
             match self.order.pop_front() {
@@ -251,12 +250,35 @@ impl Joiner {
     }
 
     fn take(&mut self, key: JoinKey, id: SpanId) -> Option<Box<Half>> {
+        let i = self
+            .pending
+            .get(&key)?
+            .as_slice()
+            .iter()
+            .position(|h| h.span_id == id)?;
+        self.remove_at(key, i)
+    }
+
+    /// Removes the `i`th half waiting under `key` (and the key when it was the last).
+    fn remove_at(&mut self, key: JoinKey, i: usize) -> Option<Box<Half>> {
         let waiting = self.pending.get_mut(&key)?;
-        let i = waiting.iter().position(|h| h.span_id == id)?;
-        let h = waiting.swap_remove(i);
-        if waiting.is_empty() {
-            self.pending.remove(&key);
-        }
+        let h = match waiting {
+            Waiting::Many(v) if i < v.len() && v.len() > 1 => {
+                let h = v.swap_remove(i);
+                if v.len() == 1
+                    && let Some(last) = v.pop()
+                {
+                    *waiting = Waiting::One(last);
+                }
+                h
+            }
+            Waiting::Many(_) => return None,
+            Waiting::One(_) if i == 0 => match self.pending.remove(&key)? {
+                Waiting::One(h) => h,
+                Waiting::Many(_) => return None,
+            },
+            Waiting::One(_) => return None,
+        };
         self.len -= 1;
         Some(h)
     }
@@ -285,12 +307,38 @@ impl Joiner {
         let heap: usize = self
             .pending
             .values()
-            .flat_map(|v| v.iter())
+            .flat_map(|v| v.as_slice().iter())
             .map(|h| h.path.len())
             .sum();
         self.len * per_half
             + heap
-            + self.pending.capacity() * (std::mem::size_of::<(JoinKey, Vec<Box<Half>>)>() + 1)
+            + self.pending.capacity() * (std::mem::size_of::<(JoinKey, Waiting)>() + 1)
+    }
+}
+
+/// The halves waiting under one key: one, or (sequence-number collisions) several.
+enum Waiting {
+    One(Box<Half>),
+    #[allow(clippy::vec_box)]
+    Many(Vec<Box<Half>>),
+}
+
+impl Waiting {
+    fn as_slice(&self) -> &[Box<Half>] {
+        match self {
+            Waiting::One(h) => std::slice::from_ref(h),
+            Waiting::Many(v) => v,
+        }
+    }
+
+    fn push(&mut self, half: Box<Half>) {
+        *self = match std::mem::replace(self, Waiting::Many(Vec::new())) {
+            Waiting::One(first) => Waiting::Many(vec![first, half]),
+            Waiting::Many(mut v) => {
+                v.push(half);
+                Waiting::Many(v)
+            }
+        };
     }
 }
 

@@ -205,10 +205,16 @@ impl Linker {
 
     /// Notes how far a node's collector has reported (every half, as it arrives).
     pub fn note_progress(&mut self, half: &Half) {
-        match self.progress.get_mut(&*half.node) {
-            Some(p) => *p = (*p).max(half.end_unix_nanos),
+        self.note_node_progress(&half.node, half.end_unix_nanos);
+    }
+
+    /// Notes that `node`'s collector has reported exchanges ending up to `end` (once
+    /// per batch: a batch comes from one node).
+    pub fn note_node_progress(&mut self, node: &Arc<str>, end: u64) {
+        match self.progress.get_mut(&**node) {
+            Some(p) => *p = (*p).max(end),
             None => {
-                self.progress.insert(half.node.clone(), half.end_unix_nanos);
+                self.progress.insert(node.clone(), end);
             }
         }
     }

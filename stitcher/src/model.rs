@@ -118,12 +118,30 @@ pub struct TraceId(pub [u8; 16]);
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct SpanId(pub [u8; 8]);
 
+/// Random ids for spans and traces: wyrand per thread, seeded from the OS generator.
+/// W3C asks ids to be random (unique), not secret; a ChaCha draw per span cost more than
+/// everything else the assemble stage does for it.
+fn random_u64() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(rand::random());
+    }
+    STATE.with(|s| {
+        let x = s.get().wrapping_add(0xa076_1d64_78bd_642f);
+        s.set(x);
+        let t = u128::from(x) * u128::from(x ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) as u64) ^ (t as u64)
+    })
+}
+
 impl TraceId {
     pub fn random() -> Self {
         loop {
-            let id = TraceId(rand::random());
-            if id.0 != [0; 16] {
-                return id;
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&random_u64().to_le_bytes());
+            b[8..].copy_from_slice(&random_u64().to_le_bytes());
+            if b != [0; 16] {
+                return TraceId(b);
             }
         }
     }
@@ -140,7 +158,7 @@ impl TraceId {
 impl SpanId {
     pub fn random() -> Self {
         loop {
-            let id = SpanId(rand::random());
+            let id = SpanId(random_u64().to_le_bytes());
             if id.0 != [0; 8] {
                 return id;
             }

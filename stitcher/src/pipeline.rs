@@ -35,7 +35,6 @@
 //! A call that still comes later (its node's queue held behind a call waiting for
 //! progress) joins the exported trace id as a late trace within `late_grace`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,7 +46,7 @@ use crate::export::LogOnce;
 use crate::join::{Call, JoinConfig, Joiner};
 use crate::link::{LinkConfig, LinkedCall, Linker};
 use crate::metrics::{Counter, Registry};
-use crate::model::{CompletedTrace, Half, ObservedBatch, SpanId, TraceParent, TraceSink};
+use crate::model::{CompletedTrace, FastMap, Half, ObservedBatch, SpanId, TraceParent, TraceSink};
 use crate::resolve::{Resolve, endpoint_addr};
 
 pub mod synth;
@@ -197,7 +196,7 @@ pub struct Stitcher {
     linker: Linker,
     assembler: Assembler,
     /// Method names are few: one shared string each.
-    methods: HashMap<String, Arc<str>>,
+    methods: FastMap<Box<str>, Arc<str>>,
     calls: Vec<Call>,
     linked: Vec<LinkedCall>,
     counters: Counters,
@@ -212,7 +211,7 @@ impl Stitcher {
             joiner: Joiner::new(cfg.join(), metrics),
             linker: Linker::new(cfg.link(), metrics),
             assembler: Assembler::new(cfg.assemble(), metrics),
-            methods: HashMap::new(),
+            methods: FastMap::default(),
             calls: Vec::new(),
             linked: Vec::new(),
             counters: Counters {
@@ -261,10 +260,11 @@ impl Stitcher {
             exchanges,
             ..
         } = batch;
+        let mut reported_to = None;
         for ex in exchanges {
             match self.resolve(&node, &instance, ex, now) {
                 Ok(half) => {
-                    self.linker.note_progress(&half);
+                    reported_to = reported_to.max(Some(half.end_unix_nanos));
                     if half.side == v1::Side::Server {
                         self.linker.observe_server(&half, now);
                     }
@@ -276,6 +276,9 @@ impl Stitcher {
                         .warn("dropping malformed exchanges", reason);
                 }
             }
+        }
+        if let Some(end) = reported_to {
+            self.linker.note_node_progress(&node, end);
         }
         self.advance(now, out);
     }
@@ -386,7 +389,8 @@ impl Stitcher {
             Some(m) => m.clone(),
             None if self.methods.len() < 64 => {
                 let m: Arc<str> = Arc::from(ex.method.as_str());
-                self.methods.insert(ex.method.clone(), m.clone());
+                self.methods
+                    .insert(Box::from(ex.method.as_str()), m.clone());
                 m
             }
             None => Arc::from(ex.method.as_str()),
