@@ -20,8 +20,9 @@ pub struct Pipeline {
     printer: Printer,
     sender: EventSender,
     metrics: Arc<Metrics>,
-    /// ifindex → name of the traced interfaces (kept by the caller from `attach`).
-    ifnames: HashMap<u32, String>,
+    /// ifindex → name of the traced interfaces (kept by the caller from `attach`); looked
+    /// up per event, hence the fast hash.
+    ifnames: HashMap<u32, String, foldhash::fast::RandomState>,
     print_failed: bool,
     /// Loss reasons already logged (each is logged once, then only counted).
     logged_losses: std::collections::HashSet<String>,
@@ -40,14 +41,14 @@ impl Pipeline {
             printer: Printer::new(print, node_name),
             sender,
             metrics,
-            ifnames: HashMap::new(),
+            ifnames: HashMap::default(),
             print_failed: false,
             logged_losses: Default::default(),
         }
     }
 
     pub fn set_interfaces(&mut self, ifnames: HashMap<u32, String>) {
-        self.ifnames = ifnames;
+        self.ifnames = ifnames.into_iter().collect();
     }
 
     /// One kernel event through parse, print and ship.
@@ -84,6 +85,11 @@ impl Pipeline {
             self.print_failed = true;
         }
         self.sender.try_send(Event::Exchange(ex));
+    }
+
+    /// The parse stage's counters so far.
+    pub fn parse_stats(&self) -> ParseStats {
+        self.parser.stats()
     }
 
     /// Periodic work: expire what waited too long and publish every stage's counters.

@@ -18,7 +18,9 @@
 //! kept half. A request line cut in the middle yields the method and the captured
 //! prefix of the path.
 
-use httparse::{EMPTY_HEADER, Header, ParserConfig, Status};
+use std::mem::MaybeUninit;
+
+use httparse::{Header, ParserConfig, Status};
 use weft_ebpf_common::HEAD_LEN;
 
 /// Replaces a non-empty query string: `/items?id=7` becomes `/items?<redacted>`.
@@ -30,6 +32,14 @@ pub const MAX_MESSAGES_PER_SEGMENT: usize = 16;
 /// Enough header slots for any head that fits in the captured bytes (the shortest
 /// header line, `a:\n`, is 3 bytes), so httparse never runs out of room.
 const MAX_HEADERS: usize = (HEAD_LEN + 2).div_ceil(3) + 1;
+
+/// Header slots that httparse fills (it initialises only those it uses: zeroing all
+/// `MAX_HEADERS` of them, 5.5 KB, cost more than parsing a typical head).
+type Slots<'b> = [MaybeUninit<Header<'b>>; MAX_HEADERS];
+
+fn slots<'b>() -> Slots<'b> {
+    [const { MaybeUninit::uninit() }; MAX_HEADERS]
+}
 
 /// Why a captured head did not yield a message. Names are stable metric labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -166,7 +176,31 @@ pub struct SegmentParse {
 /// Reads the messages that begin in a segment. `captured` is the copied head of
 /// the payload, `payload_len` the segment's full payload length.
 pub fn parse_segment(captured: &[u8], payload_len: u32, redact_query: bool) -> SegmentParse {
-    let mut out = SegmentParse::default();
+    let mut messages = Vec::new();
+    let end = for_each_message(captured, payload_len, redact_query, |m| messages.push(m));
+    SegmentParse {
+        messages,
+        error: end.error,
+        beyond_capture: end.beyond_capture,
+    }
+}
+
+/// How reading a segment ended (see [`SegmentParse`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentEnd {
+    pub error: Option<ParseError>,
+    pub beyond_capture: bool,
+}
+
+/// [`parse_segment`] without collecting: hands each message to `each` as it is read
+/// (the capture loop's path: no allocation per segment).
+pub fn for_each_message(
+    captured: &[u8],
+    payload_len: u32,
+    redact_query: bool,
+    mut each: impl FnMut(Message),
+) -> SegmentEnd {
+    let mut out = SegmentEnd::default();
     if captured.is_empty() {
         out.error = Some(ParseError::Empty);
         return out;
@@ -174,7 +208,8 @@ pub fn parse_segment(captured: &[u8], payload_len: u32, redact_query: bool) -> S
     // Never trust the kernel's lengths beyond what is in the buffer.
     let payload_len = (payload_len as usize).max(captured.len());
     let mut offset = 0usize;
-    while out.messages.len() < MAX_MESSAGES_PER_SEGMENT {
+    let mut count = 0usize;
+    while count < MAX_MESSAGES_PER_SEGMENT {
         // Some clients send a stray CRLF after a body; the next message (and its
         // sequence number) starts after it.
         while offset > 0 && matches!(captured.get(offset), Some(b'\r' | b'\n')) {
@@ -204,14 +239,15 @@ pub fn parse_segment(captured: &[u8], payload_len: u32, redact_query: bool) -> S
             // The head's end is unknown, so is the body in this segment.
             (Framing::ToEndOfSegment, None) => (0, None),
         };
-        out.messages.push(Message {
+        each(Message {
             head: parsed.head,
             offset: offset as u32,
             body_bytes,
             truncated: parsed.head_len.is_none(),
         });
+        count += 1;
         match next {
-            Some(n) if n < captured.len() && out.messages.len() == MAX_MESSAGES_PER_SEGMENT => {
+            Some(n) if n < captured.len() && count == MAX_MESSAGES_PER_SEGMENT => {
                 out.beyond_capture = true;
                 break;
             }
@@ -263,9 +299,9 @@ fn config() -> ParserConfig {
 }
 
 fn parse_request(buf: &[u8], redact_query: bool) -> Result<Parsed, ParseError> {
-    let mut slots = [EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut slots);
-    let outcome = config().parse_request(&mut req, buf);
+    let mut slots = slots();
+    let mut req = httparse::Request::new(&mut []);
+    let outcome = config().parse_request_with_uninit_headers(&mut req, buf, &mut slots);
     let (method, path, version) = (req.method, req.path, req.version);
     match outcome {
         Ok(Status::Complete(len)) => {
@@ -309,9 +345,9 @@ fn parse_request(buf: &[u8], redact_query: bool) -> Result<Parsed, ParseError> {
 }
 
 fn parse_response(buf: &[u8]) -> Result<Parsed, ParseError> {
-    let mut slots = [EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let outcome = config().parse_response(&mut resp, buf);
+    let mut slots = slots();
+    let mut resp = httparse::Response::new(&mut []);
+    let outcome = config().parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
     let (code, reason) = (resp.code, resp.reason);
     match outcome {
         Ok(Status::Complete(len)) => {
@@ -398,18 +434,18 @@ fn cut_headers(buf: &[u8], kind: Kind) -> KeptHeaders {
     };
     dst[..=last_nl].copy_from_slice(&buf[..=last_nl]);
     dst[last_nl + 1..].copy_from_slice(b"\r\n");
-    let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+    let mut slots = slots();
     match kind {
         Kind::Request => {
-            let mut req = httparse::Request::new(&mut slots);
-            match config().parse_request(&mut req, dst) {
+            let mut req = httparse::Request::new(&mut []);
+            match config().parse_request_with_uninit_headers(&mut req, dst, &mut slots) {
                 Ok(Status::Complete(_)) => keep_headers(req.headers),
                 _ => KeptHeaders::default(),
             }
         }
         Kind::Response => {
-            let mut resp = httparse::Response::new(&mut slots);
-            match config().parse_response(&mut resp, dst) {
+            let mut resp = httparse::Response::new(&mut []);
+            match config().parse_response_with_uninit_headers(&mut resp, dst, &mut slots) {
                 Ok(Status::Complete(_)) => keep_headers(resp.headers),
                 _ => KeptHeaders::default(),
             }

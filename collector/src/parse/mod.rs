@@ -364,15 +364,9 @@ impl Parser {
             }
         };
         let captured = &ev.head[..(ev.captured_len as usize).min(HEAD_LEN)];
-        let seg = http::parse_segment(captured, ev.payload_len, self.cfg.redact_query);
-        if let Some(e) = seg.error {
-            self.stats.parse_errors.add(e);
-        }
-        if seg.beyond_capture {
-            self.stats.heads_beyond_capture += 1;
-        }
         let ack = (ev.tcp_flags & TCP_FLAG_ACK != 0).then_some(ev.ack);
-        for msg in seg.messages {
+        let redact = self.cfg.redact_query;
+        let end = http::for_each_message(captured, ev.payload_len, redact, |msg| {
             if msg.truncated {
                 self.stats.truncated_heads += 1;
             }
@@ -395,29 +389,27 @@ impl Parser {
                     self.on_response(seg_ref, resp, ifname);
                 }
             }
+        });
+        if let Some(e) = end.error {
+            self.stats.parse_errors.add(e);
+        }
+        if end.beyond_capture {
+            self.stats.heads_beyond_capture += 1;
         }
     }
 
     fn on_request(&mut self, seg: SegmentRef, side: Side, req: RequestHead) {
         let pair = SockPair::new(seg.src, seg.dst);
-        // A request after a close: the 4-tuple was reused by a new connection.
-        if self
-            .table
-            .get_mut(&pair)
-            .is_some_and(|e| e.closed_at.is_some())
-            && let Some(old) = self.table.remove(&pair)
-        {
-            let n = old.pending_count();
-            self.stats.unanswered_requests += n as u64;
-            self.pending_total -= n;
-        }
-        let (flow, evicted) = self.table.flow_or_insert(
+        let (flow, _, evicted) = self.table.flow_or_insert(
             pair,
             seg.src,
             seg.ifindex,
             seg.wall,
             self.cfg.max_connections,
         );
+        // Pending on a closed connection whose 4-tuple came back: never answered.
+        self.stats.unanswered_requests += evicted.unanswered;
+        self.pending_total -= evicted.unanswered as usize;
         self.stats.evicted_connections += evicted.connections;
         self.stats.evicted_requests += evicted.requests;
         self.pending_total -= evicted.requests as usize;
@@ -461,11 +453,12 @@ impl Parser {
     fn on_response(&mut self, seg: SegmentRef, resp: ResponseHead, ifname: &str) {
         let pair = SockPair::new(seg.src, seg.dst);
         let client = seg.dst;
-        self.table.touch(&pair, seg.wall);
-        let Some(flow) = self.table.get_mut(&pair).and_then(|e| {
+        let Some((flow, connection_id)) = self.table.get_touched(&pair, seg.wall).and_then(|e| {
+            let id = e.connection_id;
             e.flows
                 .iter_mut()
                 .find(|f| f.client == client && f.ifindex == seg.ifindex)
+                .map(|f| (f, id))
         }) else {
             self.stats.unmatched_responses += 1;
             return;
@@ -505,14 +498,14 @@ impl Parser {
             return;
         };
         self.pending_total -= 1;
-        let ex = self.exchange(req, &pair, seg, resp, ifname);
+        let ex = self.exchange(req, connection_id, seg, resp, ifname);
         self.emit(ex);
     }
 
     fn exchange(
         &mut self,
         req: Pending,
-        pair: &SockPair,
+        connection_id: u64,
         seg: SegmentRef,
         resp: ResponseHead,
         ifname: &str,
@@ -547,7 +540,7 @@ impl Parser {
             request_id,
             ifindex: seg.ifindex,
             interface: ifname.to_owned(),
-            connection_id: pair.connection_id(),
+            connection_id,
             pid: 0,
             tid: 0,
         }

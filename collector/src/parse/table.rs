@@ -4,14 +4,24 @@
 //! Keyed by the connection's two endpoints (order-free, so a `ConnEvent` that knows
 //! only local/remote finds it), then by who is the client and the interface the
 //! segments were seen on (the same connection seen on two pods' veths of one node
-//! is two flows). Least recently used connections are evicted first.
+//! is two flows). When the connection bound is reached, a connection not used since
+//! the eviction hand last passed it goes first (second-chance, or CLOCK, an
+//! approximation of least recently used that costs one flag write per use instead of
+//! reordering a list on every packet).
+//!
+//! One hash lookup per packet: every segment of a saturating load goes through here.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::hash_map::Entry as Slot;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use weft_proto::v1::Side;
 
 use super::http::RequestHead;
+
+/// Hash of the table: fast (the keys are a few fixed-size addresses), seeded per process
+/// so that crafted addresses cannot aim at one bucket.
+type FastState = foldhash::fast::RandomState;
 
 /// A connection's endpoints in a canonical order (lower first).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,17 +113,45 @@ const MAX_FLOWS_PER_CONNECTION: usize = 4;
 
 #[derive(Debug)]
 pub struct Entry {
-    stamp: u64,
+    /// Distinguishes this entry from an earlier one of the same endpoints in the
+    /// eviction queue.
+    generation: u64,
+    /// Used since the eviction hand last passed it (second chance).
+    referenced: bool,
     pub last_seen: u64,
     /// When a close event was seen: responses may still be in flight (events come
     /// from different rings and CPUs), so the entry lives on for a grace period.
     pub closed_at: Option<u64>,
+    /// [`SockPair::connection_id`], computed once per connection.
+    pub connection_id: u64,
     pub flows: Vec<Flow>,
 }
 
 impl Entry {
     pub fn pending_count(&self) -> usize {
         self.flows.iter().map(|f| f.pending.len()).sum()
+    }
+
+    /// The flow seen from `client` on `ifindex`, created if missing (evicting the
+    /// oldest beyond `MAX_FLOWS_PER_CONNECTION`, counted in `evicted`).
+    fn flow(&mut self, client: SocketAddr, ifindex: u32, evicted: &mut Evicted) -> &mut Flow {
+        let idx = match self
+            .flows
+            .iter()
+            .position(|f| f.client == client && f.ifindex == ifindex)
+        {
+            Some(i) => i,
+            None => {
+                if self.flows.len() >= MAX_FLOWS_PER_CONNECTION {
+                    let old = self.flows.remove(0);
+                    evicted.connections += 1;
+                    evicted.requests += old.pending.len() as u64;
+                }
+                self.flows.push(Flow::new(client, ifindex));
+                self.flows.len() - 1
+            }
+        };
+        &mut self.flows[idx]
     }
 }
 
@@ -122,14 +160,18 @@ impl Entry {
 pub struct Evicted {
     pub connections: u64,
     pub requests: u64,
+    /// Requests still pending on a closed connection whose endpoints came back (a new
+    /// connection on the same 4-tuple): they will never be answered.
+    pub unanswered: u64,
 }
 
 #[derive(Debug, Default)]
 pub struct Table {
-    entries: HashMap<SockPair, Entry>,
-    /// Use order: stamp → connection; the first is the least recently used.
-    lru: BTreeMap<u64, SockPair>,
-    next_stamp: u64,
+    entries: HashMap<SockPair, Entry, FastState>,
+    /// Connections in insertion order with their generation: the eviction hand's
+    /// round. Entries removed otherwise leave stale items, skipped and compacted.
+    order: VecDeque<(SockPair, u64)>,
+    next_generation: u64,
 }
 
 impl Table {
@@ -149,20 +191,23 @@ impl Table {
         self.entries.get_mut(pair)
     }
 
-    /// Marks a connection as just used.
-    pub fn touch(&mut self, pair: &SockPair, now: u64) {
-        if let Some(e) = self.entries.get_mut(pair) {
-            self.lru.remove(&e.stamp);
-            self.next_stamp += 1;
-            e.stamp = self.next_stamp;
-            e.last_seen = e.last_seen.max(now);
-            self.lru.insert(e.stamp, *pair);
-        }
+    /// The connection, marked as just used.
+    pub fn get_touched(&mut self, pair: &SockPair, now: u64) -> Option<&mut Entry> {
+        let e = self.entries.get_mut(pair)?;
+        e.referenced = true;
+        e.last_seen = e.last_seen.max(now);
+        Some(e)
     }
 
-    /// The flow of `pair` seen from `client` on `ifindex`, created if missing.
-    /// Creating a connection beyond `max_connections` evicts the least recently
-    /// used one; what was evicted is returned.
+    /// Marks a connection as just used.
+    pub fn touch(&mut self, pair: &SockPair, now: u64) {
+        self.get_touched(pair, now);
+    }
+
+    /// The flow of `pair` seen from `client` on `ifindex`, created if missing, and its
+    /// connection's id. Creating a connection beyond `max_connections` evicts one not
+    /// used recently; a connection that was closed is replaced by a new one (its
+    /// endpoints were reused). What was pushed out is returned.
     pub fn flow_or_insert(
         &mut self,
         pair: SockPair,
@@ -170,11 +215,11 @@ impl Table {
         ifindex: u32,
         now: u64,
         max_connections: usize,
-    ) -> (&mut Flow, Evicted) {
+    ) -> (&mut Flow, u64, Evicted) {
         let mut evicted = Evicted::default();
-        if !self.entries.contains_key(&pair) {
+        if self.entries.len() >= max_connections.max(1) && !self.entries.contains_key(&pair) {
             while self.entries.len() >= max_connections.max(1) {
-                match self.evict_lru() {
+                match self.evict_one() {
                     Some(e) => {
                         evicted.connections += 1;
                         evicted.requests += e.pending_count() as u64;
@@ -182,64 +227,90 @@ impl Table {
                     None => break,
                 }
             }
-            self.next_stamp += 1;
-            self.lru.insert(self.next_stamp, pair);
-            self.entries.insert(
-                pair,
-                Entry {
-                    stamp: self.next_stamp,
-                    last_seen: now,
-                    closed_at: None,
-                    flows: Vec::new(),
-                },
-            );
-        } else {
-            self.touch(&pair, now);
         }
-        let entry = self
-            .entries
-            .get_mut(&pair)
-            .expect("entry inserted or present above");
-        let idx = match entry
-            .flows
-            .iter()
-            .position(|f| f.client == client && f.ifindex == ifindex)
-        {
-            Some(i) => i,
-            None => {
-                if entry.flows.len() >= MAX_FLOWS_PER_CONNECTION {
-                    let old = entry.flows.remove(0);
-                    evicted.connections += 1;
-                    evicted.requests += old.pending.len() as u64;
+        self.compact_order();
+        let entry = match self.entries.entry(pair) {
+            Slot::Occupied(o) => {
+                let e = o.into_mut();
+                if e.closed_at.is_some() {
+                    // A request after a close: the 4-tuple was reused by a new connection.
+                    evicted.unanswered += e.pending_count() as u64;
+                    self.next_generation += 1;
+                    self.order.push_back((pair, self.next_generation));
+                    *e = Entry::new(pair, self.next_generation, now);
+                } else {
+                    e.referenced = true;
+                    e.last_seen = e.last_seen.max(now);
                 }
-                entry.flows.push(Flow::new(client, ifindex));
-                entry.flows.len() - 1
+                e
+            }
+            Slot::Vacant(v) => {
+                self.next_generation += 1;
+                self.order.push_back((pair, self.next_generation));
+                v.insert(Entry::new(pair, self.next_generation, now))
             }
         };
-        (&mut entry.flows[idx], evicted)
+        let id = entry.connection_id;
+        (entry.flow(client, ifindex, &mut evicted), id, evicted)
     }
 
-    fn evict_lru(&mut self) -> Option<Entry> {
-        let (_, pair) = self.lru.pop_first()?;
-        self.entries.remove(&pair)
+    /// Second chance: the hand skips (and clears) connections used since it last
+    /// passed them, and evicts the first one that was not.
+    fn evict_one(&mut self) -> Option<Entry> {
+        // Each live entry is passed at most twice (once to clear its flag).
+        let mut budget = 2 * self.order.len();
+        while budget > 0 {
+            budget -= 1;
+            let (pair, generation) = self.order.pop_front()?;
+            let Some(e) = self.entries.get_mut(&pair) else {
+                continue;
+            };
+            if e.generation != generation {
+                continue;
+            }
+            if e.referenced {
+                e.referenced = false;
+                self.order.push_back((pair, generation));
+                continue;
+            }
+            return self.entries.remove(&pair);
+        }
+        None
+    }
+
+    /// Drops the queue's stale items once they outnumber the live ones (amortised:
+    /// each compaction follows at least as many insertions as it visits).
+    fn compact_order(&mut self) {
+        if self.order.len() <= 2 * self.entries.len() + 64 {
+            return;
+        }
+        let entries = &self.entries;
+        self.order
+            .retain(|(pair, g)| entries.get(pair).is_some_and(|e| e.generation == *g));
     }
 
     pub fn remove(&mut self, pair: &SockPair) -> Option<Entry> {
-        let e = self.entries.remove(pair)?;
-        self.lru.remove(&e.stamp);
-        Some(e)
+        self.entries.remove(pair)
     }
 
     /// Visits every connection; those for which `keep` returns false are removed.
-    pub fn retain(&mut self, mut keep: impl FnMut(&mut Entry) -> bool) {
-        let lru = &mut self.lru;
-        self.entries.retain(|_, e| {
-            let k = keep(e);
-            if !k {
-                lru.remove(&e.stamp);
-            }
-            k
-        });
+    pub fn retain(&mut self, keep: impl FnMut(&mut Entry) -> bool) {
+        let mut keep = keep;
+        self.entries.retain(|_, e| keep(e));
+        self.compact_order();
+    }
+}
+
+impl Entry {
+    fn new(pair: SockPair, generation: u64, now: u64) -> Self {
+        Entry {
+            generation,
+            referenced: false,
+            last_seen: now,
+            closed_at: None,
+            connection_id: pair.connection_id(),
+            flows: Vec::new(),
+        }
     }
 }
 
@@ -274,7 +345,7 @@ mod tests {
         t.flow_or_insert(p1, c, 1, 0, 2);
         t.flow_or_insert(p2, c, 1, 0, 2);
         t.touch(&p1, 1); // p2 is now the least recently used
-        let (_, ev) = t.flow_or_insert(p3, c, 1, 2, 2);
+        let (_, _, ev) = t.flow_or_insert(p3, c, 1, 2, 2);
         assert_eq!(ev.connections, 1);
         assert_eq!(t.len(), 2);
         assert!(t.get_mut(&p2).is_none());
@@ -289,7 +360,7 @@ mod tests {
         let p = SockPair::new(c, sa("10.0.0.9:80"));
         let mut total = Evicted::default();
         for ifindex in 0..(MAX_FLOWS_PER_CONNECTION as u32 + 3) {
-            let (_, ev) = t.flow_or_insert(p, c, ifindex, 0, 10);
+            let (_, _, ev) = t.flow_or_insert(p, c, ifindex, 0, 10);
             total.connections += ev.connections;
         }
         assert_eq!(total.connections, 3);
@@ -297,5 +368,77 @@ mod tests {
             t.get_mut(&p).map(|e| e.flows.len()),
             Some(MAX_FLOWS_PER_CONNECTION)
         );
+    }
+
+    #[test]
+    fn a_connection_used_since_the_hand_passed_gets_a_second_chance() {
+        let mut t = Table::default();
+        let c = sa("10.0.0.1:1000");
+        let pairs: Vec<_> = (0..4)
+            .map(|i| SockPair::new(c, sa(&format!("10.0.0.9:{}", 80 + i))))
+            .collect();
+        for p in &pairs[..3] {
+            t.flow_or_insert(*p, c, 1, 0, 3);
+        }
+        // The oldest is in use: the next oldest goes instead.
+        t.touch(&pairs[0], 1);
+        let (_, _, ev) = t.flow_or_insert(pairs[3], c, 1, 2, 3);
+        assert_eq!(ev.connections, 1);
+        assert!(t.get_mut(&pairs[0]).is_some());
+        assert!(t.get_mut(&pairs[1]).is_none());
+        // Everything in use: the hand clears every flag, then evicts the first it
+        // meets again (the hand's order is now 2, 0, 3).
+        for p in [pairs[0], pairs[2], pairs[3]] {
+            t.touch(&p, 3);
+        }
+        let (_, _, ev) = t.flow_or_insert(pairs[1], c, 1, 4, 3);
+        assert_eq!(ev.connections, 1);
+        assert_eq!(t.len(), 3);
+        assert!(t.get_mut(&pairs[2]).is_none());
+        assert!(t.get_mut(&pairs[0]).is_some());
+    }
+
+    #[test]
+    fn removed_connections_leave_no_trace_in_the_eviction_order() {
+        let mut t = Table::default();
+        let c = sa("10.0.0.1:1000");
+        for round in 0..50u16 {
+            for i in 0..100u16 {
+                let p = SockPair::new(c, sa(&format!("10.0.{round}.{}:80", i % 250)));
+                t.flow_or_insert(p, c, 1, 0, 1000);
+                t.remove(&p);
+            }
+        }
+        assert!(t.is_empty());
+        assert!(t.order.len() <= 64 + 1, "{}", t.order.len());
+        // A removed and re-created connection is not evicted for its old queue item.
+        let p = SockPair::new(c, sa("10.0.0.9:80"));
+        let q = SockPair::new(c, sa("10.0.0.9:81"));
+        t.flow_or_insert(p, c, 1, 0, 2);
+        t.remove(&p);
+        t.flow_or_insert(q, c, 1, 0, 2);
+        t.flow_or_insert(p, c, 1, 0, 2);
+        let r = SockPair::new(c, sa("10.0.0.9:82"));
+        t.flow_or_insert(r, c, 1, 0, 2);
+        assert!(
+            t.get_mut(&q).is_none(),
+            "the oldest live connection goes first"
+        );
+        assert!(t.get_mut(&p).is_some());
+    }
+
+    #[test]
+    fn a_closed_connection_whose_endpoints_return_is_replaced() {
+        let mut t = Table::default();
+        let c = sa("10.0.0.1:1000");
+        let p = SockPair::new(c, sa("10.0.0.9:80"));
+        let (flow, id, _) = t.flow_or_insert(p, c, 1, 0, 10);
+        flow.last_request_seq = Some(7);
+        assert_eq!(id, p.connection_id());
+        t.get_mut(&p).expect("present").closed_at = Some(1);
+        let (flow, _, ev) = t.flow_or_insert(p, c, 1, 2, 10);
+        assert_eq!(flow.last_request_seq, None, "a fresh flow");
+        assert_eq!(ev, Evicted::default());
+        assert_eq!(t.get_mut(&p).map(|e| e.closed_at), Some(None));
     }
 }
