@@ -89,7 +89,9 @@ fn cargo() -> Command {
 fn test(args: &[String]) -> Result<(), String> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    // One build of everything (debug, all targets) that the test run reuses.
+    // One build of everything (debug, all targets) that the test run reuses: nextest's build
+    // is then fresh, and e2e tests take other packages' binaries from it
+    // (weft_harness::binaries) instead of building them with other feature unification.
     run(cargo().args(["build", "--all-targets"]))?;
     let mut nextest = cargo();
     nextest.args(["nextest", "run", "--no-fail-fast"]);
