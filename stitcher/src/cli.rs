@@ -45,6 +45,24 @@ pub struct Cli {
     #[arg(long, env = "WEFT_OTLP_PROTOCOL", value_enum, default_value = "grpc")]
     pub otlp_protocol: Protocol,
 
+    /// Completed traces waiting for OTLP export; beyond it traces are dropped and counted
+    /// (export.otlp.dropped_queue_full).
+    #[arg(long, env = "WEFT_OTLP_QUEUE_TRACES", default_value_t = 16384)]
+    pub otlp_queue_traces: usize,
+
+    /// Most spans per OTLP export request.
+    #[arg(long, env = "WEFT_OTLP_MAX_BATCH_SPANS", default_value_t = 4096)]
+    pub otlp_max_batch_spans: usize,
+
+    /// Most bytes per OTLP export request, estimated before encoding (receivers commonly
+    /// refuse gRPC messages above 4 MiB; suffixes KiB, MiB).
+    #[arg(long, env = "WEFT_OTLP_MAX_BATCH_BYTES", default_value = "3MiB", value_parser = parse_bytes)]
+    pub otlp_max_batch_bytes: u64,
+
+    /// OTLP export requests in flight at once.
+    #[arg(long, env = "WEFT_OTLP_MAX_IN_FLIGHT", default_value_t = 4)]
+    pub otlp_max_in_flight: usize,
+
     #[command(flatten)]
     pub resolve: ResolveArgs,
 
@@ -124,6 +142,10 @@ impl Cli {
             Protocol::Grpc => OtlpProtocol::Grpc,
             Protocol::HttpProtobuf => OtlpProtocol::HttpProtobuf,
         };
+        cfg.queue_traces = self.otlp_queue_traces.max(1);
+        cfg.max_batch_spans = self.otlp_max_batch_spans.max(1);
+        cfg.max_batch_bytes = usize::try_from(self.otlp_max_batch_bytes).unwrap_or(usize::MAX);
+        cfg.max_in_flight = self.otlp_max_in_flight.max(1);
         Some(cfg)
     }
 
@@ -171,5 +193,20 @@ mod tests {
             .unwrap()
             .pipeline();
         assert!(budget.max_pending_spans < cli.pipeline().max_pending_spans);
+        let otlp = Cli::try_parse_from([
+            "weft-stitcher",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--otlp-max-batch-bytes",
+            "1MiB",
+            "--otlp-max-in-flight",
+            "8",
+        ])
+        .unwrap()
+        .otlp()
+        .unwrap();
+        assert_eq!(otlp.max_batch_bytes, 1 << 20);
+        assert_eq!(otlp.max_in_flight, 8);
+        assert_eq!(otlp.max_batch_spans, 4096);
     }
 }

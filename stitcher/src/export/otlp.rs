@@ -19,8 +19,10 @@
 //! status ERROR for 5xx (SERVER) and 4xx/5xx (CLIENT).
 //!
 //! Delivery: a bounded queue of traces (full → dropped and counted), a worker that
-//! batches up to `max_batch_spans` or `flush_interval`, retries retryable failures with
-//! exponential backoff, and counts what it finally drops (`export.otlp.dropped`).
+//! batches up to `max_batch_spans` spans or `max_batch_bytes` bytes or `flush_interval`,
+//! keeps up to `max_in_flight` requests out at once (over one HTTP/2 connection for
+//! gRPC), retries retryable failures with exponential backoff and jitter, and counts what
+//! it finally drops (`export.otlp.dropped`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +36,7 @@ use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode,
 };
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
 use weft_proto::v1::Side;
 
@@ -63,8 +65,16 @@ pub struct OtlpConfig {
     pub protocol: OtlpProtocol,
     /// Traces waiting for export; beyond it new traces are dropped and counted.
     pub queue_traces: usize,
+    /// A request carries at most this many spans...
     pub max_batch_spans: usize,
+    /// ...and about this many bytes at most (estimated before encoding; receivers
+    /// commonly refuse gRPC messages above 4 MiB).
+    pub max_batch_bytes: usize,
+    /// A partial batch is sent after waiting this long for more spans.
     pub flush_interval: Duration,
+    /// Requests in flight at once. One request at a time waits a full round trip (the
+    /// receiver decodes megabytes) per batch; several keep the receiver busy.
+    pub max_in_flight: usize,
     pub timeout: Duration,
     /// Attempts per request (the first included).
     pub max_attempts: u32,
@@ -77,9 +87,11 @@ impl OtlpConfig {
         OtlpConfig {
             endpoint: endpoint.into(),
             protocol: OtlpProtocol::Grpc,
-            queue_traces: 8192,
+            queue_traces: 16384,
             max_batch_spans: 4096,
+            max_batch_bytes: 3 << 20,
             flush_interval: Duration::from_millis(200),
+            max_in_flight: 4,
             timeout: Duration::from_secs(10),
             max_attempts: 5,
             initial_backoff: Duration::from_millis(100),
@@ -96,6 +108,7 @@ struct Counters {
     dropped_queue: Counter,
     dropped_failed: Counter,
     rejected: Counter,
+    in_flight: Counter,
 }
 
 /// A [`TraceSink`] that exports over OTLP. Create inside a tokio runtime.
@@ -125,6 +138,10 @@ impl OtlpExporter {
                 "export.otlp.rejected",
                 "spans the OTLP endpoint reported as rejected (partial success)",
             ),
+            in_flight: c(
+                "export.otlp.in_flight",
+                "OTLP export requests in flight (gauge)",
+            ),
         };
         let transport = Transport::new(&cfg)?;
         let (tx, rx) = mpsc::channel(cfg.queue_traces.max(1));
@@ -150,87 +167,135 @@ impl TraceSink for OtlpExporter {
     }
 }
 
-/// The worker: batch, send, retry, count.
+/// The traces of the next request, and its size so far.
+#[derive(Default)]
+struct Batch {
+    traces: Vec<Arc<CompletedTrace>>,
+    spans: usize,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Whether `trace` would push this batch past a bound (an empty batch takes any trace:
+    /// a single trace larger than the bounds goes alone).
+    fn would_overflow(&self, cfg: &OtlpConfig, spans: usize, bytes: usize) -> bool {
+        !self.traces.is_empty()
+            && (self.spans + spans > cfg.max_batch_spans
+                || self.bytes + bytes > cfg.max_batch_bytes)
+    }
+
+    fn push(&mut self, trace: Arc<CompletedTrace>, spans: usize, bytes: usize) {
+        self.traces.push(trace);
+        self.spans += spans;
+        self.bytes += bytes;
+    }
+
+    fn is_full(&self, cfg: &OtlpConfig) -> bool {
+        self.spans >= cfg.max_batch_spans || self.bytes >= cfg.max_batch_bytes
+    }
+}
+
+/// What every request task shares.
+struct Shared {
+    cfg: OtlpConfig,
+    counters: Counters,
+    log_failed: LogOnce,
+}
+
+impl Shared {
+    fn update_in_flight(&self, permits: &Semaphore) {
+        let out = self.cfg.max_in_flight.max(1) - permits.available_permits();
+        self.counters.in_flight.set(out as u64);
+    }
+}
+
+/// The worker: batch (bounded by spans and bytes), encode, and hand each request to a
+/// task of its own; at most `max_in_flight` requests are out at once. While all are out,
+/// the worker waits, its queue fills, and further traces are dropped and counted
+/// (`export.otlp.dropped_queue_full`): memory stays bounded by the queue, the batch and
+/// the requests in flight.
 async fn run(
     cfg: OtlpConfig,
-    mut transport: Transport,
+    transport: Transport,
     mut rx: mpsc::Receiver<Arc<CompletedTrace>>,
     counters: Counters,
 ) {
-    let log_failed = LogOnce::default();
+    let in_flight = cfg.max_in_flight.max(1);
+    let permits = Arc::new(Semaphore::new(in_flight));
+    let shared = Arc::new(Shared {
+        cfg,
+        counters,
+        log_failed: LogOnce::default(),
+    });
+    let cfg = &shared.cfg;
     let mut encoder = WireEncoder::default();
-    let mut batch: Vec<Arc<CompletedTrace>> = Vec::new();
-    let mut spans = 0usize;
+    let mut batch = Batch::default();
     loop {
-        let next = if batch.is_empty() {
+        let next = if batch.traces.is_empty() {
             rx.recv().await
         } else {
             match tokio::time::timeout(cfg.flush_interval, rx.recv()).await {
                 Ok(t) => t,
                 Err(_) => {
-                    flush(
-                        &mut encoder,
-                        &cfg,
-                        &mut transport,
-                        &mut batch,
-                        &counters,
-                        &log_failed,
-                    )
-                    .await;
-                    spans = 0;
+                    dispatch(&mut encoder, &mut batch, &transport, &shared, &permits).await;
                     continue;
                 }
             }
         };
         let Some(trace) = next else {
-            flush(
-                &mut encoder,
-                &cfg,
-                &mut transport,
-                &mut batch,
-                &counters,
-                &log_failed,
-            )
-            .await;
-            return;
+            break;
         };
-        spans += trace.spans.len();
-        batch.push(trace);
-        if spans >= cfg.max_batch_spans {
-            flush(
-                &mut encoder,
-                &cfg,
-                &mut transport,
-                &mut batch,
-                &counters,
-                &log_failed,
-            )
-            .await;
-            spans = 0;
+        let spans = trace.spans.len();
+        let bytes: usize = trace.spans.iter().map(WireEncoder::estimate).sum();
+        if batch.would_overflow(cfg, spans, bytes) {
+            dispatch(&mut encoder, &mut batch, &transport, &shared, &permits).await;
+        }
+        batch.push(trace, spans, bytes);
+        if batch.is_full(cfg) {
+            dispatch(&mut encoder, &mut batch, &transport, &shared, &permits).await;
         }
     }
+    // The pipeline stopped: send what is left and wait for every request to finish.
+    dispatch(&mut encoder, &mut batch, &transport, &shared, &permits).await;
+    let _ = permits.acquire_many(in_flight as u32).await;
 }
 
-async fn flush(
+/// Encodes the batch into one request and starts sending it once a request slot is free.
+async fn dispatch(
     encoder: &mut WireEncoder,
-    cfg: &OtlpConfig,
-    transport: &mut Transport,
-    batch: &mut Vec<Arc<CompletedTrace>>,
-    counters: &Counters,
-    log_failed: &LogOnce,
+    batch: &mut Batch,
+    transport: &Transport,
+    shared: &Arc<Shared>,
+    permits: &Arc<Semaphore>,
 ) {
-    if batch.is_empty() {
+    if batch.traces.is_empty() {
         return;
     }
-    let n: u64 = batch.iter().map(|t| t.spans.len() as u64).sum();
-    let mut bytes = Vec::new();
-    encoder.encode(batch, &mut bytes);
+    let spans = batch.spans as u64;
+    let mut bytes = Vec::with_capacity(batch.bytes);
+    encoder.encode(&batch.traces, &mut bytes);
+    *batch = Batch::default();
     let request = Bytes::from(bytes);
-    batch.clear();
+    let Ok(permit) = permits.clone().acquire_owned().await else {
+        return;
+    };
+    shared.update_in_flight(permits);
+    let (transport, shared, permits) = (transport.clone(), shared.clone(), permits.clone());
+    tokio::spawn(async move {
+        send_with_retries(transport, &request, spans, &shared).await;
+        drop(permit);
+        shared.update_in_flight(&permits);
+    });
+}
+
+/// Sends one request, retrying retryable failures with exponential backoff (with jitter,
+/// so that requests failing together do not retry together); counts the outcome.
+async fn send_with_retries(mut transport: Transport, request: &Bytes, n: u64, shared: &Shared) {
+    let (cfg, counters) = (&shared.cfg, &shared.counters);
     let mut backoff = cfg.initial_backoff;
     for attempt in 1..=cfg.max_attempts.max(1) {
         counters.requests.inc();
-        match transport.send(&request, cfg.timeout).await {
+        match transport.send(request, cfg.timeout).await {
             Ok(rejected) => {
                 counters.rejected.add(rejected);
                 counters.sent.add(n.saturating_sub(rejected));
@@ -239,12 +304,15 @@ async fn flush(
             Err(e) if e.retryable && attempt < cfg.max_attempts => {
                 counters.retries.inc();
                 tracing::debug!(error = %e.message, attempt, "OTLP export failed, retrying");
-                tokio::time::sleep(backoff).await;
+                let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
+                tokio::time::sleep(backoff + jitter).await;
                 backoff = (backoff * 2).min(cfg.max_backoff);
             }
             Err(e) => {
                 counters.dropped_failed.add(n);
-                log_failed.warn("OTLP export drops spans", &e.message);
+                shared
+                    .log_failed
+                    .warn("OTLP export drops spans", &e.message);
                 return;
             }
         }
@@ -261,6 +329,7 @@ type HttpClient = hyper_util::client::legacy::Client<
     Full<Bytes>,
 >;
 
+#[derive(Clone)]
 enum Transport {
     Grpc(tonic::client::Grpc<Channel>),
     Http {
