@@ -145,6 +145,23 @@ fn keepalive_reuses_one_connection_and_no_keepalive_opens_one_per_request() {
 }
 
 #[test]
+fn load_numbers_its_requests_in_the_path() {
+    let server = Server::start(&["--name", "numbered"]);
+    let url = server.url("/r/{n}");
+    let (ok, summary, _) = load(&["--url", &url, "--requests", "30", "--concurrency", "4"]);
+    assert!(ok, "{summary}");
+    assert_eq!(server.requests(30).len(), 30);
+    let mut paths: Vec<String> = app_log::served(&server.log())
+        .into_iter()
+        .map(|r| r.path)
+        .collect();
+    paths.sort();
+    let mut want: Vec<String> = (1..=30).map(|n| format!("/r/{n}")).collect();
+    want.sort();
+    assert_eq!(paths, want);
+}
+
+#[test]
 fn error_every_fails_every_nth_request_and_load_reports_it() {
     let server = Server::start(&["--error-every", "5"]);
     let url = server.url("/e");

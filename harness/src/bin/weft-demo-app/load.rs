@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
-    /// URL to GET.
+    /// URL to GET; `{n}` in its path becomes the request number (1, 2, ...), so that every
+    /// request has a path of its own.
     #[arg(long)]
     url: String,
     /// Number of requests to issue.
@@ -94,13 +95,18 @@ fn worker(
     tally: &Mutex<Tally>,
 ) {
     let mut conn: Option<Conn> = None;
-    while next.fetch_add(1, Ordering::Relaxed) < args.requests {
+    loop {
+        let n = next.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > args.requests {
+            break;
+        }
+        let path = url.path.replace("{n}", &n.to_string());
         let now = Instant::now();
         let outcome = if now >= deadline {
             Err(anyhow::anyhow!("not sent: --timeout-s reached"))
         } else {
             let sent = Instant::now();
-            one_request(args, url, keep_alive, deadline - now, &mut conn)
+            one_request(args, url, &path, keep_alive, deadline - now, &mut conn)
                 .map(|status| (status, sent.elapsed()))
         };
         let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
@@ -126,6 +132,7 @@ fn worker(
 fn one_request(
     args: &LoadArgs,
     url: &Url,
+    path: &str,
     keep_alive: bool,
     budget: Duration,
     conn: &mut Option<Conn>,
@@ -141,7 +148,7 @@ fn one_request(
             Some(c) => c,
             None => Conn::connect(url.addr, timeout)?,
         };
-        let result = http::write_get(&mut c, &url.authority, &url.path, keep_alive, &extra)
+        let result = http::write_get(&mut c, &url.authority, path, keep_alive, &extra)
             .and_then(|()| c.read_response());
         match result {
             Ok((head, _body)) => {
