@@ -7,10 +7,11 @@
 //! calls `store`: every hop crosses nodes, through ClusterIP DNAT. Servers are
 //! `weft-demo-app serve` (thread per connection). Names from the static inventory.
 //!
-//! Ground truth comes from the applications' own logs: the frontend logs its request
-//! number `n` with the caller's address, and calls `/api/items/{n}`; the backend logs its
-//! `n` with the path it served, and calls `/store/{n}`. So a CLIENT span's correct parent
-//! is known without trusting the stitcher.
+//! Ground truth comes from the applications' own logs: every load request has a path of its
+//! own (`/api/front/<load>/<k>`); the frontend logs its request number `n` with that path and
+//! calls `/api/items/{n}`; the backend logs its `n` with the path it served, and calls
+//! `/store/{n}`. So a CLIENT span's correct parent is known without trusting the stitcher.
+//! (Not by the caller's address: with a connection per request the loader reuses ports.)
 //!
 //! Needs root (namespaces, BPF) and the `weft-collector` and `weft-demo-app` binaries of the
 //! workspace build (`weft_harness::binaries`).
@@ -21,12 +22,13 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use stitch_common::{Got, Received, by_trace, grpc_receiver};
 use tokio::sync::mpsc;
-use weft_harness::app_log::{self, Served};
+use weft_harness::app_log;
 use weft_harness::{Cluster, ClusterSpec, NodeSpec, PodSpec, Proc, ServiceSpec};
 use weft_stitcher::export::otlp::{OtlpConfig, OtlpExporter};
 use weft_stitcher::ingest::{Ingest, IngestConfig};
@@ -82,6 +84,8 @@ struct Stack {
     metrics: Registry,
     pipeline: Option<PipelineHandle>,
     idle: Duration,
+    /// Loads run so far: each one's paths are `/api/front/<load>/<k>`.
+    loads: AtomicU32,
     _lock: std::fs::File,
 }
 
@@ -211,6 +215,7 @@ impl Stack {
             metrics,
             pipeline: Some(pipeline),
             idle,
+            loads: AtomicU32::new(0),
             _lock: lock,
         }
     }
@@ -218,10 +223,11 @@ impl Stack {
     /// Runs `weft-demo-app load` against the frontend Service from `netns`.
     fn load(&self, netns: &str, requests: u64, concurrency: u32, traceparent: bool) {
         let svc = self.cluster.service("frontend");
+        let run = self.loads.fetch_add(1, Ordering::Relaxed) + 1;
         let mut cmd = Command::new(&self.app);
         cmd.args(["load", "--url"])
             .arg(format!(
-                "http://{}:{}/api/front",
+                "http://{}:{}/api/front/{run}/{{n}}",
                 svc.cluster_ip(),
                 svc.port()
             ))
@@ -256,12 +262,13 @@ impl Stack {
         got
     }
 
-    /// Request numbers from an app's log: caller address → n (frontend), path → n (backend).
-    fn log(&self, app: &str, key: fn(&Served) -> &str) -> HashMap<String, u64> {
-        app_log::served(&self.apps[app].stdout_text())
-            .iter()
-            .map(|r| (key(r).to_string(), r.n))
-            .collect()
+    /// Request numbers from an app's log, by the path served (unique, or the truth is not).
+    fn numbers_by_path(&self, app: &str) -> HashMap<String, u64> {
+        let served = app_log::served(&self.apps[app].stdout_text());
+        let count = served.len();
+        let by_path: HashMap<String, u64> = served.into_iter().map(|r| (r.path, r.n)).collect();
+        assert_eq!(by_path.len(), count, "{app} served a path twice");
+        by_path
     }
 
     fn frontend_traceparents(&self) -> HashSet<String> {
@@ -289,8 +296,8 @@ struct LinkStats {
 }
 
 fn link_stats(stack: &Stack, spans: &[Got]) -> LinkStats {
-    let by_peer = stack.log("frontend", |r| &r.peer);
-    let by_path = stack.log("backend", |r| &r.path);
+    let frontend = stack.numbers_by_path("frontend");
+    let backend = stack.numbers_by_path("backend");
     let by_id: HashMap<&str, &Got> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
     let mut st = LinkStats {
         total: 0,
@@ -308,11 +315,8 @@ fn link_stats(stack: &Stack, spans: &[Got]) -> LinkStats {
         let parent = by_id.get(c.parent.as_str());
         // The number the parent server span's app gave its request.
         let parent_n = parent.and_then(|p| match p.service.as_str() {
-            "frontend" => {
-                let peer = format!("{}:{}", p.attrs["client.address"], p.attrs["client.port"]);
-                by_peer.get(&peer).copied()
-            }
-            "backend" => by_path.get(p.path()).copied(),
+            "frontend" => frontend.get(p.path()).copied(),
+            "backend" => backend.get(p.path()).copied(),
             _ => None,
         });
         // The number in the call's own path.
