@@ -2,8 +2,9 @@
 //!
 //! In: packets on a pod's host-side veth (TC ingress = leaving the pod, TC egress = entering
 //! it) and TCP state changes (`sock/inet_sock_set_state`).
-//! Out: `PacketEvent`s (segments that begin an HTTP/1 message, with a bounded payload head)
-//! on the `PACKETS` ring buffer, `ConnEvent`s on the `CONNS` ring buffer, and per-CPU
+//! Out: `PacketEvent`s or, for payloads of at most `SMALL_HEAD_LEN` bytes, `SmallPacketEvent`s
+//! (segments that begin an HTTP/1 message, with a bounded payload head) on the `PACKETS` ring
+//! buffer, `ConnEvent`s on the `CONNS` ring buffer, and per-CPU
 //! `COUNTERS` for every packet seen, emitted, lost or skipped.
 //!
 //! Only a segment that *begins* an HTTP message is captured, and only its first `HEAD_LEN`
@@ -30,7 +31,8 @@ use aya_ebpf::{
 };
 use weft_ebpf_common::{
     COUNTER_COUNT, ConnEvent, Counter, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6,
-    HEAD_LEN, PacketEvent, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
+    HEAD_LEN, PacketEvent, PacketEventOf, SMALL_HEAD_LEN, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV,
+    TCP_SYN_SENT,
 };
 
 /// Segments that begin HTTP messages. 4 MiB held 100k packets/s without loss (NOTES.md).
@@ -203,15 +205,26 @@ fn begins_http(ctx: &TcContext, off: usize, len: usize) -> bool {
     )
 }
 
+/// Emits the segment as the smallest event whose head holds its payload (the ring
+/// reservation must have a constant size, hence two sizes rather than the exact one).
 #[inline(always)]
 fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
-    // The event (584 bytes) does not fit the 512-byte BPF stack: fill the reserved entry.
-    let Some(mut entry) = PACKETS.reserve::<PacketEvent>(0) else {
+    if seg.payload_len <= SMALL_HEAD_LEN {
+        emit_sized::<SMALL_HEAD_LEN>(ctx, seg, direction);
+    } else {
+        emit_sized::<HEAD_LEN>(ctx, seg, direction);
+    }
+}
+
+#[inline(always)]
+fn emit_sized<const N: usize>(ctx: &TcContext, seg: &Segment, direction: u8) {
+    // The event does not fit the 512-byte BPF stack: fill the reserved entry.
+    let Some(mut entry) = PACKETS.reserve::<PacketEventOf<N>>(0) else {
         count(Counter::RingFull);
         return;
     };
     let ev = entry.as_mut_ptr();
-    if fill_packet(ctx, seg, direction, ev).is_err() {
+    if fill_packet::<N>(ctx, seg, direction, ev).is_err() {
         count(Counter::CopyFailed);
         entry.discard(0);
         return;
@@ -219,24 +232,30 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
     if seg.payload_len > HEAD_LEN {
         count(Counter::HeadCut);
     }
-    entry.submit(wakeup_flags());
+    entry.submit(wakeup_flags(record_bytes::<N>()));
     count(Counter::Emitted);
 }
 
-/// Wake the reader once per `WAKEUP_BYTES` of data, not per event: a wakeup is a cross-CPU
-/// interrupt (costly, above all in VMs) and at high rates one per packet cost more than
-/// everything else the classifier does (measured: 1.5-2.3 µs per run instead of ~0.3 µs).
-/// The reader also drains on a 10 ms timer, so a missed crossing only delays events.
-const WAKEUP_BYTES: u64 = 64 * 1024;
+/// Wake the reader only when the ring fills up (each time the unread data crosses a multiple
+/// of `WAKEUP_BYTES`); otherwise the reader drains on its own short timer (see the
+/// collector's capture loop). A wakeup is an `irq_work` self-IPI (a VM exit on virtual
+/// machines) plus a context switch of the reader: at saturation, waking once per 64 KiB
+/// still cost about a quarter of the classifiers' in-kernel time (profiled: `native_write_msr`
+/// under `bpf_ringbuf_submit`). At 1 MiB the timer does nearly all the reading at ordinary
+/// rates, and a wakeup still comes with 3 MiB of headroom left.
+const WAKEUP_BYTES: u64 = 1024 * 1024;
+
 /// Ring space one event takes: its 8-byte record header plus the event, 8-byte aligned.
-const RECORD_BYTES: u64 = (size_of::<PacketEvent>() as u64 + 8 + 7) & !7;
+const fn record_bytes<const N: usize>() -> u64 {
+    (size_of::<PacketEventOf<N>>() as u64 + 8 + 7) & !7
+}
 
 #[inline(always)]
-fn wakeup_flags() -> u64 {
+fn wakeup_flags(record: u64) -> u64 {
     // Called after the reservation: `avail` includes this event. Wake when it crossed a
     // multiple of WAKEUP_BYTES.
     let avail = PACKETS.query(BPF_RB_AVAIL_DATA as u64);
-    if avail / WAKEUP_BYTES != avail.saturating_sub(RECORD_BYTES) / WAKEUP_BYTES {
+    if avail / WAKEUP_BYTES != avail.saturating_sub(record) / WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -244,14 +263,14 @@ fn wakeup_flags() -> u64 {
 }
 
 #[inline(always)]
-fn fill_packet(
+fn fill_packet<const N: usize>(
     ctx: &TcContext,
     seg: &Segment,
     direction: u8,
-    ev: *mut PacketEvent,
+    ev: *mut PacketEventOf<N>,
 ) -> Result<(), ()> {
     let t = &seg.tcp;
-    let captured = copy_head(ctx, seg, ev)?;
+    let captured = copy_head::<N>(ctx, seg, ev)?;
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).ifindex = (*ctx.skb.skb).ifindex;
@@ -271,16 +290,22 @@ fn fill_packet(
     Ok(())
 }
 
-/// Copies up to `HEAD_LEN` payload bytes straight into the ring buffer entry.
+/// Copies up to `N` payload bytes straight into the ring buffer entry (only the
+/// payload's length: the rest of the head is left as the ring had it, and user space
+/// reads no further than `captured_len`).
 #[inline(always)]
-fn copy_head(ctx: &TcContext, seg: &Segment, ev: *mut PacketEvent) -> Result<u32, ()> {
+fn copy_head<const N: usize>(
+    ctx: &TcContext,
+    seg: &Segment,
+    ev: *mut PacketEventOf<N>,
+) -> Result<u32, ()> {
     let mut n = seg.payload_len;
-    if n > HEAD_LEN {
-        n = HEAD_LEN;
+    if n > N {
+        n = N;
     }
     let n = n as i64;
     // The verifier needs a provably non-zero, bounded length (NOTES.md).
-    if !aya_ebpf::check_bounds_signed(n, 1, HEAD_LEN as i64) {
+    if !aya_ebpf::check_bounds_signed(n, 1, N as i64) {
         return Err(());
     }
     let dst = unsafe { addr_of_mut!((*ev).head) }.cast::<core::ffi::c_void>();
@@ -385,6 +410,10 @@ fn conn_state(ctx: &TracePointContext) -> Result<(), i32> {
 
 // Keep the layout assumptions the user side relies on next to the code that writes them.
 const _: () = assert!(offset_of!(PacketEvent, head) + HEAD_LEN <= size_of::<PacketEvent>());
+const _: () = assert!(
+    offset_of!(PacketEventOf<SMALL_HEAD_LEN>, head) + SMALL_HEAD_LEN
+        <= size_of::<PacketEventOf<SMALL_HEAD_LEN>>()
+);
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

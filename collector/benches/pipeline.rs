@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use weft_collector::{
-    capture::Captured,
+    capture::{Captured, PacketRef},
     metrics::Metrics,
     parse::ParseConfig,
     pipeline::Pipeline,
     print::PrintMode,
     ship::{ShipConfig, Shipper},
 };
-use weft_ebpf_common::{DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, HEAD_LEN, PacketEvent};
+use weft_ebpf_common::{DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, SMALL_HEAD_LEN, SmallPacketEvent};
 
 const REQUEST: &[u8] =
     b"GET / HTTP/1.1\r\nHost: 10.200.1.3:8080\r\nuser-agent: h2load nghttp2/1.52.0\r\n\r\n";
@@ -56,14 +56,15 @@ fn event(
     ack: u32,
     payload: &[u8],
     ts_ns: u64,
-) -> PacketEvent {
+) -> SmallPacketEvent {
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     saddr[..4].copy_from_slice(&src.0);
     daddr[..4].copy_from_slice(&dst.0);
-    let mut head = [0u8; HEAD_LEN];
+    // Both payloads fit the short event, as the kernel then emits it.
+    let mut head = [0u8; SMALL_HEAD_LEN];
     head[..payload.len()].copy_from_slice(payload);
-    PacketEvent {
+    SmallPacketEvent {
         ts_ns,
         ifindex,
         seq,
@@ -167,7 +168,7 @@ fn main() {
         seqs[c] = (cseq2, sseq.wrapping_add(RESPONSE.len() as u32));
         for ev in &buf {
             pipeline.on_captured(Captured::Packet {
-                event: ev,
+                event: PacketRef::Small(ev),
                 wall_unix_nanos: wall0 + ev.ts_ns,
             });
         }

@@ -8,7 +8,7 @@ use tracing::warn;
 use weft_proto::v1::{CollectorInfo, Exchange};
 
 use crate::{
-    capture::{Capture, Captured},
+    capture::{Capture, Captured, PacketRef},
     metrics::Metrics,
     parse::{ParseConfig, ParseStats, Parser},
     print::{PrintMode, Printer},
@@ -58,8 +58,14 @@ impl Pipeline {
                 event,
                 wall_unix_nanos,
             } => {
-                let ifname = self.ifnames.get(&event.ifindex).map_or("", String::as_str);
-                let mut next = self.parser.on_packet(event, wall_unix_nanos, ifname);
+                let ifname = self
+                    .ifnames
+                    .get(&event.ifindex())
+                    .map_or("", String::as_str);
+                let mut next = match event {
+                    PacketRef::Small(ev) => self.parser.on_packet(ev, wall_unix_nanos, ifname),
+                    PacketRef::Full(ev) => self.parser.on_packet(ev, wall_unix_nanos, ifname),
+                };
                 while let Some(ex) = next {
                     self.emit(ex);
                     next = self.parser.take_ready();

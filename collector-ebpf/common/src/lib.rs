@@ -7,6 +7,12 @@
 /// A compile-time bound so the verifier can check every copy.
 pub const HEAD_LEN: usize = 512;
 
+/// Head size of the short event: a segment whose payload fits in it is emitted as a
+/// [`SmallPacketEvent`] (336 bytes of ring instead of 592), which most requests and
+/// responses without a body do. Less ring memory written, read and cycled through per
+/// event, and more events held when the reader falls behind.
+pub const SMALL_HEAD_LEN: usize = 256;
+
 /// The packet left the pod (TC ingress on the host-side veth).
 pub const DIR_FROM_POD: u8 = 0;
 /// The packet enters the pod (TC egress on the host-side veth).
@@ -15,10 +21,12 @@ pub const DIR_TO_POD: u8 = 1;
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
 
-/// A TCP segment whose payload begins an HTTP/1 request line or status line.
+/// A TCP segment whose payload begins an HTTP/1 request line or status line, with a
+/// head of `N` bytes: [`PacketEvent`] or [`SmallPacketEvent`]. Every field but `head`
+/// is at the same offset in both; a ring record's length says which one it is.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct PacketEvent {
+pub struct PacketEventOf<const N: usize> {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC); user space converts to wall clock.
     pub ts_ns: u64,
     pub ifindex: u32,
@@ -43,7 +51,20 @@ pub struct PacketEvent {
     pub _pad: u8,
     /// Bytes of `head` that hold payload.
     pub captured_len: u32,
-    pub head: [u8; HEAD_LEN],
+    pub head: [u8; N],
+}
+
+/// The event with the full `HEAD_LEN` head (payloads longer than `SMALL_HEAD_LEN`).
+pub type PacketEvent = PacketEventOf<HEAD_LEN>;
+/// The event for payloads of at most `SMALL_HEAD_LEN` bytes.
+pub type SmallPacketEvent = PacketEventOf<SMALL_HEAD_LEN>;
+
+impl<const N: usize> PacketEventOf<N> {
+    /// The captured payload bytes (never more than the head holds).
+    pub fn captured(&self) -> &[u8] {
+        let n = (self.captured_len as usize).min(N);
+        &self.head[..n]
+    }
 }
 
 /// TCP states as in the kernel's `enum tcp_state` (TCP_ESTABLISHED = 1, ...).
@@ -142,6 +163,34 @@ mod tests {
         assert_eq!(offset_of!(PacketEvent, head), 68);
         assert_eq!(size_of::<PacketEvent>(), 68 + HEAD_LEN + 4);
         assert_eq!(align_of::<PacketEvent>(), 8);
+        assert_eq!(offset_of!(SmallPacketEvent, captured_len), 64);
+        assert_eq!(offset_of!(SmallPacketEvent, head), 68);
+        assert_eq!(size_of::<SmallPacketEvent>(), 68 + SMALL_HEAD_LEN + 4);
+        const { assert!(SMALL_HEAD_LEN < HEAD_LEN) };
+    }
+
+    #[test]
+    fn captured_never_exceeds_the_head() {
+        let mut ev = SmallPacketEvent {
+            ts_ns: 0,
+            ifindex: 0,
+            seq: 0,
+            ack: 0,
+            payload_len: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport: 0,
+            dport: 0,
+            family: 0,
+            direction: 0,
+            tcp_flags: 0,
+            _pad: 0,
+            captured_len: 3,
+            head: [7; SMALL_HEAD_LEN],
+        };
+        assert_eq!(ev.captured(), &[7, 7, 7]);
+        ev.captured_len = u32::MAX;
+        assert_eq!(ev.captured().len(), SMALL_HEAD_LEN);
     }
 
     #[test]

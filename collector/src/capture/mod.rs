@@ -13,7 +13,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
 };
 use tokio::io::unix::AsyncFd;
-use weft_ebpf_common::{COUNTER_COUNT, ConnEvent, Counter, PacketEvent};
+use weft_ebpf_common::{COUNTER_COUNT, ConnEvent, Counter, PacketEvent, SmallPacketEvent};
 
 pub const MAP_PACKETS: &str = "WEFT_PACKETS";
 pub const MAP_CONNS: &str = "WEFT_CONNS";
@@ -22,13 +22,36 @@ pub const MAP_COUNTERS: &str = "WEFT_COUNTERS";
 /// One event from the kernel, with its wall-clock time.
 pub enum Captured<'a> {
     Packet {
-        event: &'a PacketEvent,
+        event: PacketRef<'a>,
         wall_unix_nanos: u64,
     },
     Conn {
         event: &'a ConnEvent,
         wall_unix_nanos: u64,
     },
+}
+
+/// A packet event as the kernel wrote it: the short one when the payload fit in its head.
+#[derive(Clone, Copy)]
+pub enum PacketRef<'a> {
+    Small(&'a SmallPacketEvent),
+    Full(&'a PacketEvent),
+}
+
+impl PacketRef<'_> {
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            PacketRef::Small(e) => e.ts_ns,
+            PacketRef::Full(e) => e.ts_ns,
+        }
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        match self {
+            PacketRef::Small(e) => e.ifindex,
+            PacketRef::Full(e) => e.ifindex,
+        }
+    }
 }
 
 /// Counts of what the reader itself saw.
@@ -73,8 +96,8 @@ impl Capture {
     /// Waits until either ring buffer has data, then hands every available event to `sink`.
     /// Cancel-safe: nothing is consumed before the wait completes.
     ///
-    /// The packet classifiers wake the reader only per batch (see `collector-ebpf`), so the
-    /// caller must also call [`Capture::drain_now`] on a short timer.
+    /// The packet classifiers wake the reader only when the ring fills up (see
+    /// `collector-ebpf`), so the caller must also call [`Capture::drain_now`] on a short timer.
     pub async fn drain(&mut self, mut sink: impl FnMut(Captured<'_>)) -> anyhow::Result<()> {
         tokio::select! {
             guard = self.packets.readable_mut() => {
@@ -116,13 +139,19 @@ fn read_packets(
 ) {
     let offset = mono_to_wall_offset();
     while let Some(item) = ring.next() {
-        let read = with_event::<PacketEvent>(&item, |ev| {
-            let wall_unix_nanos = ev.ts_ns.saturating_add_signed(offset);
+        let mut emit = |event: PacketRef<'_>| {
+            let wall_unix_nanos = event.ts_ns().saturating_add_signed(offset);
             sink(Captured::Packet {
-                event: ev,
+                event,
                 wall_unix_nanos,
             });
-        });
+        };
+        // The record's length says which event it is (see weft-ebpf-common).
+        let read = if item.len() >= size_of::<PacketEvent>() {
+            with_event::<PacketEvent>(&item, |ev| emit(PacketRef::Full(ev)))
+        } else {
+            with_event::<SmallPacketEvent>(&item, |ev| emit(PacketRef::Small(ev)))
+        };
         match read {
             true => stats.packets += 1,
             false => stats.malformed += 1,
@@ -229,6 +258,12 @@ mod tests {
         assert!(with_event::<PacketEvent>(&shifted[1..], |e| seen = e.ts_ns));
         assert_eq!(seen, 7);
         assert!(!with_event::<PacketEvent>(&shifted[..10], |_| ()));
+        // A short event's record is too short for the full one, and long enough for its own.
+        let small = vec![0u64; size_of::<SmallPacketEvent>().div_ceil(8)];
+        let bytes: &[u8] =
+            unsafe { std::slice::from_raw_parts(small.as_ptr().cast::<u8>(), small.len() * 8) };
+        assert!(!with_event::<PacketEvent>(bytes, |_| ()));
+        assert!(with_event::<SmallPacketEvent>(bytes, |_| ()));
     }
 
     #[test]

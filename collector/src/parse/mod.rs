@@ -44,8 +44,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use weft_ebpf_common::{
-    ConnEvent, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6, HEAD_LEN, PacketEvent,
-    TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
+    ConnEvent, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6, PacketEventOf, TCP_CLOSE,
+    TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 use weft_proto::v1::{Connection, Endpoint, Exchange, Side, connection};
 
@@ -235,9 +235,9 @@ impl Parser {
     /// One segment can complete several exchanges (a server that coalesces
     /// pipelined responses): the first is returned, the others wait in a queue that
     /// [`Parser::take_ready`] drains. Call it until `None` after each `on_packet`.
-    pub fn on_packet(
+    pub fn on_packet<const N: usize>(
         &mut self,
-        ev: &PacketEvent,
+        ev: &PacketEventOf<N>,
         wall_unix_nanos: u64,
         ifname: &str,
     ) -> Option<Exchange> {
@@ -347,7 +347,7 @@ impl Parser {
         s
     }
 
-    fn read_packet(&mut self, ev: &PacketEvent, wall: u64, ifname: &str) {
+    fn read_packet<const N: usize>(&mut self, ev: &PacketEventOf<N>, wall: u64, ifname: &str) {
         let (Some(src), Some(dst)) = (
             socket_addr(ev.family, &ev.saddr, ev.sport),
             socket_addr(ev.family, &ev.daddr, ev.dport),
@@ -363,7 +363,7 @@ impl Parser {
                 return;
             }
         };
-        let captured = &ev.head[..(ev.captured_len as usize).min(HEAD_LEN)];
+        let captured = ev.captured();
         let ack = (ev.tcp_flags & TCP_FLAG_ACK != 0).then_some(ev.ack);
         let redact = self.cfg.redact_query;
         let end = http::for_each_message(captured, ev.payload_len, redact, |msg| {

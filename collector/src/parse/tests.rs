@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use weft_ebpf_common::{
     ConnEvent, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6, HEAD_LEN, PacketEvent,
-    TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
+    SMALL_HEAD_LEN, SmallPacketEvent, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 use weft_proto::v1::{Exchange, Side, connection};
 
@@ -152,6 +152,55 @@ fn client_side_exchange_has_every_field() {
     assert_eq!((s.requests, s.responses, s.exchanges), (1, 1, 1));
     assert_eq!((s.pending_requests, s.tracked_connections), (0, 1));
     assert_eq!(s.parse_errors.total(), 0);
+}
+
+/// The same segment as the kernel's short event (payload within `SMALL_HEAD_LEN`).
+fn small(ev: &PacketEvent) -> SmallPacketEvent {
+    let mut head = [0u8; SMALL_HEAD_LEN];
+    let n = (ev.captured_len as usize).min(SMALL_HEAD_LEN);
+    head[..n].copy_from_slice(&ev.head[..n]);
+    SmallPacketEvent {
+        ts_ns: ev.ts_ns,
+        ifindex: ev.ifindex,
+        seq: ev.seq,
+        ack: ev.ack,
+        payload_len: ev.payload_len,
+        saddr: ev.saddr,
+        daddr: ev.daddr,
+        sport: ev.sport,
+        dport: ev.dport,
+        family: ev.family,
+        direction: ev.direction,
+        tcp_flags: ev.tcp_flags,
+        _pad: 0,
+        captured_len: n as u32,
+        head,
+    }
+}
+
+#[test]
+fn short_events_give_the_same_exchange_as_full_ones() {
+    const GET: &[u8] = b"GET /api/items?id=7 HTTP/1.1\r\nHost: backend.demo\r\n\
+traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
+    let req = pkt(DIR_FROM_POD, POD, SVC, 1000, 5000, GET);
+    let resp = pkt(DIR_TO_POD, SVC, POD, 5000, 1000 + GET.len() as u32, OK_5);
+    assert!(GET.len() <= SMALL_HEAD_LEN && OK_5.len() <= SMALL_HEAD_LEN);
+    let mut full = parser();
+    assert!(full.on_packet(&req, T0, "veth1").is_none());
+    let want = full.on_packet(&resp, T0 + MS, "veth1").expect("exchange");
+    let mut short = parser();
+    assert!(short.on_packet(&small(&req), T0, "veth1").is_none());
+    let got = short
+        .on_packet(&small(&resp), T0 + MS, "veth1")
+        .expect("exchange");
+    assert_eq!(got, want);
+    // A short event whose captured length claims more than its head is read no further.
+    let mut lying = small(&req);
+    lying.captured_len = u32::MAX;
+    lying.payload_len = u32::MAX;
+    let mut p = parser();
+    assert!(p.on_packet(&lying, T0, "veth1").is_none());
+    assert_eq!(p.stats().requests, 1);
 }
 
 #[test]
