@@ -19,11 +19,14 @@
 //! Prints: exchanges/s (wall clock: on a shared machine this is what the other load left),
 //! the CPU time per exchange of the stitch thread and of the export thread (from
 //! `/proc/thread-self/schedstat`) and the rate they sustain with a core each, spans exported, the peak of pending state (halves waiting to
-//! join, calls waiting to link, spans in open traces) and its estimated bytes per pending
-//! exchange, and the process's peak RSS.
+//! join, calls waiting to link, spans in open traces) with its estimated bytes per pending
+//! exchange and the heap held then (counted by the allocator), what the pending bounds
+//! evicted, and the process's peak RSS.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::mpsc::sync_channel;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::Instant;
 
 use prost::Message;
@@ -44,11 +47,69 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
 }
 
 fn peak_rss_kib() -> u64 {
+    status_kib("VmHWM:")
+}
+
+/// Counts the heap the process holds (bytes asked for and live allocations), so the
+/// memory of pending state is measured, not estimated: RSS cannot show it here (the
+/// generated input's freed memory is reused).
+struct Counting;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static LIVE_ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is the system allocator's.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+            LIVE_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+            LIVE_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        LIVE_ALLOCS.fetch_sub(1, Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Heap held: bytes asked for plus glibc's per-chunk overhead (8 bytes of header, and
+/// rounding to 16: about 16 bytes per live allocation).
+fn heap_bytes() -> usize {
+    LIVE_BYTES.load(Ordering::Relaxed) + 16 * LIVE_ALLOCS.load(Ordering::Relaxed)
+}
+
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
@@ -131,53 +192,10 @@ fn main() -> anyhow::Result<()> {
         (spans, bytes, thread_cpu_nanos() - cpu0)
     });
 
-    let mut out = Vec::new();
-    let (mut peak_pending, mut peak_bytes) = (0usize, 0usize);
-    let mut node: Arc<str> = Arc::from("");
-    let mut instance: Arc<str> = Arc::from("");
     let started = Instant::now();
     let cpu0 = thread_cpu_nanos();
-    for (i, bytes) in encoded.iter().enumerate() {
-        // ingest: decode and hand over.
-        let b = v1::EventBatch::decode(bytes.as_slice())?;
-        if *node != *b.node_name {
-            node = Arc::from(b.node_name.as_str());
-        }
-        if *instance != *b.instance_id {
-            instance = Arc::from(b.instance_id.as_str());
-        }
-        let now = b
-            .exchanges
-            .last()
-            .map_or(0, |e| e.end_unix_nanos.saturating_sub(t0));
-        stitcher.push_batch(
-            ObservedBatch {
-                node: node.clone(),
-                instance: instance.clone(),
-                seq: b.seq,
-                exchanges: b.exchanges,
-                connections: b.connections,
-            },
-            now,
-            &mut out,
-        );
-        stitcher.tick(now, &mut out);
-        for t in out.drain(..) {
-            // Blocks when the sink falls behind: the figure is end-to-end throughput.
-            tx.send(Arc::new(t))?;
-        }
-        if i % 1024 == 0 {
-            let pending = stitcher.pending_exchanges();
-            if pending > peak_pending {
-                peak_pending = pending;
-                peak_bytes = stitcher.pending_bytes();
-            }
-        }
-    }
-    stitcher.flush(u64::MAX / 2, &mut out);
-    for t in out.drain(..) {
-        tx.send(Arc::new(t))?;
-    }
+    let heap0 = heap_bytes();
+    let (peak_pending, peak_bytes, peak_heap) = stitch_all(&mut stitcher, &encoded, t0, &tx)?;
     let stitch_cpu = thread_cpu_nanos() - cpu0;
     drop(tx);
     let (spans, otlp_bytes, export_cpu) = sink
@@ -221,6 +239,19 @@ fn main() -> anyhow::Result<()> {
         peak_bytes as f64 / 1e6,
         peak_bytes / peak_pending.max(1)
     );
+    let grown = peak_heap.saturating_sub(heap0);
+    println!(
+        "  heap growth       {:.1} MB at that peak ≈ {} bytes per pending exchange (measured; includes the late-span index and traces queued for export)",
+        grown as f64 / 1e6,
+        grown / peak_pending.max(1)
+    );
+    println!(
+        "  bounds evicted    join {} link {} assemble {} late index {}",
+        m.get("join.evicted").copied().unwrap_or(0),
+        m.get("link.evicted").copied().unwrap_or(0),
+        m.get("assemble.evicted").copied().unwrap_or(0),
+        m.get("assemble.late_index_evicted").copied().unwrap_or(0),
+    );
     println!(
         "  late-span index   {:.1} MB at the end (exported ids kept for the late grace)",
         stitcher.remembered_bytes() as f64 / 1e6
@@ -231,4 +262,64 @@ fn main() -> anyhow::Result<()> {
     );
     anyhow::ensure!(spans == exchanges, "every exchange exported as one span");
     Ok(())
+}
+
+/// The timed part on the stitch thread: decode, stitch, hand completed traces to the
+/// sink. Returns the peak of pending exchanges, their estimated bytes and the process's
+/// heap then. Its own function so that a profiler can select it (`callgrind
+/// --toggle-collect='*stitch_all*'`).
+#[inline(never)]
+fn stitch_all(
+    stitcher: &mut Stitcher,
+    encoded: &[Vec<u8>],
+    t0: u64,
+    tx: &SyncSender<Arc<CompletedTrace>>,
+) -> anyhow::Result<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    let (mut peak_pending, mut peak_bytes, mut peak_heap) = (0usize, 0usize, 0usize);
+    let mut node: Arc<str> = Arc::from("");
+    let mut instance: Arc<str> = Arc::from("");
+    for (i, bytes) in encoded.iter().enumerate() {
+        // ingest: decode and hand over.
+        let b = v1::EventBatch::decode(bytes.as_slice())?;
+        if *node != *b.node_name {
+            node = Arc::from(b.node_name.as_str());
+        }
+        if *instance != *b.instance_id {
+            instance = Arc::from(b.instance_id.as_str());
+        }
+        let now = b
+            .exchanges
+            .last()
+            .map_or(0, |e| e.end_unix_nanos.saturating_sub(t0));
+        stitcher.push_batch(
+            ObservedBatch {
+                node: node.clone(),
+                instance: instance.clone(),
+                seq: b.seq,
+                exchanges: b.exchanges,
+                connections: b.connections,
+            },
+            now,
+            &mut out,
+        );
+        stitcher.tick(now, &mut out);
+        for t in out.drain(..) {
+            // Blocks when the sink falls behind: the figure is end-to-end throughput.
+            tx.send(Arc::new(t))?;
+        }
+        if i % 1024 == 0 {
+            let pending = stitcher.pending_exchanges();
+            if pending > peak_pending {
+                peak_pending = pending;
+                peak_bytes = stitcher.pending_bytes();
+                peak_heap = heap_bytes();
+            }
+        }
+    }
+    stitcher.flush(u64::MAX / 2, &mut out);
+    for t in out.drain(..) {
+        tx.send(Arc::new(t))?;
+    }
+    Ok((peak_pending, peak_bytes, peak_heap))
 }

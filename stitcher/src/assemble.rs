@@ -39,7 +39,7 @@ use weft_proto::v1::Side;
 use crate::link::LinkedCall;
 use crate::metrics::{Counter, Registry};
 use crate::model::{
-    CompletedTrace, FastMap, FastSet, Half, LinkKind, SpanId, SpanRecord, TraceId, span_name,
+    CompletedTrace, FastMap, Half, LinkKind, SpanId, SpanRecord, TraceId, span_name,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -343,13 +343,15 @@ impl Assembler {
             .or_else(|| propagated_trace_id(&group.calls))
             .unwrap_or_else(TraceId::random);
 
-        let present: FastSet<SpanId> = group
+        // Sorted ids rather than a hash set: traces are small.
+        let mut present: Vec<SpanId> = group
             .calls
             .iter()
             .flat_map(|lc| [&lc.call.client, &lc.call.server])
             .flatten()
             .map(|h| h.span_id)
             .collect();
+        present.sort_unstable();
         let mut spans = Vec::with_capacity(group.spans);
         for lc in group.calls {
             let joined = lc.call.joined();
@@ -357,7 +359,7 @@ impl Assembler {
             if let Some(c) = lc.call.client {
                 let link = lc.parent.filter(|l| {
                     let ok = l.parent != c.span_id
-                        && (present.contains(&l.parent)
+                        && (present.binary_search(&l.parent).is_ok()
                             || (late && self.exported.get(&l.parent) == Some(&trace_id)));
                     if !ok {
                         self.counters.parent_missing.inc();

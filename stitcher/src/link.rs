@@ -42,7 +42,7 @@
 //! than the slack after its call may be missed when another candidate was seen: that is the
 //! residual error of `timing`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -103,12 +103,86 @@ struct Candidate {
     tid: u32,
 }
 
-/// The server spans of one pod, by start time.
+/// The server spans of one pod, by duration class (log2 of the duration), each by start
+/// time. A containment search looks back, in each class, only as far as that class's
+/// longest span: one long span (a slow request, a long poll) no longer makes every search
+/// of the pod scan all its recent short spans (measured: seconds of stitch thread per
+/// tick under sustained load, when a pod had served one long request).
 #[derive(Default)]
 struct PodSpans {
-    by_start: BTreeMap<(u64, SpanId), Candidate>,
-    /// Longest candidate duration seen: bounds how far back a containment search looks.
+    classes: Vec<DurationClass>,
+}
+
+struct DurationClass {
+    class: u8,
+    /// Longest duration in this class seen: how far back its search looks.
     max_duration: u64,
+    /// Sorted by (start, span). Server halves arrive in about end order, and within a
+    /// class durations differ by less than 2x, so they arrive in about start order too:
+    /// an insert lands near the back and an expiry near the front (a sorted deque
+    /// instead of a B-tree: no node allocation per span, half the instructions).
+    by_start: VecDeque<((u64, SpanId), Candidate)>,
+}
+
+fn duration_class(duration: u64) -> u8 {
+    (u64::BITS - duration.leading_zeros()) as u8
+}
+
+impl PodSpans {
+    fn insert(&mut self, start: u64, id: SpanId, c: Candidate) -> u8 {
+        let duration = c.end.saturating_sub(start);
+        let class = duration_class(duration);
+        let i = match self.classes.iter().position(|k| k.class == class) {
+            Some(i) => i,
+            None => {
+                self.classes.push(DurationClass {
+                    class,
+                    max_duration: 0,
+                    by_start: VecDeque::new(),
+                });
+                self.classes.len() - 1
+            }
+        };
+        let k = &mut self.classes[i];
+        k.max_duration = k.max_duration.max(duration);
+        let key = (start, id);
+        let at = if k.by_start.back().is_none_or(|(last, _)| *last <= key) {
+            k.by_start.len()
+        } else {
+            k.by_start.partition_point(|(x, _)| *x < key)
+        };
+        k.by_start.insert(at, (key, c));
+        class
+    }
+
+    fn remove(&mut self, class: u8, start: u64, id: SpanId) {
+        if let Some(i) = self.classes.iter().position(|k| k.class == class) {
+            let v = &mut self.classes[i].by_start;
+            let key = (start, id);
+            let at = if v.front().is_some_and(|(first, _)| *first == key) {
+                0
+            } else {
+                v.partition_point(|(x, _)| *x < key)
+            };
+            if v.get(at).is_some_and(|(x, _)| *x == key) {
+                v.remove(at);
+            }
+            if v.is_empty() {
+                self.classes.swap_remove(i);
+            }
+        }
+    }
+
+    /// Candidates that started at or before `start` and may still contain it, each
+    /// class latest start first.
+    fn around(&self, start: u64) -> impl Iterator<Item = &((u64, SpanId), Candidate)> {
+        self.classes.iter().flat_map(move |k| {
+            let earliest = start.saturating_sub(k.max_duration);
+            let from = k.by_start.partition_point(|((s, _), _)| *s < earliest);
+            let to = k.by_start.partition_point(|((s, _), _)| *s <= start);
+            k.by_start.range(from..to.max(from)).rev()
+        })
+    }
 }
 
 /// What the rules need to know of a call's candidates: per rule, how many and the one
@@ -131,14 +205,17 @@ struct Counters {
     evicted_candidates: Counter,
 }
 
+/// (expires, pod, start, span, trace, duration class).
+type CandidateEntry = (u64, IpAddr, u64, SpanId, Option<TraceId>, u8);
+
 /// The link stage.
 pub struct Linker {
     cfg: LinkConfig,
     pods: FastMap<IpAddr, PodSpans>,
     /// Exact index for rule 1: (pod address, trace id) → server spans.
     by_trace: FastMap<(IpAddr, TraceId), Vec<SpanId>>,
-    /// Candidate expiry order: (expires, pod, start, span, trace).
-    candidates: VecDeque<(u64, IpAddr, u64, SpanId, Option<TraceId>)>,
+    /// Candidate expiry order: (expires, pod, start, span, trace, duration class).
+    candidates: VecDeque<CandidateEntry>,
     /// Calls waiting for a decision, by node of their CLIENT half, in the order they came.
     waiting: FastMap<Arc<str>, VecDeque<Call>>,
     waiting_len: usize,
@@ -224,12 +301,9 @@ impl Linker {
         let pod = half.server.addr.ip();
         let start = half.start_unix_nanos;
         let trace = half.traceparent.map(|t| t.trace_id);
-        let spans = self.pods.entry(pod).or_default();
-        spans.max_duration = spans
-            .max_duration
-            .max(half.end_unix_nanos.saturating_sub(start));
-        spans.by_start.insert(
-            (start, half.span_id),
+        let class = self.pods.entry(pod).or_default().insert(
+            start,
+            half.span_id,
             Candidate {
                 end: half.end_unix_nanos,
                 pid: half.pid,
@@ -248,6 +322,7 @@ impl Linker {
             start,
             half.span_id,
             trace,
+            class,
         ));
         while self.candidates.len() > self.cfg.max_candidates {
             self.counters.evicted_candidates.inc();
@@ -315,12 +390,12 @@ impl Linker {
     }
 
     fn forget_oldest_candidate(&mut self) {
-        let Some((_, pod, start, id, trace)) = self.candidates.pop_front() else {
+        let Some((_, pod, start, id, trace, class)) = self.candidates.pop_front() else {
             return;
         };
         if let Some(spans) = self.pods.get_mut(&pod) {
-            spans.by_start.remove(&(start, id));
-            if spans.by_start.is_empty() {
+            spans.remove(class, start, id);
+            if spans.classes.is_empty() {
                 self.pods.remove(&pod);
             }
         }
@@ -381,28 +456,34 @@ impl Linker {
             return found;
         };
         let (start, end) = (call.start_unix_nanos, call.end_unix_nanos);
-        let earliest = start.saturating_sub(spans.max_duration);
-        // Latest start first.
         let containing = spans
-            .by_start
-            .range((earliest, SpanId([0; 8]))..=(start, SpanId([0xff; 8])))
-            .rev()
+            .around(start)
             .filter(|(_, c)| c.end >= end)
             .filter(|((_, id), _)| *id != call.span_id);
         let thread = (call.tid != 0).then_some((call.pid, call.tid));
-        let note = |slot: &mut (usize, Option<SpanId>), id: SpanId| {
+        // Per rule: how many, and the one that started last.
+        let note = |slot: &mut (usize, Option<(u64, SpanId)>), at: u64, id: SpanId| {
             slot.0 += 1;
-            slot.1.get_or_insert(id);
-        };
-        for ((_, id), c) in containing {
-            note(&mut found.by_time, *id);
-            if thread.is_some() && thread == Some((c.pid, c.tid)) {
-                note(&mut found.by_thread, *id);
+            if slot.1.is_none_or(|latest| (at, id) > latest) {
+                slot.1 = Some((at, id));
             }
-            if found.by_trace.is_none() && same_trace.is_some_and(|ids| ids.contains(id)) {
-                found.by_trace = Some(*id);
+        };
+        let (mut by_time, mut by_thread) = ((0, None), (0, None));
+        let mut by_trace: Option<(u64, SpanId)> = None;
+        for ((at, id), c) in containing {
+            note(&mut by_time, *at, *id);
+            if thread.is_some() && thread == Some((c.pid, c.tid)) {
+                note(&mut by_thread, *at, *id);
+            }
+            if same_trace.is_some_and(|ids| ids.contains(id))
+                && by_trace.is_none_or(|latest| (*at, *id) > latest)
+            {
+                by_trace = Some((*at, *id));
             }
         }
+        found.by_time = (by_time.0, by_time.1.map(|(_, id)| id));
+        found.by_thread = (by_thread.0, by_thread.1.map(|(_, id)| id));
+        found.by_trace = by_trace.map(|(_, id)| id);
         if found.by_trace.is_none() {
             // Same trace but not containing (clock or capture oddities): still exact.
             found.by_trace = same_trace.and_then(|ids| ids.last().copied());
@@ -413,7 +494,7 @@ impl Linker {
     /// Approximate bytes held (for the benchmark's memory figure).
     pub fn pending_bytes(&self) -> usize {
         let cand = self.candidates.len()
-            * (std::mem::size_of::<(u64, IpAddr, u64, SpanId, Option<TraceId>)>()
+            * (std::mem::size_of::<CandidateEntry>()
                 + std::mem::size_of::<((u64, SpanId), Candidate)>()
                 + 16);
         let waiting: usize = self
@@ -709,6 +790,36 @@ mod tests {
         assert_eq!(link.kind, LinkKind::Ambiguous);
         assert_eq!(link.parent, b.span_id);
         assert_eq!(reg.snapshot()["link.ambiguous"], 1);
+    }
+
+    #[test]
+    fn spans_of_very_different_durations_are_all_found() {
+        let reg = Registry::new();
+        let mut l = linker(&reg);
+        // A long request (a long poll) and short ones in the same pod.
+        let long = served(10, 9_000, None);
+        let short = served(150, 950, None);
+        let other_short = served(1_000, 1_100, None);
+        for s in [&long, &short, &other_short] {
+            l.observe_server(s, 0);
+        }
+        let link = decide(&mut l, call(200, 300, None), 1).unwrap();
+        assert_eq!(link.kind, LinkKind::Ambiguous);
+        assert_eq!(
+            link.parent, short.span_id,
+            "the latest start, across classes"
+        );
+        let link = decide(&mut l, call(5_000, 5_100, None), 1).unwrap();
+        assert_eq!(link.kind, LinkKind::Timing);
+        assert_eq!(link.parent, long.span_id);
+        let link = decide(&mut l, call(1_010, 1_090, None), 1).unwrap();
+        assert_eq!(link.kind, LinkKind::Ambiguous);
+        assert_eq!(link.parent, other_short.span_id);
+        // Expiry removes each from its class.
+        let mut out = Vec::new();
+        l.tick(10_000, &mut out);
+        assert_eq!(l.candidates(), 0);
+        assert!(l.pods.is_empty());
     }
 
     #[test]

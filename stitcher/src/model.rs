@@ -279,23 +279,40 @@ pub fn span_name(method: &str, path: &str) -> String {
 }
 
 fn route_into(path: &str, out: &mut String) {
-    let path = path.split(['?', '#']).next().unwrap_or("");
+    // Byte scans: '?', '#' and '/' are ASCII, so every cut is a char boundary.
+    let end = path
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(path.len());
+    let path = &path[..end];
     if path.is_empty() {
         out.push('/');
         return;
     }
-    for (i, seg) in path.split('/').enumerate() {
-        if i > 0 {
-            out.push('/');
-        }
+    let mut rest = path;
+    loop {
+        let (seg, next) = match rest.bytes().position(|b| b == b'/') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
         out.push_str(placeholder(seg).unwrap_or(seg));
+        match next {
+            Some(n) => {
+                out.push('/');
+                rest = n;
+            }
+            None => break,
+        }
     }
 }
 
 fn placeholder(seg: &str) -> Option<&'static str> {
     let b = seg.as_bytes();
-    if b.is_empty() {
-        return None;
+    // Most segments are words: the first byte usually settles it.
+    match b.first() {
+        None => return None,
+        Some(c) if !c.is_ascii_hexdigit() => return None,
+        Some(_) => {}
     }
     if b.iter().all(u8::is_ascii_digit) {
         return Some("{id}");

@@ -105,9 +105,11 @@ impl Default for PipelineConfig {
 pub const DEFAULT_PENDING_MEMORY: u64 = 256 << 20;
 
 /// Bytes one pending exchange costs, all in: the `Half` (~300 B), its box, its share of
-/// the index entries (join key / span id → group), allocator slack and a typical path.
-/// Measured: the stitcher's own `pipeline.pending_bytes` estimate was ~420 B per pending
-/// exchange under `weft-loadgen`; RSS adds allocator overhead on top.
+/// the index entries (join key / span id → group), allocator overhead and a typical path.
+/// Measured by `stitch_bench` (allocator-counted heap at the peak of pending state, 3-hop
+/// chains, no propagation): 600-660 B per pending exchange including the late-span index
+/// and the traces queued for export; the stitcher's own `pipeline.pending_bytes`
+/// estimate (structures only) says ~450 B.
 const BYTES_PER_PENDING_EXCHANGE: u64 = 640;
 /// Bytes of one link candidate (server span in the time index and the by-trace index).
 const BYTES_PER_LINK_CANDIDATE: u64 = 160;
@@ -116,20 +118,23 @@ const BYTES_PER_REMEMBERED_SPAN: u64 = 80;
 
 impl PipelineConfig {
     /// Sizes every pending bound from one memory budget, so that the worst case of all
-    /// pending stitch state together stays near `bytes`. Shares: open traces' spans 45 %,
-    /// calls waiting for their parent 20 %, halves waiting for their other half 15 %,
-    /// link candidates 10 %, the late-arrival index 10 %. What a bound pushes out is
-    /// counted: `join.evicted`, `link.evicted`, `link.candidates_evicted`,
-    /// `assemble.evicted`, `assemble.late_index_evicted`.
+    /// pending stitch state together stays near `bytes`. Shares follow where exchanges
+    /// wait in steady state (every window counts from arrival): open traces hold
+    /// `trace_idle` worth of spans, link holds its wait (a fraction of that), the join only
+    /// halves whose partner is late or absent. Open traces' spans 60 %, calls waiting for
+    /// their parent 10 %, halves waiting for their other half 10 %, link candidates 10 %,
+    /// the late-arrival index 10 %. What a bound pushes out is counted: `join.evicted`,
+    /// `link.evicted`, `link.candidates_evicted`, `assemble.evicted`,
+    /// `assemble.late_index_evicted`.
     pub fn with_memory_budget(mut self, bytes: u64) -> Self {
         let share = |percent: u64, per_entry: u64| -> usize {
             let n = bytes / 100 * percent / per_entry;
             usize::try_from(n).unwrap_or(usize::MAX).max(1)
         };
-        self.max_pending_spans = share(45, BYTES_PER_PENDING_EXCHANGE);
+        self.max_pending_spans = share(60, BYTES_PER_PENDING_EXCHANGE);
         // A call holds up to two halves.
-        self.max_pending_calls = share(20, 2 * BYTES_PER_PENDING_EXCHANGE);
-        self.max_pending_halves = share(15, BYTES_PER_PENDING_EXCHANGE);
+        self.max_pending_calls = share(10, 2 * BYTES_PER_PENDING_EXCHANGE);
+        self.max_pending_halves = share(10, BYTES_PER_PENDING_EXCHANGE);
         self.max_link_candidates = share(10, BYTES_PER_LINK_CANDIDATE);
         self.max_remembered_spans = share(10, BYTES_PER_REMEMBERED_SPAN);
         self
