@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
-    /// URL to GET; `{n}` in its path becomes the request number (1, 2, ...), so that every
-    /// request has a path of its own.
+    // The help spells the placeholder out: clap prints it as a line break.
+    /// URL to GET; `n` in braces in its path becomes the request number (1, 2, ...), as in
+    /// `serve --call`, so that every request has a path of its own.
     #[arg(long)]
     url: String,
     /// Number of requests to issue.

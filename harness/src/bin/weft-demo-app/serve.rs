@@ -19,7 +19,9 @@ pub struct ServeArgs {
     /// Name reported in responses and logs.
     #[arg(long, default_value = "demo")]
     name: String,
-    /// URL to GET for every request, in order (repeatable); `{n}` becomes the request number.
+    // The help spells the placeholder out: clap prints it as a line break.
+    /// URL to GET for every request, in order (repeatable); `n` in braces in it becomes the
+    /// request number.
     #[arg(long = "call")]
     calls: Vec<String>,
     /// Send a `traceparent` on downstream calls (same trace as the incoming one, or a new one).
