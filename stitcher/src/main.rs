@@ -22,10 +22,10 @@ use tokio::sync::mpsc;
 use tonic::transport::server::TcpIncoming;
 use tower::ServiceBuilder;
 
-use weft_proto::v1::ingest_server::IngestServer;
 use weft_proto::v1::query_server::QueryServer;
 use weft_stitcher::export::otlp::OtlpExporter;
 use weft_stitcher::export::printer::Printer;
+use weft_stitcher::ingest::codec::IngestService;
 use weft_stitcher::ingest::{self, Ingest};
 use weft_stitcher::metrics::Registry;
 use weft_stitcher::model::TraceSink;
@@ -132,7 +132,7 @@ async fn serve_grpc(
     let reflection_v1 = reflection().build_v1().context("reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<IngestServer<Ingest>>().await;
+    health.set_serving::<IngestService>().await;
     health.set_serving::<QueryServer<QueryService>>().await;
 
     let listener = TcpListener::bind(cli.listen)

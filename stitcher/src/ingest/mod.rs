@@ -8,11 +8,16 @@
 //! slows the acks, which fills the collectors' bounded queues, which then drop and count:
 //! back-pressure reaches the edge and nothing grows without bound here.
 //!
+//! Decoding ([`codec`]) sizes each batch's exchange vector once and skips the exchange
+//! fields nothing downstream reads (`host`, `request_id`, `tracestate`, `interface`)
+//! unless `--print-exchanges` shows them.
+//!
 //! Per batch: validate ([`validate`]) → dedup by `(instance id, seq)` ([`dedup`]) →
 //! forward (new) or skip (duplicate) → ack. A malformed batch ends its stream with
 //! `INVALID_ARGUMENT`, an oversized message with `RESOURCE_EXHAUSTED`; both are counted and
 //! touch no other stream.
 
+pub mod codec;
 pub mod collectors;
 pub mod dedup;
 pub mod print;
@@ -166,13 +171,14 @@ impl Ingest {
         self.shared.collectors.clone()
     }
 
-    /// The tonic service, with the message size limit and compression set.
-    pub fn server(self) -> v1::ingest_server::IngestServer<Self> {
-        let max = self.shared.cfg.max_message_bytes;
-        v1::ingest_server::IngestServer::new(self)
-            .max_decoding_message_size(max)
-            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-            .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+    /// The tonic service, with the message size limit and compression (gzip, zstd) set,
+    /// decoding batches with [`codec::BatchCodec`].
+    pub fn server(self) -> codec::IngestService {
+        codec::IngestService {
+            max_message_bytes: self.shared.cfg.max_message_bytes,
+            keep_all: self.shared.cfg.print_exchanges != print::PrintFormat::Off,
+            ingest: self,
+        }
     }
 }
 
