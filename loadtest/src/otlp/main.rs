@@ -1,8 +1,11 @@
 //! weft-otlp: the two ends of an OTLP/gRPC trace export, for measuring export throughput.
 //!
-//! - `weft-otlp sink`: a minimal OTLP/gRPC receiver (`TraceService/Export`). It decodes
-//!   every `ExportTraceServiceRequest` (the work any receiver must do) and counts requests,
-//!   spans and bytes; nothing else. It prints `listening <addr>` first, then one JSON line of
+//! - `weft-otlp sink`: a minimal OTLP/gRPC receiver (`TraceService/Export`) that counts
+//!   requests, spans and bytes and does nothing else. `--decode count` (default) walks
+//!   each request's protobuf framing (resource spans → scope spans → spans, every length
+//!   checked) and counts the spans without building them: the least a receiver must do.
+//!   `--decode full` decodes every request into the `opentelemetry-proto` types, as a
+//!   typical Rust receiver does. It prints `listening <addr>` first, then one JSON line of
 //!   totals per `--report-every`, and a final line on SIGINT/SIGTERM.
 //! - `weft-otlp send`: a client that sends one pre-encoded request of synthetic spans over
 //!   and over, `--concurrency` requests in flight on one HTTP/2 connection, for `--duration`.
@@ -13,6 +16,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+mod count;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -40,6 +45,14 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Decode {
+    /// Walk the framing and count spans.
+    Count,
+    /// Decode into the opentelemetry-proto types.
+    Full,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Receive OTLP/gRPC traces, decode and count them.
@@ -52,6 +65,8 @@ enum Command {
         /// Largest accepted request (after decompression).
         #[arg(long, default_value_t = 64 << 20)]
         max_message_bytes: usize,
+        #[arg(long, value_enum, default_value = "count")]
+        decode: Decode,
     },
     /// Send synthetic spans as fast as the receiver takes them.
     Send {
@@ -74,7 +89,8 @@ async fn main() -> anyhow::Result<()> {
             listen,
             report_every,
             max_message_bytes,
-        } => sink(listen, report_every, max_message_bytes).await,
+            decode,
+        } => sink(listen, report_every, max_message_bytes, decode).await,
         Command::Send {
             target,
             spans_per_request,
@@ -85,10 +101,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 #[derive(Default)]
-struct Totals {
-    requests: AtomicU64,
-    spans: AtomicU64,
-    bytes: AtomicU64,
+pub(crate) struct Totals {
+    pub(crate) requests: AtomicU64,
+    pub(crate) spans: AtomicU64,
+    pub(crate) bytes: AtomicU64,
 }
 
 impl Totals {
@@ -132,6 +148,7 @@ async fn sink(
     listen: SocketAddr,
     report_every: Duration,
     max_message_bytes: usize,
+    decode: Decode,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
@@ -150,14 +167,22 @@ async fn sink(
             }
         })
     };
-    let service = TraceServiceServer::new(CountingSink(totals.clone()))
-        .max_decoding_message_size(max_message_bytes)
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .accept_compressed(tonic::codec::CompressionEncoding::Zstd);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .add_service(service)
+        .initial_connection_window_size(Some(16 << 20));
+    let router = match decode {
+        Decode::Full => server.add_service(
+            TraceServiceServer::new(CountingSink(totals.clone()))
+                .max_decoding_message_size(max_message_bytes)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .accept_compressed(tonic::codec::CompressionEncoding::Zstd),
+        ),
+        Decode::Count => server.add_service(count::CountingService {
+            totals: totals.clone(),
+            max_message_bytes,
+        }),
+    };
+    router
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown(),
