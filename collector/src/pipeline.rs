@@ -62,13 +62,18 @@ impl Pipeline {
                     .ifnames
                     .get(&event.ifindex())
                     .map_or("", String::as_str);
-                let mut next = match event {
-                    PacketRef::Small(ev) => self.parser.on_packet(ev, wall_unix_nanos, ifname),
-                    PacketRef::Full(ev) => self.parser.on_packet(ev, wall_unix_nanos, ifname),
-                };
-                while let Some(ex) = next {
-                    self.emit(ex);
-                    next = self.parser.take_ready();
+                let (printer, print_failed, sender) =
+                    (&mut self.printer, &mut self.print_failed, &self.sender);
+                let sink = |ex| deliver(printer, print_failed, sender, ex);
+                match event {
+                    PacketRef::Small(ev) => {
+                        self.parser
+                            .on_packet_with(ev, wall_unix_nanos, ifname, sink)
+                    }
+                    PacketRef::Full(ev) => {
+                        self.parser
+                            .on_packet_with(ev, wall_unix_nanos, ifname, sink)
+                    }
                 }
             }
             Captured::Conn {
@@ -80,17 +85,6 @@ impl Pipeline {
                 }
             }
         }
-    }
-
-    fn emit(&mut self, ex: Exchange) {
-        if let Err(e) = self.printer.print(&ex)
-            && !self.print_failed
-        {
-            // Logged once: a closed stdout would otherwise flood the log.
-            warn!("printing exchanges failed, further failures are not logged: {e}");
-            self.print_failed = true;
-        }
-        self.sender.try_send(Event::Exchange(ex));
     }
 
     /// The parse stage's counters so far.
@@ -195,6 +189,18 @@ impl Pipeline {
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
+}
+
+/// An Exchange to the local printer and to the shipper.
+fn deliver(printer: &mut Printer, print_failed: &mut bool, sender: &EventSender, ex: Exchange) {
+    if let Err(e) = printer.print(&ex)
+        && !*print_failed
+    {
+        // Logged once: a closed stdout would otherwise flood the log.
+        warn!("printing exchanges failed, further failures are not logged: {e}");
+        *print_failed = true;
+    }
+    sender.try_send(Event::Exchange(ex));
 }
 
 fn parse_counters(p: &ParseStats) -> Vec<(&'static str, u64)> {

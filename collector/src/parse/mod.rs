@@ -241,10 +241,36 @@ impl Parser {
         wall_unix_nanos: u64,
         ifname: &str,
     ) -> Option<Exchange> {
-        self.stats.packets += 1;
-        self.read_packet(ev, wall_unix_nanos, ifname);
-        self.log_new_losses();
+        let mut ready = std::mem::take(&mut self.ready);
+        let mut overflow = 0;
+        self.on_packet_with(ev, wall_unix_nanos, ifname, |ex| {
+            if ready.len() >= MAX_READY {
+                overflow += 1;
+            } else {
+                ready.push_back(ex);
+            }
+        });
+        self.ready = ready;
+        if overflow > 0 {
+            self.stats.ready_overflow += overflow;
+            self.log_new_losses();
+        }
         self.ready.pop_front()
+    }
+
+    /// Like [`Parser::on_packet`], but hands every Exchange the segment completes to
+    /// `sink` at once (the capture loop's path: an Exchange is a few hundred bytes, and
+    /// queueing it cost two more copies of it).
+    pub fn on_packet_with<const N: usize>(
+        &mut self,
+        ev: &PacketEventOf<N>,
+        wall_unix_nanos: u64,
+        ifname: &str,
+        mut sink: impl FnMut(Exchange),
+    ) {
+        self.stats.packets += 1;
+        self.read_packet(ev, wall_unix_nanos, ifname, &mut sink);
+        self.log_new_losses();
     }
 
     /// The next exchange completed by an earlier `on_packet` call, if any.
@@ -347,7 +373,13 @@ impl Parser {
         s
     }
 
-    fn read_packet<const N: usize>(&mut self, ev: &PacketEventOf<N>, wall: u64, ifname: &str) {
+    fn read_packet<const N: usize>(
+        &mut self,
+        ev: &PacketEventOf<N>,
+        wall: u64,
+        ifname: &str,
+        sink: &mut dyn FnMut(Exchange),
+    ) {
         let (Some(src), Some(dst)) = (
             socket_addr(ev.family, &ev.saddr, ev.sport),
             socket_addr(ev.family, &ev.daddr, ev.dport),
@@ -386,7 +418,7 @@ impl Parser {
                 }
                 Head::Response(resp) => {
                     self.stats.responses += 1;
-                    self.on_response(seg_ref, resp, ifname);
+                    self.on_response(seg_ref, resp, ifname, sink);
                 }
             }
         });
@@ -450,7 +482,13 @@ impl Parser {
         }
     }
 
-    fn on_response(&mut self, seg: SegmentRef, resp: ResponseHead, ifname: &str) {
+    fn on_response(
+        &mut self,
+        seg: SegmentRef,
+        resp: ResponseHead,
+        ifname: &str,
+        sink: &mut dyn FnMut(Exchange),
+    ) {
         let pair = SockPair::new(seg.src, seg.dst);
         let client = seg.dst;
         let Some((flow, connection_id)) = self.table.get_touched(&pair, seg.wall).and_then(|e| {
@@ -498,8 +536,8 @@ impl Parser {
             return;
         };
         self.pending_total -= 1;
-        let ex = self.exchange(req, connection_id, seg, resp, ifname);
-        self.emit(ex);
+        self.stats.exchanges += 1;
+        sink(self.exchange(req, connection_id, seg, resp, ifname));
     }
 
     fn exchange(
@@ -544,15 +582,6 @@ impl Parser {
             pid: 0,
             tid: 0,
         }
-    }
-
-    fn emit(&mut self, ex: Exchange) {
-        self.stats.exchanges += 1;
-        if self.ready.len() >= MAX_READY {
-            self.stats.ready_overflow += 1;
-            return;
-        }
-        self.ready.push_back(ex);
     }
 
     fn mark_closed(&mut self, pair: &SockPair, wall: u64) {
