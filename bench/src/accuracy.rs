@@ -8,6 +8,7 @@
 //! request logs ([`crate::score`]). The same spans give freshness: from the end of a
 //! trace's last span to the moment its last line was read, net of `--trace-idle`.
 
+use std::collections::HashSet;
 use std::io::BufRead as _;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -142,7 +143,7 @@ pub fn run(settings: &Settings, args: &AccuracyArgs, report: &mut Report) -> Res
         let mode = if propagate { "p" } else { "t" };
         let servers = start_chain(&cluster, &demo_app, mode, propagate)?;
         for &c in &args.concurrency {
-            drive(&cluster, &demo_app, mode, c, args.requests)?;
+            drive(&cluster, &demo_app, mode, c, args.requests, propagate)?;
             wait_quiet(
                 &lines,
                 args.trace_idle + Duration::from_secs(2),
@@ -287,29 +288,31 @@ fn start_chain(
     Ok(procs)
 }
 
-/// `requests` GETs of `/e<mode><c>` from the loader pod to the client pod at concurrency `c`.
+/// `requests` GETs of `/e<mode><c>/<k>` (k = 1, 2, ...: a path per request) from the loader pod
+/// to the client pod at concurrency `c`, each with a new `traceparent` if `traceparent`.
 fn drive(
     cluster: &Cluster,
     demo_app: &std::path::Path,
     mode: &str,
     c: u32,
     requests: u64,
+    traceparent: bool,
 ) -> Result<()> {
-    let url = format!("http://{}:{PORT}/e{mode}{c}", cluster.pod("client").ip());
-    let proc = cluster.spawn(
-        cluster.pod(LOADER.0).netns(),
-        Command::new(demo_app).args([
-            "load",
-            "--url",
-            &url,
-            "--requests",
-            &requests.to_string(),
-            "--concurrency",
-            &c.to_string(),
-            "--timeout-s",
-            "120",
-        ]),
-    )?;
+    let url = format!(
+        "http://{}:{PORT}/e{mode}{c}/{{n}}",
+        cluster.pod("client").ip()
+    );
+    let mut cmd = Command::new(demo_app);
+    cmd.args(["load", "--url", &url])
+        .args(["--requests", &requests.to_string()])
+        .args(["--concurrency", &c.to_string()])
+        .args(["--timeout-s", "120"]);
+    if traceparent {
+        // The loader is the traced caller: without its traceparent the client pod starts a
+        // new trace, and its own calls could not be linked by propagation.
+        cmd.arg("--traceparent");
+    }
+    let proc = cluster.spawn(cluster.pod(LOADER.0).netns(), &mut cmd)?;
     let status = proc
         .wait_timeout(Duration::from_secs(130))?
         .context("weft-demo-app load did not finish")?;
@@ -347,21 +350,25 @@ fn spans_since(lines: &Lines, first: usize) -> Vec<Span> {
         .collect()
 }
 
-/// Scores one (mode, concurrency) phase: the calls descending from `/e<mode><c>`.
+/// Scores one (mode, concurrency) phase: the calls descending from `/e<mode><c>/<k>`.
 fn score_phase(spans: &[Span], logs: &[Vec<score::Served>], mode: &str, c: u32) -> score::Score {
     // The phase's call paths, following the logs down the chain.
-    let mut in_phase: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let mut parents: Vec<String> = vec![format!("/e{mode}{c}")];
+    let mut in_phase: HashSet<String> = HashSet::new();
+    let root = format!("/e{mode}{c}/");
+    let mut parents: HashSet<String> = HashSet::new();
     for (i, log) in logs.iter().enumerate().take(3) {
         let template = call_template(i, mode);
-        let mut next = Vec::new();
-        for req in log
-            .iter()
-            .filter(|r| parents.contains(&r.path) || (i == 0 && r.path == parents[0]))
-        {
+        let mut next = HashSet::new();
+        for req in log.iter().filter(|r| {
+            if i == 0 {
+                r.path.starts_with(&root)
+            } else {
+                parents.contains(&r.path)
+            }
+        }) {
             let call = template.replace("{n}", &req.n.to_string());
             in_phase.insert(call.clone());
-            next.push(call);
+            next.insert(call);
         }
         parents = next;
     }
@@ -371,9 +378,6 @@ fn score_phase(spans: &[Span], logs: &[Vec<score::Served>], mode: &str, c: u32) 
             caller: &logs[i],
             call_template: &templates[i],
             callee: &logs[i + 1],
-            // The client pod's own requests all have the same path: its links cannot be
-            // checked against a unique request.
-            score_links: i > 0,
         })
         .collect();
     score::score(spans, &hops, &|p| in_phase.contains(p))
@@ -437,7 +441,7 @@ fn add_figures(
             .join(", ")
     };
     let mut links = Figure::new(b, "parent links right", sc.links_right_pct(), "%").note(format!(
-        "frontend and backend calls; right/total by kind: {kinds}"
+        "client, frontend and backend calls; right/total by kind: {kinds}"
     ));
     if propagate {
         links = links.target(Target::at_least(100.0));
@@ -471,7 +475,7 @@ mod tests {
             ..Served::default()
         };
         let logs = vec![
-            vec![served(1, "/et1"), served(2, "/et8")],
+            vec![served(1, "/et1/1"), served(2, "/et8/1")],
             vec![served(1, "/ft/1"), served(2, "/ft/2")],
             vec![served(1, "/bt/2"), served(2, "/bt/1")],
             vec![served(1, "/st/1"), served(2, "/st/2")],

@@ -53,8 +53,6 @@ pub struct Hop<'a> {
     pub caller: &'a [Served],
     pub call_template: &'a str,
     pub callee: &'a [Served],
-    /// Whether the caller's parent links are scored (its incoming paths are unique).
-    pub score_links: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -67,7 +65,7 @@ pub struct Score {
     pub joins: u64,
     /// ...whose CLIENT parent is the same call.
     pub joins_right: u64,
-    /// CLIENT spans of scored callers with a known correct parent.
+    /// CLIENT spans of the hops' callers with a known correct parent.
     pub links: u64,
     pub links_right: u64,
     /// By link kind: (count, right).
@@ -145,10 +143,8 @@ pub fn score(spans: &[Span], hops: &[Hop<'_>], select: &dyn Fn(&str) -> bool) ->
                 }
             }
             // Links: the caller's CLIENT span for this call, under the caller's SERVER
-            // span of the request that made it.
-            if !hop.score_links {
-                continue;
-            }
+            // span of the request that made it (every request the caller served has a path
+            // of its own).
             for c in clients_by_path.get(call.as_str()).into_iter().flatten() {
                 sc.links += 1;
                 let right = by_id
@@ -258,7 +254,6 @@ mod tests {
             caller: &caller,
             call_template: "/b/{n}",
             callee: &callee,
-            score_links: true,
         }];
         let sc = score(&spans, &hops, &|_| true);
         assert_eq!(
@@ -287,7 +282,6 @@ mod tests {
             caller: &caller,
             call_template: "/b/{n}",
             callee: &callee,
-            score_links: true,
         }];
         let sc = score(&spans, &hops, &|_| true);
         assert_eq!(sc.expected, 2);
