@@ -10,6 +10,7 @@
 #   PIPELINE=1 OTLP=sink loadtest/bench-ingest.sh   # ... exporting OTLP/gRPC to weft-otlp sink
 #   PIPELINE=1 OTLP=rotel loadtest/bench-ingest.sh  # ... to rotel (blackhole exporter)
 #   SKIP_BUILD=1 ...                         # use the release binaries already built
+#   STITCHER_ARGS="--otlp-max-in-flight 1"   # extra weft-stitcher flags
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,7 +53,8 @@ case "$OTLP" in
         mode+=(--otlp-endpoint "http://127.0.0.1:$oport") ;;
     *) echo "OTLP must be none, sink or rotel" >&2; exit 2 ;;
 esac
-"$bin/weft-stitcher" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" "${mode[@]}" \
+# shellcheck disable=SC2086 # STITCHER_ARGS is a list of flags
+"$bin/weft-stitcher" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" "${mode[@]}" ${STITCHER_ARGS:-} \
     2>"$work/stitcher.log" &
 pid=$!
 perf_pid=
