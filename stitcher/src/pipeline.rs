@@ -120,20 +120,20 @@ impl PipelineConfig {
     /// Sizes every pending bound from one memory budget, so that the worst case of all
     /// pending stitch state together stays near `bytes`. Shares follow where exchanges
     /// wait in steady state (every window counts from arrival): open traces hold
-    /// `trace_idle` worth of spans, link holds its wait (a fraction of that), the join only
-    /// halves whose partner is late or absent. Open traces' spans 60 %, calls waiting for
-    /// their parent 10 %, halves waiting for their other half 10 %, link candidates 10 %,
-    /// the late-arrival index 10 %. What a bound pushes out is counted: `join.evicted`,
-    /// `link.evicted`, `link.candidates_evicted`, `assemble.evicted`,
-    /// `assemble.late_index_evicted`.
+    /// `trace_idle` worth of spans; calls wait in link up to `link_max_wait` when their
+    /// node's collector lags; the join holds only halves whose partner is late or absent.
+    /// Open traces' spans 50 %, calls waiting for their parent 20 %, halves waiting for
+    /// their other half 10 %, link candidates 10 %, the late-arrival index 10 %. What a
+    /// bound pushes out is counted: `join.evicted`, `link.evicted`,
+    /// `link.candidates_evicted`, `assemble.evicted`, `assemble.late_index_evicted`.
     pub fn with_memory_budget(mut self, bytes: u64) -> Self {
         let share = |percent: u64, per_entry: u64| -> usize {
             let n = bytes / 100 * percent / per_entry;
             usize::try_from(n).unwrap_or(usize::MAX).max(1)
         };
-        self.max_pending_spans = share(60, BYTES_PER_PENDING_EXCHANGE);
+        self.max_pending_spans = share(50, BYTES_PER_PENDING_EXCHANGE);
         // A call holds up to two halves.
-        self.max_pending_calls = share(10, 2 * BYTES_PER_PENDING_EXCHANGE);
+        self.max_pending_calls = share(20, 2 * BYTES_PER_PENDING_EXCHANGE);
         self.max_pending_halves = share(10, BYTES_PER_PENDING_EXCHANGE);
         self.max_link_candidates = share(10, BYTES_PER_LINK_CANDIDATE);
         self.max_remembered_spans = share(10, BYTES_PER_REMEMBERED_SPAN);
