@@ -43,20 +43,43 @@ pub struct WireEncoder {
     order: Vec<(u32, u32, u32)>,
 }
 
+/// A field key. Every tag here is below 16: one byte.
+#[inline]
+fn put_key(tag: u32, wire_type: WireType, out: &mut Vec<u8>) {
+    if tag < 16 {
+        out.push(((tag << 3) | wire_type as u32) as u8);
+    } else {
+        encode_key(tag, wire_type, out);
+    }
+}
+
+/// A varint (a length or a number): inline for the one- and two-byte values nearly all
+/// of them are.
+#[inline]
+fn put_len(v: u64, out: &mut Vec<u8>) {
+    if v < 0x80 {
+        out.push(v as u8);
+    } else if v < 0x4000 {
+        out.extend_from_slice(&[(v as u8) | 0x80, (v >> 7) as u8]);
+    } else {
+        encode_varint(v, out);
+    }
+}
+
 /// The `ScopeSpans.scope` field: `InstrumentationScope { name = "weft", version }`,
 /// the same for every request.
 fn put_scope(out: &mut Vec<u8>) {
     let version = env!("CARGO_PKG_VERSION");
     let len = 2 + 4 + 1 + encoded_len_varint(version.len() as u64) as usize + version.len();
-    encode_key(1, WireType::LengthDelimited, out);
-    encode_varint(len as u64, out);
+    put_key(1, WireType::LengthDelimited, out);
+    put_len(len as u64, out);
     put_str(out, 1, "weft");
     put_str(out, 2, version);
 }
 
 fn put_len_delimited(out: &mut Vec<u8>, tag: u32, body: &[u8]) {
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(body.len() as u64, out);
+    put_key(tag, WireType::LengthDelimited, out);
+    put_len(body.len() as u64, out);
     out.extend_from_slice(body);
 }
 
@@ -68,21 +91,21 @@ fn put_str(out: &mut Vec<u8>, tag: u32, s: &str) {
 
 fn put_varint(out: &mut Vec<u8>, tag: u32, v: u64) {
     if v != 0 {
-        encode_key(tag, WireType::Varint, out);
-        encode_varint(v, out);
+        put_key(tag, WireType::Varint, out);
+        put_len(v, out);
     }
 }
 
 fn put_fixed64(out: &mut Vec<u8>, tag: u32, v: u64) {
     if v != 0 {
-        encode_key(tag, WireType::SixtyFourBit, out);
+        put_key(tag, WireType::SixtyFourBit, out);
         out.put_u64_le(v);
     }
 }
 
 fn put_fixed32(out: &mut Vec<u8>, tag: u32, v: u32) {
     if v != 0 {
-        encode_key(tag, WireType::ThirtyTwoBit, out);
+        put_key(tag, WireType::ThirtyTwoBit, out);
         out.put_u32_le(v);
     }
 }
@@ -91,7 +114,7 @@ fn put_fixed32(out: &mut Vec<u8>, tag: u32, v: u32) {
 /// patched in afterwards: two bytes are reserved, which fits every body of 128 to 16383
 /// bytes (a span is ~400); other lengths move the body once.
 fn put_message(out: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
-    encode_key(tag, WireType::LengthDelimited, out);
+    put_key(tag, WireType::LengthDelimited, out);
     let at = out.len();
     out.extend_from_slice(&[0, 0]);
     body(out);
@@ -130,6 +153,7 @@ impl Val<'_> {
 
 /// `KeyValue { key = 1, value = 2: AnyValue { string = 1 | bool = 2 | int = 3 } }`,
 /// appended to `out` as field `tag`, lengths computed up front (no scratch buffers).
+#[inline]
 fn put_kv(out: &mut Vec<u8>, tag: u32, key: &str, v: Val<'_>) {
     let any = v.any_len();
     let kv = 1
@@ -138,28 +162,28 @@ fn put_kv(out: &mut Vec<u8>, tag: u32, key: &str, v: Val<'_>) {
         + 1
         + encoded_len_varint(any as u64) as usize
         + any;
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(kv as u64, out);
+    put_key(tag, WireType::LengthDelimited, out);
+    put_len(kv as u64, out);
     put_len_delimited(out, 1, key.as_bytes());
-    encode_key(2, WireType::LengthDelimited, out);
-    encode_varint(any as u64, out);
+    put_key(2, WireType::LengthDelimited, out);
+    put_len(any as u64, out);
     // AnyValue is a oneof: present even when empty or zero.
     match v {
         Val::Str(s) => put_len_delimited(out, 1, s.as_bytes()),
         Val::Str2(a, b, c) => {
-            encode_key(1, WireType::LengthDelimited, out);
-            encode_varint((a.len() + b.len() + c.len()) as u64, out);
+            put_key(1, WireType::LengthDelimited, out);
+            put_len((a.len() + b.len() + c.len()) as u64, out);
             out.extend_from_slice(a.as_bytes());
             out.extend_from_slice(b.as_bytes());
             out.extend_from_slice(c.as_bytes());
         }
         Val::Bool(b) => {
-            encode_key(2, WireType::Varint, out);
-            encode_varint(u64::from(b), out);
+            put_key(2, WireType::Varint, out);
+            put_len(u64::from(b), out);
         }
         Val::Int(i) => {
-            encode_key(3, WireType::Varint, out);
-            encode_varint(i as u64, out);
+            put_key(3, WireType::Varint, out);
+            put_len(i as u64, out);
         }
     }
 }
@@ -268,8 +292,8 @@ impl WireEncoder {
             // ResourceSpans { resource = 1, scope_spans = 2 }
             let field = |n: usize| 1 + encoded_len_varint(n as u64) as usize + n;
             let len = field(self.attrs.len()) + field(self.scope.len());
-            encode_key(1, WireType::LengthDelimited, out);
-            encode_varint(len as u64, out);
+            put_key(1, WireType::LengthDelimited, out);
+            put_len(len as u64, out);
             put_len_delimited(out, 1, &self.attrs);
             put_len_delimited(out, 2, &self.scope);
             at = end;
@@ -387,13 +411,13 @@ fn encode_span(out: &mut Vec<u8>, r: &SpanRecord) {
         message.push_u32(r.status);
         let text = message.as_str();
         let len = 1 + encoded_len_varint(text.len() as u64) as usize + text.len() + 2;
-        encode_key(15, WireType::LengthDelimited, out);
-        encode_varint(len as u64, out);
+        put_key(15, WireType::LengthDelimited, out);
+        put_len(len as u64, out);
         put_str(out, 2, text);
         put_varint(out, 3, 2);
     } else {
         // An empty `Status` (the original writes the field even when unset).
-        encode_key(15, WireType::LengthDelimited, out);
+        put_key(15, WireType::LengthDelimited, out);
         out.push(0);
     }
     put_fixed32(out, 16, 0x01);
