@@ -68,6 +68,7 @@ pub struct Capture {
     conns: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     stats: ReadStats,
+    clock: WallClock,
 }
 
 impl Capture {
@@ -86,6 +87,7 @@ impl Capture {
             conns: poll(conns).context("polling the connection ring buffer")?,
             counters,
             stats: ReadStats::default(),
+            clock: WallClock::new(),
         })
     }
 
@@ -102,12 +104,14 @@ impl Capture {
         tokio::select! {
             guard = self.packets.readable_mut() => {
                 let mut guard = guard?;
-                read_packets(guard.get_inner_mut(), &mut self.stats, &mut sink);
+                let offset = self.clock.refresh();
+                read_packets(guard.get_inner_mut(), &mut self.stats, offset, &mut sink);
                 guard.clear_ready();
             }
             guard = self.conns.readable_mut() => {
                 let mut guard = guard?;
-                read_conns(guard.get_inner_mut(), &mut self.stats, &mut sink);
+                let offset = self.clock.refresh();
+                read_conns(guard.get_inner_mut(), &mut self.stats, offset, &mut sink);
                 guard.clear_ready();
             }
         }
@@ -116,8 +120,9 @@ impl Capture {
 
     /// Hands every event available now to `sink`, without waiting.
     pub fn drain_now(&mut self, mut sink: impl FnMut(Captured<'_>)) {
-        read_packets(self.packets.get_mut(), &mut self.stats, &mut sink);
-        read_conns(self.conns.get_mut(), &mut self.stats, &mut sink);
+        let offset = self.clock.refresh();
+        read_packets(self.packets.get_mut(), &mut self.stats, offset, &mut sink);
+        read_conns(self.conns.get_mut(), &mut self.stats, offset, &mut sink);
     }
 
     /// The kernel counters summed over all CPUs, indexed by `Counter`.
@@ -135,9 +140,9 @@ impl Capture {
 fn read_packets(
     ring: &mut RingBuf<MapData>,
     stats: &mut ReadStats,
+    offset: i64,
     sink: &mut impl FnMut(Captured<'_>),
 ) {
-    let offset = mono_to_wall_offset();
     while let Some(item) = ring.next() {
         let mut emit = |event: PacketRef<'_>| {
             let wall_unix_nanos = event.ts_ns().saturating_add_signed(offset);
@@ -162,9 +167,9 @@ fn read_packets(
 fn read_conns(
     ring: &mut RingBuf<MapData>,
     stats: &mut ReadStats,
+    offset: i64,
     sink: &mut impl FnMut(Captured<'_>),
 ) {
-    let offset = mono_to_wall_offset();
     while let Some(item) = ring.next() {
         match read_event::<ConnEvent>(&item) {
             Some(ev) => {
@@ -218,17 +223,66 @@ fn read_event<T: Copy>(bytes: &[u8]) -> Option<T> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// `CLOCK_REALTIME - CLOCK_MONOTONIC` now, in nanoseconds: added to `bpf_ktime_get_ns()`
-/// timestamps it gives wall-clock time. Sampled per batch so clock steps are followed.
+/// Converts `bpf_ktime_get_ns()` (monotonic) timestamps to wall-clock Unix nanoseconds.
+///
+/// The offset is re-sampled per drain so clock steps are followed, but a new sample is
+/// adopted only when it moved by more than [`WallClock::STEP_NANOS`]: a sample is two clock
+/// reads, and a reader preempted between them gets an offset off by the preemption. Events
+/// of one exchange read in different drains then got different offsets, and a response
+/// microseconds after its request could end before it started.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    offset: i64,
+}
+
+impl WallClock {
+    /// Smaller changes are sampling noise (NTP slews both clocks alike; only steps move
+    /// the offset).
+    pub const STEP_NANOS: i64 = 1_000_000;
+
+    pub fn new() -> Self {
+        WallClock {
+            offset: mono_to_wall_offset(),
+        }
+    }
+
+    /// The offset to use for the events read now.
+    pub fn refresh(&mut self) -> i64 {
+        let sample = mono_to_wall_offset();
+        if sample.abs_diff(self.offset) > Self::STEP_NANOS.unsigned_abs() {
+            self.offset = sample;
+        }
+        self.offset
+    }
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `CLOCK_REALTIME - CLOCK_MONOTONIC` now, in nanoseconds, from the tightest of a few
+/// bracketed samples (monotonic, realtime, monotonic), so preemption inside one sample
+/// does not skew it.
 pub fn mono_to_wall_offset() -> i64 {
     let now = |clock| {
         nix::time::clock_gettime(clock)
             .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
             .unwrap_or(0)
     };
-    let mono = now(nix::time::ClockId::CLOCK_MONOTONIC);
-    let real = now(nix::time::ClockId::CLOCK_REALTIME);
-    real - mono
+    let mut best: Option<(i64, i64)> = None; // (bracket width, offset)
+    for _ in 0..3 {
+        let before = now(nix::time::ClockId::CLOCK_MONOTONIC);
+        let real = now(nix::time::ClockId::CLOCK_REALTIME);
+        let after = now(nix::time::ClockId::CLOCK_MONOTONIC);
+        let width = after - before;
+        let offset = real - (before + width / 2);
+        if best.is_none_or(|(w, _)| width < w) {
+            best = Some((width, offset));
+        }
+    }
+    best.map_or(0, |(_, offset)| offset)
 }
 
 #[cfg(test)]
@@ -264,6 +318,22 @@ mod tests {
             unsafe { std::slice::from_raw_parts(small.as_ptr().cast::<u8>(), small.len() * 8) };
         assert!(!with_event::<PacketEvent>(bytes, |_| ()));
         assert!(with_event::<SmallPacketEvent>(bytes, |_| ()));
+    }
+
+    #[test]
+    fn the_offset_moves_only_on_a_clock_step() {
+        let mut clock = WallClock::new();
+        let start = clock.offset;
+        // Noise below a step is ignored: the same offset for every event of a run.
+        clock.offset = start + WallClock::STEP_NANOS / 2;
+        assert_eq!(clock.refresh(), start + WallClock::STEP_NANOS / 2);
+        // A step (here: the stored offset 10 ms off) is followed.
+        clock.offset = start + 10 * WallClock::STEP_NANOS;
+        let now = clock.refresh();
+        assert!(
+            now.abs_diff(start) < WallClock::STEP_NANOS.unsigned_abs(),
+            "{now} vs {start}"
+        );
     }
 
     #[test]

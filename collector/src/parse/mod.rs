@@ -566,7 +566,9 @@ impl Parser {
             request_seq: req.seq,
             response_seq: seg.seq,
             start_unix_nanos: req.start_unix_nanos,
-            end_unix_nanos: seg.wall,
+            // The ack check made the response follow its request; only a wall-clock step
+            // between the two could order them the other way (the stitcher rejects that).
+            end_unix_nanos: seg.wall.max(req.start_unix_nanos),
             method: req.request.method,
             path: req.request.path,
             status: u32::from(resp.status),
