@@ -8,8 +8,9 @@
 //! ```
 //!
 //! Benchmarks ([`Bench`]): `stitch` (weft-loadgen → weft-stitcher), `overhead` (HTTP load
-//! against a harness pod with and without the collector), `accuracy` (the harness chain,
-//! joins and links checked against what the demo apps logged; also gives `freshness`),
+//! against a harness pod with and without the collector, from a client pod and from the
+//! node; `--overhead-client`), `accuracy` (the harness chain, joins and links checked
+//! against what the demo apps logged; also gives `freshness`),
 //! `query` (Query API calls/s while weft-loadgen ingests 100,000 exchanges/s).
 //! Benchmarks are not tests: nothing here fails on a missed target; the exit code is
 //! non-zero only when a benchmark could not run.
@@ -64,12 +65,17 @@ struct Cli {
     /// Stitch benchmark: how long weft-loadgen drives the stitcher.
     #[arg(long, value_parser = humantime::parse_duration)]
     stitch_duration: Option<Duration>,
-    /// Overhead benchmark: rounds (each one run without and one with the collector).
+    /// Overhead benchmark: rounds (each one run without and one with the collector, per
+    /// client placement).
     #[arg(long)]
     overhead_rounds: Option<u32>,
     /// Overhead benchmark: length of each run.
     #[arg(long, value_parser = humantime::parse_duration)]
     overhead_round: Option<Duration>,
+    /// Overhead benchmark: where h2load runs: in a traced client pod (both halves of each
+    /// request traced), in the node's network namespace (server half only), or both.
+    #[arg(long, value_enum, default_value = "both")]
+    overhead_client: overhead::ClientChoice,
     /// Overhead benchmark: h2load connections (keep-alive).
     #[arg(long, default_value_t = 16)]
     overhead_connections: u32,
@@ -156,6 +162,7 @@ fn main() -> ExitCode {
                         Duration::from_secs(10)
                     }),
                     connections: cli.overhead_connections,
+                    placements: cli.overhead_client.placements(),
                 },
                 &mut report,
             ),

@@ -1,21 +1,31 @@
-//! Overhead: a saturating keep-alive HTTP load (h2load over HTTP/1.1) from a client pod to a
-//! `weft-demo-app serve` pod on the same harness node, in alternating rounds without and
-//! with `weft-collector` attached (same binaries, same topology; the order alternates per
-//! round so drift does not favour one side).
+//! Overhead: a saturating keep-alive HTTP load (h2load over HTTP/1.1) against a
+//! `weft-demo-app serve` pod on one harness node, in alternating rounds without and with
+//! `weft-collector` attached (same binaries, same topology; the order alternates per round
+//! so drift does not favour one side).
 //!
-//! In: the release binaries and h2load. Out: figures: throughput ratio (median of the
-//! rounds' rates with / without), p50 and p99 latency ratios, collector CPU in millicores
-//! per 10k requests/s, collector peak RSS, ring-buffer drops and the packets/s it saw.
+//! In: the release binaries and h2load. Out: figures per client [`Placement`]: throughput
+//! ratio (median of the rounds' rates with / without), p50 and p99 latency ratios,
+//! collector CPU in millicores per 10k requests/s, collector peak RSS, ring-buffer drops,
+//! the packets/s it saw and the exchanges it reported per request.
 //!
-//! Client and server share one node, so that one collector sees both halves of every
-//! request (the most a node agent has to carry per request). The collector runs local-only
-//! (no `--stitcher`): the figure is the node agent's own cost.
+//! Two placements of h2load, each with its own figures (labelled) and verdicts:
+//! - [`Placement::Pod`]: in a client pod on the same node. The collector sees both halves
+//!   of every request (the client pod's veth and the server pod's veth), the most a node
+//!   agent carries per request; every classifier run of the client half also lands on the
+//!   CPU of the single-threaded h2load.
+//! - [`Placement::Node`]: in the node's own network namespace, which reaches the pod over
+//!   the `cni0` bridge. The collector traces only the pods' host-side veths, so it sees the
+//!   server half only: the overhead a traced server shows to an untraced client.
+//!
+//! The exchanges-per-request figure confirms the placement (≈ 2 for pod, ≈ 1 for node).
+//! The collector runs local-only (no `--stitcher`): the figure is the node agent's own cost.
 
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
 use weft_harness::{Cluster, ClusterSpec, NodeSpec, PodSpec, Proc};
 
 use crate::Settings;
@@ -30,10 +40,64 @@ const SERVER_PORT: u16 = 8080;
 /// Inside the node's own network namespace: a fixed port cannot collide.
 const COLLECTOR_METRICS: &str = "127.0.0.1:9401";
 
+/// Where h2load runs relative to the traced server pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// In a traced client pod on the server's node: both halves traced.
+    Pod,
+    /// In the node's network namespace (not a pod, so untraced): the server half only.
+    Node,
+}
+
+impl Placement {
+    /// Appended to every figure name, so the table says which placement a row is.
+    pub fn label(self) -> &'static str {
+        match self {
+            Placement::Pod => "client pod → server pod, both halves traced",
+            Placement::Node => "node → server pod, server half traced",
+        }
+    }
+
+    /// Short tag for progress lines and h2load log files.
+    fn tag(self) -> &'static str {
+        match self {
+            Placement::Pod => "pod",
+            Placement::Node => "node",
+        }
+    }
+
+    /// Exchanges the collector should report per request: one per traced half.
+    pub fn expected_exchanges(self) -> f64 {
+        match self {
+            Placement::Pod => 2.0,
+            Placement::Node => 1.0,
+        }
+    }
+}
+
+/// `--overhead-client`: which placements to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientChoice {
+    Pod,
+    Node,
+    Both,
+}
+
+impl ClientChoice {
+    pub fn placements(self) -> Vec<Placement> {
+        match self {
+            ClientChoice::Pod => vec![Placement::Pod],
+            ClientChoice::Node => vec![Placement::Node],
+            ClientChoice::Both => vec![Placement::Pod, Placement::Node],
+        }
+    }
+}
+
 pub struct OverheadArgs {
     pub rounds: u32,
     pub round: Duration,
     pub connections: u32,
+    pub placements: Vec<Placement>,
 }
 
 /// One load run as h2load reported it.
@@ -57,7 +121,37 @@ struct CollectorRound {
     seconds: f64,
 }
 
+/// Every run of one placement; `with[i]`, `without[i]` and `collector[i]` are round `i`.
+#[derive(Debug, Default)]
+struct Runs {
+    without: Vec<LoadResult>,
+    with: Vec<LoadResult>,
+    collector: Vec<CollectorRound>,
+}
+
+/// Where the load comes from and goes to.
+struct Setup<'a> {
+    cluster: &'a Cluster,
+    node_ns: String,
+    h2load: std::path::PathBuf,
+    collector_bin: std::path::PathBuf,
+    url: String,
+    work: std::path::PathBuf,
+}
+
+impl Setup<'_> {
+    fn client_ns(&self, placement: Placement) -> String {
+        match placement {
+            Placement::Pod => self.cluster.pod("client").netns().to_owned(),
+            Placement::Node => self.node_ns.clone(),
+        }
+    }
+}
+
 pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Result<()> {
+    if args.placements.is_empty() {
+        bail!("no client placement selected");
+    }
     let h2load = which("h2load")
         .context("h2load not found (Debian nghttp2-client; `cargo xtask setup` installs it)")?;
     let demo_app = child::sibling_binary("weft-demo-app")?;
@@ -70,6 +164,8 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
         namespace: "bench".into(),
         workload: name.into(),
     };
+    // The client pod exists for every placement: the same topology (and the same veths
+    // for the collector to attach to) whichever placement runs.
     let cluster = Cluster::up(&ClusterSpec {
         nodes: vec![NodeSpec {
             name: "a".into(),
@@ -77,9 +173,7 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
         }],
         services: vec![],
     })?;
-    let node_ns = cluster.node("a").netns().to_owned();
     let server = cluster.pod("server");
-    let client_ns = cluster.pod("client").netns().to_owned();
     let _server = cluster.spawn(
         server.netns(),
         Command::new(&demo_app).args([
@@ -90,61 +184,113 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
             "server",
         ]),
     )?;
-    let url = format!("http://{}:{SERVER_PORT}/", server.ip());
-    wait_listening(
-        &cluster,
-        &client_ns,
-        SocketAddr::from((server.ip(), SERVER_PORT)),
-    )?;
-
-    let mut without = Vec::new();
-    let mut with = Vec::new();
-    let mut collector_rounds = Vec::new();
-    for round in 0..args.rounds {
-        // Alternate the order: off/on, on/off, ...
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for attached in order {
-            let label = format!("r{round}-{}", if attached { "with" } else { "without" });
-            if attached {
-                let (load, c) = with_collector(&cluster, &node_ns, &collector_bin, || {
-                    h2load_run(&cluster, &client_ns, &h2load, &url, args, &work, &label)
-                })?;
-                with.push(load);
-                collector_rounds.push(c);
-            } else {
-                without.push(h2load_run(
-                    &cluster, &client_ns, &h2load, &url, args, &work, &label,
-                )?);
-            }
-            eprintln!(
-                "weft-bench: overhead {label}: {:.0} req/s",
-                if attached { &with } else { &without }
-                    .last()
-                    .map_or(0.0, |l| l.rps)
-            );
-        }
+    let setup = Setup {
+        cluster: &cluster,
+        node_ns: cluster.node("a").netns().to_owned(),
+        h2load,
+        collector_bin,
+        url: format!("http://{}:{SERVER_PORT}/", server.ip()),
+        work,
+    };
+    let server_addr = SocketAddr::from((server.ip(), SERVER_PORT));
+    for &placement in &args.placements {
+        wait_listening(&cluster, &setup.client_ns(placement), server_addr)?;
     }
 
+    let mut runs: Vec<Runs> = args.placements.iter().map(|_| Runs::default()).collect();
+    for round in 0..args.rounds {
+        // Placements interleave within a round, so both see the same background load.
+        for (&placement, runs) in args.placements.iter().zip(&mut runs) {
+            run_round(&setup, placement, round, args, runs)?;
+        }
+    }
+    for (&placement, runs) in args.placements.iter().zip(&runs) {
+        report_placement(report, placement, runs, args);
+    }
+    Ok(())
+}
+
+/// One round of one placement: a run without and one with the collector, the order
+/// alternating per round (off/on, on/off, ...) so drift does not favour one side.
+fn run_round(
+    setup: &Setup,
+    placement: Placement,
+    round: u32,
+    args: &OverheadArgs,
+    runs: &mut Runs,
+) -> Result<()> {
+    let client_ns = setup.client_ns(placement);
+    let order = if round.is_multiple_of(2) {
+        [false, true]
+    } else {
+        [true, false]
+    };
+    for attached in order {
+        let label = format!(
+            "{}-r{round}-{}",
+            placement.tag(),
+            if attached { "with" } else { "without" }
+        );
+        let load = || h2load_run(setup, &client_ns, args, &label);
+        let rps = if attached {
+            let (load, c) =
+                with_collector(setup.cluster, &setup.node_ns, &setup.collector_bin, load)?;
+            runs.collector.push(c);
+            runs.with.push(load);
+            runs.with.last()
+        } else {
+            runs.without.push(load()?);
+            runs.without.last()
+        }
+        .map_or(0.0, |l| l.rps);
+        eprintln!("weft-bench: overhead {label}: {rps:.0} req/s");
+    }
+    Ok(())
+}
+
+/// True when the collector's exchanges per request match what the placement traces (within
+/// a quarter exchange: keep-alive connections add no exchanges, only lost events remove).
+pub fn placement_confirmed(placement: Placement, exchanges_per_request: f64) -> bool {
+    (exchanges_per_request - placement.expected_exchanges()).abs() <= 0.25
+}
+
+/// The figures of one placement, each name ending in the placement's label.
+fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args: &OverheadArgs) {
+    let name = |base: &str| format!("{base} ({})", placement.label());
+    let Runs {
+        without,
+        with,
+        collector: collector_rounds,
+    } = runs;
     let med = |xs: &[LoadResult], f: fn(&LoadResult) -> Option<f64>| {
         stats::median(&xs.iter().filter_map(f).collect::<Vec<_>>())
     };
-    let rps_with = med(&with, |l| Some(l.rps));
-    let rps_without = med(&without, |l| Some(l.rps));
-    let failed: u64 = with.iter().chain(&without).map(|l| l.failed).sum();
+    let rps_with = med(with, |l| Some(l.rps));
+    let rps_without = med(without, |l| Some(l.rps));
+    let failed: u64 = with.iter().chain(without).map(|l| l.failed).sum();
     let cmd = format!(
-        "h2load --h1 -c {} -D {}s, {} rounds × (without, with), weft-demo-app serve on the same node",
+        "h2load --h1 -t 1 -c {} -D {}s from the {}, {} rounds × (without, with), \
+         weft-demo-app serve in a pod on the same node",
         args.connections,
         args.round.as_secs(),
+        match placement {
+            Placement::Pod => "client pod",
+            Placement::Node => "node's network namespace",
+        },
         args.rounds
     );
-    report.add(Figure::new(BENCH, "req/s without collector (median)", rps_without, "/s").note(cmd));
+    report.add(
+        Figure::new(
+            BENCH,
+            &name("req/s without collector (median)"),
+            rps_without,
+            "/s",
+        )
+        .note(cmd),
+    );
     report.add(Figure::new(
         BENCH,
-        "req/s with collector (median)",
+        &name("req/s with collector (median)"),
         rps_with,
         "/s",
     ));
@@ -152,13 +298,13 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
     // machine's background load), then the median over rounds.
     let paired: Vec<f64> = with
         .iter()
-        .zip(&without)
+        .zip(without)
         .filter(|(_, wo)| wo.rps > 0.0)
         .map(|(w, wo)| w.rps / wo.rps)
         .collect();
     let mut f = Figure::new(
         BENCH,
-        "throughput ratio with/without",
+        &name("throughput ratio with/without"),
         stats::median(&paired),
         "",
     )
@@ -174,41 +320,41 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
     report.add(f);
     report.add(Figure::new(
         BENCH,
-        "p50 latency ratio with/without",
-        stats::ratio(med(&with, |l| l.p50_ms), med(&without, |l| l.p50_ms)),
+        &name("p50 latency ratio with/without"),
+        stats::ratio(med(with, |l| l.p50_ms), med(without, |l| l.p50_ms)),
         "",
     ));
     report.add(
         Figure::new(
             BENCH,
-            "p99 latency ratio with/without",
-            stats::ratio(med(&with, |l| l.p99_ms), med(&without, |l| l.p99_ms)),
+            &name("p99 latency ratio with/without"),
+            stats::ratio(med(with, |l| l.p99_ms), med(without, |l| l.p99_ms)),
             "",
         )
         .note(format!(
             "p99 without {} ms, with {} ms",
-            med(&without, |l| l.p99_ms).map_or("-".into(), |v| format!("{v:.2}")),
-            med(&with, |l| l.p99_ms).map_or("-".into(), |v| format!("{v:.2}")),
+            med(without, |l| l.p99_ms).map_or("-".into(), |v| format!("{v:.2}")),
+            med(with, |l| l.p99_ms).map_or("-".into(), |v| format!("{v:.2}")),
         )),
     );
 
     // Collector cost: CPU per 10k requests/s, peak memory, losses.
     let per_10k: Vec<f64> = collector_rounds
         .iter()
-        .zip(&with)
+        .zip(with)
         .filter(|(_, l)| l.rps > 0.0)
         .map(|(c, l)| c.cores * 1000.0 / (l.rps / 10_000.0))
         .collect();
     report.add(
         Figure::new(
             BENCH,
-            "collector CPU per 10k req/s",
+            &name("collector CPU per 10k req/s"),
             stats::median(&per_10k),
             "millicores",
         )
         .target(Target::at_most(100.0))
         .note(format!(
-            "collector process at {} millicores (median), both halves of each request; \
+            "collector process at {} millicores (median), {} of each request; \
              the classifiers' in-kernel time is not in /proc/<pid>/stat (it shows in the \
              throughput ratio)",
             stats::median(
@@ -217,14 +363,18 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
                     .map(|c| c.cores * 1000.0)
                     .collect::<Vec<_>>()
             )
-            .map_or("-".into(), |v| format!("{v:.0}"))
+            .map_or("-".into(), |v| format!("{v:.0}")),
+            match placement {
+                Placement::Pod => "both halves",
+                Placement::Node => "the server half",
+            }
         )),
     );
     let hwm = collector_rounds.iter().map(|c| c.hwm_kib).max();
     report.add(
         Figure::new(
             BENCH,
-            "collector peak RSS",
+            &name("collector peak RSS"),
             hwm.map(|k| k as f64 / 1024.0),
             "MiB",
         )
@@ -238,11 +388,11 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
         .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
     let exchanges_per_req: Vec<f64> = collector_rounds
         .iter()
-        .zip(&with)
+        .zip(with)
         .filter(|(_, l)| l.succeeded > 0)
         .map(|(c, l)| c.exchanges / (l.succeeded + l.failed) as f64)
         .collect();
-    let mut f = Figure::new(BENCH, "ring-buffer drops", Some(drops), "")
+    let mut f = Figure::new(BENCH, &name("ring-buffer drops"), Some(drops), "")
         .target(Target::at_most(0.0))
         .note(format!(
             "at up to {} packets/s seen by the collector",
@@ -263,20 +413,33 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
     report.add(f);
     report.add(Figure::new(
         BENCH,
-        "packets/s seen by the collector (max)",
+        &name("packets/s seen by the collector (max)"),
         pps,
         "/s",
     ));
-    report.add(
-        Figure::new(
-            BENCH,
-            "exchanges per request (collector)",
-            stats::median(&exchanges_per_req),
-            "",
-        )
-        .note("2 expected: the client's and the server's half"),
-    );
-    Ok(())
+    let exchanges = stats::median(&exchanges_per_req);
+    let mut f = Figure::new(
+        BENCH,
+        &name("exchanges per request (collector)"),
+        exchanges,
+        "",
+    )
+    .note(format!(
+        "{} expected: {}",
+        placement.expected_exchanges(),
+        match placement {
+            Placement::Pod => "the client's and the server's half",
+            Placement::Node => "the server's half (the node's own namespace is not traced)",
+        }
+    ));
+    if let Some(x) = exchanges {
+        f = f.note(if placement_confirmed(placement, x) {
+            "placement confirmed"
+        } else {
+            "does NOT match the placement"
+        });
+    }
+    report.add(f);
 }
 
 /// Starts the collector in the node, waits until it runs, runs `load`, measures the
@@ -364,25 +527,23 @@ fn wait_listening(cluster: &Cluster, netns: &str, addr: SocketAddr) -> Result<()
     }
 }
 
-/// One h2load run from the client pod; latencies from its per-request log.
+/// One h2load run from `client_ns` (a pod's or the node's); latencies from its
+/// per-request log.
 fn h2load_run(
-    cluster: &Cluster,
+    setup: &Setup,
     client_ns: &str,
-    h2load: &std::path::Path,
-    url: &str,
     args: &OverheadArgs,
-    work: &std::path::Path,
     label: &str,
 ) -> Result<LoadResult> {
-    let log = work.join(format!("{label}.h2load.log"));
-    let proc = cluster.spawn(
+    let log = setup.work.join(format!("{label}.h2load.log"));
+    let proc = setup.cluster.spawn(
         client_ns,
-        Command::new(h2load)
+        Command::new(&setup.h2load)
             .args(["--h1", "-t", "1", "-c", &args.connections.to_string()])
             .args(["-D", &args.round.as_secs().max(1).to_string()])
             // No warm-up phase: h2load would not count its requests, the collector would.
             .arg(format!("--log-file={}", log.display()))
-            .arg(url),
+            .arg(&setup.url),
     )?;
     let limit = args.round + Duration::from_secs(30);
     let status = proc
@@ -476,5 +637,19 @@ mod tests {
         let log = "1700000000000000\t200\t1500\n1700000000000100\t500\t9000\nbad line\n\
                    1700000000000200\t204\t250\n";
         assert_eq!(parse_h2load_log(log), vec![1.5, 0.25]);
+    }
+
+    #[test]
+    fn placements_have_distinct_labels_and_expected_halves() {
+        assert_eq!(
+            ClientChoice::Both.placements(),
+            [Placement::Pod, Placement::Node]
+        );
+        assert_eq!(ClientChoice::Node.placements(), [Placement::Node]);
+        assert_ne!(Placement::Pod.label(), Placement::Node.label());
+        assert!(placement_confirmed(Placement::Pod, 1.98));
+        assert!(!placement_confirmed(Placement::Pod, 1.0));
+        assert!(placement_confirmed(Placement::Node, 1.0));
+        assert!(!placement_confirmed(Placement::Node, 2.0));
     }
 }
