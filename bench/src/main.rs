@@ -85,6 +85,9 @@ struct Cli {
     /// Stitch benchmark: fake collectors (streams).
     #[arg(long, default_value_t = 4)]
     stitch_streams: u32,
+    /// Stitch benchmark: the local OTLP/gRPC receiver the stitcher exports to.
+    #[arg(long, value_enum, default_value = "weft-otlp")]
+    stitch_sink: stitch::Sink,
 }
 
 /// What every benchmark needs to know.
@@ -149,6 +152,7 @@ fn main() -> ExitCode {
                     }),
                     streams: cli.stitch_streams,
                     trace_idle: Duration::from_secs(2),
+                    sink: cli.stitch_sink,
                 },
                 &mut report,
             ),

@@ -1,6 +1,9 @@
 //! Stitch throughput: `weft-loadgen` → a release `weft-stitcher` on loopback, full path
-//! (ingest → resolve → join → link → assemble → export to a local OTLP sink, rotel with
-//! its blackhole exporter), 3-hop chains.
+//! (ingest → resolve → join → link → assemble → export to a local OTLP/gRPC sink), 3-hop
+//! chains. The sink is `weft-otlp sink` by default (a real gRPC server that walks each
+//! request's protobuf framing and counts spans: ~0.3 µs per span) or rotel with its
+//! blackhole exporter (`--stitch-sink rotel`: a real collector, but ~2-3 µs of CPU per
+//! span, which on 2 cores takes the CPU the stitcher is measured on).
 //!
 //! In: the binaries next to `weft-bench`. Out: figures: exchanges/s ingested and taken by
 //! the stitch path, CPU of the stitcher and of the load generator, bytes per pending
@@ -24,6 +27,16 @@ pub struct StitchArgs {
     pub duration: Duration,
     pub streams: u32,
     pub trace_idle: Duration,
+    pub sink: Sink,
+}
+
+/// The local OTLP/gRPC receiver the stitcher exports to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sink {
+    /// `weft-otlp sink` (loadtest crate): receives, walks the framing, counts spans.
+    WeftOtlp,
+    /// rotel with its blackhole exporter (from PyPI).
+    Rotel,
 }
 
 /// What the stitcher's metrics said at one moment.
@@ -77,24 +90,22 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
     let work = settings.work_dir.join("stitch");
     std::fs::create_dir_all(&work)?;
 
-    // The OTLP sink: rotel with the blackhole exporter (a real OTLP/gRPC receiver).
     let otlp_port = child::free_port()?;
-    let mut sink = match child::rotel_agent() {
-        Some(rotel) => {
-            let http_port = child::free_port()?;
-            let mut cmd = Command::new(rotel);
-            cmd.args(["start", "--exporter", "blackhole"])
-                .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{otlp_port}")])
-                .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
-                .args(["--pid-file", &work.join("rotel.pid").to_string_lossy()]);
-            Some(Child::spawn(
-                "rotel",
+    let (mut sink, sink_name) = match args.sink {
+        Sink::WeftOtlp => {
+            let bin = child::sibling_binary("weft-otlp")?;
+            let mut cmd = Command::new(bin);
+            cmd.args(["sink", "--listen", &format!("127.0.0.1:{otlp_port}")])
+                .args(["--report-every", "3600s"]);
+            let child = Child::spawn(
+                "weft-otlp sink",
                 &mut cmd,
                 Stdio::null(),
-                Some(&work.join("rotel.stderr")),
-            )?)
+                Some(&work.join("sink.stderr")),
+            )?;
+            (Some(child), "weft-otlp sink (OTLP/gRPC, counts spans)")
         }
-        None => None,
+        Sink::Rotel => rotel_sink(&work, otlp_port)?,
     };
 
     let port = child::free_port()?;
@@ -121,13 +132,15 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
     child::wait_healthy(&mut stitcher, metrics_addr, Duration::from_secs(20))?;
     if let Some(s) = sink.as_mut() {
         std::thread::sleep(Duration::from_millis(300));
-        s.ensure_running().context("the OTLP sink (rotel)")?;
+        s.ensure_running()
+            .with_context(|| format!("the OTLP sink ({sink_name})"))?;
     }
 
     let scrape =
         || -> Result<Counters> { Ok(counters(&child::http_get(metrics_addr, "/metrics")?)) };
     let before = scrape()?;
     let base = Sample::read(stitcher.pid())?;
+    let sink_base = sink.as_ref().and_then(|s| Sample::read(s.pid()).ok());
 
     let mut cmd = Command::new(&loadgen_bin);
     cmd.args(["--target", &format!("http://127.0.0.1:{port}")])
@@ -197,6 +210,10 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
         }
     }
     let end_sample = Sample::read(stitcher.pid())?;
+    let sink_cores = match (sink_base, sink.as_ref().map(|s| Sample::read(s.pid()))) {
+        (Some(a), Some(Ok(b))) => Some(b.cores_since(&a) * 1000.0),
+        _ => None,
+    };
     stitcher.ensure_running()?;
 
     let secs = summary["total_seconds"].as_f64().unwrap_or(0.0);
@@ -209,7 +226,7 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
         args.streams,
         args.duration,
         if sink.is_some() {
-            "rotel blackhole (OTLP/gRPC)"
+            sink_name
         } else {
             "none (rotel not found)"
         }
@@ -257,6 +274,10 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
         _ => None,
     };
     report.add(Figure::new(BENCH, "loadgen CPU", load_cores, "millicores"));
+    report.add(
+        Figure::new(BENCH, "OTLP sink CPU", sink_cores, "millicores")
+            .note(format!("{sink_name}, until the export settled")),
+    );
     report.add(Figure::new(
         BENCH,
         "stitcher peak RSS",
@@ -309,6 +330,26 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
         s.stop(Duration::from_secs(2));
     }
     Ok(())
+}
+
+/// rotel with the blackhole exporter (a real OTLP/gRPC receiver), when installed.
+fn rotel_sink(work: &std::path::Path, otlp_port: u16) -> Result<(Option<Child>, &'static str)> {
+    let Some(rotel) = child::rotel_agent() else {
+        return Ok((None, "none (rotel not found)"));
+    };
+    let http_port = child::free_port()?;
+    let mut cmd = Command::new(rotel);
+    cmd.args(["start", "--exporter", "blackhole"])
+        .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{otlp_port}")])
+        .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
+        .args(["--pid-file", &work.join("rotel.pid").to_string_lossy()]);
+    let child = Child::spawn(
+        "rotel",
+        &mut cmd,
+        Stdio::null(),
+        Some(&work.join("rotel.stderr")),
+    )?;
+    Ok((Some(child), "rotel blackhole (OTLP/gRPC)"))
 }
 
 fn stats_int(x: f64) -> String {
