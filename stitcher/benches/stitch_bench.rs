@@ -23,7 +23,9 @@
 //! exchange and the heap held then (counted by the allocator), what the pending bounds
 //! evicted, and the process's peak RSS.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+use mimalloc::MiMalloc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -58,11 +60,11 @@ struct Counting;
 static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
 static LIVE_ALLOCS: AtomicUsize = AtomicUsize::new(0);
 
-// SAFETY: forwards every call to the system allocator unchanged; only counts.
+// SAFETY: forwards every call to mimalloc (the binary's allocator) unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract is the system allocator's.
-        let p = unsafe { System.alloc(layout) };
+        // SAFETY: the caller's contract is the allocator's.
+        let p = unsafe { MiMalloc.alloc(layout) };
         if !p.is_null() {
             LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
             LIVE_ALLOCS.fetch_add(1, Ordering::Relaxed);
@@ -71,7 +73,7 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as above.
-        let p = unsafe { System.alloc_zeroed(layout) };
+        let p = unsafe { MiMalloc.alloc_zeroed(layout) };
         if !p.is_null() {
             LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
             LIVE_ALLOCS.fetch_add(1, Ordering::Relaxed);
@@ -80,13 +82,13 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) };
+        unsafe { MiMalloc.dealloc(ptr, layout) };
         LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
         LIVE_ALLOCS.fetch_sub(1, Ordering::Relaxed);
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as above.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        let p = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
             LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
@@ -98,8 +100,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Heap held: bytes asked for plus glibc's per-chunk overhead (8 bytes of header, and
-/// rounding to 16: about 16 bytes per live allocation).
+/// Heap held: bytes asked for plus the allocator's overhead, taken as 16 bytes per live
+/// allocation (mimalloc has no chunk header but rounds up to its size classes; glibc's
+/// header and rounding came to about the same).
 fn heap_bytes() -> usize {
     LIVE_BYTES.load(Ordering::Relaxed) + 16 * LIVE_ALLOCS.load(Ordering::Relaxed)
 }

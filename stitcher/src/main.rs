@@ -34,6 +34,13 @@ use weft_stitcher::query::QueryService;
 use weft_stitcher::resolve;
 use weft_stitcher::store::Store;
 
+/// mimalloc, not glibc's malloc: the stitch path allocates and frees millions of small
+/// objects per second across threads (ingest decodes a batch on a tokio worker, the stitch
+/// thread frees it), and glibc's arenas cost a quarter of the stitch thread there
+/// (arena locks, consolidation).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
