@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench -p weft-stitcher --bench stitch_bench -- [--requests 150000] [--concurrency 64]
-//!     [--callers 64] [--propagate] [--batch 256] [--sink otlp|none]
+//!     [--callers 64] [--propagate] [--batch 256] [--sink otlp|none] [--store]
 //! ```
 //!
 //! What it drives: synthetic collectors' `EventBatch`es for 3-hop chains (caller →
@@ -12,7 +12,10 @@
 //! assemble on one thread (as `pipeline::spawn` runs them), and export: completed traces
 //! go through a bounded queue to a second thread that encodes OTLP
 //! `ExportTraceServiceRequest`s (4096 spans each, the exporter's own encoder) and discards
-//! the bytes (a null OTLP sink).
+//! the bytes (a null OTLP sink). With `--store`, the stitch thread also inserts every
+//! completed trace into the Query API's [`Store`] (default configuration), as the binary
+//! does: its cost then shows in the stitch thread's figure, and the heap figures include
+//! the traces the store holds.
 //! The stages' clock is the data's own time, so windows hold what they would hold at the
 //! data's rate (the generated load runs at about `concurrency / 1.9 ms` requests per second).
 //!
@@ -35,10 +38,11 @@ use prost::Message;
 use weft_proto::v1;
 use weft_stitcher::export::wire::WireEncoder;
 use weft_stitcher::metrics::Registry;
-use weft_stitcher::model::{CompletedTrace, ObservedBatch};
+use weft_stitcher::model::{CompletedTrace, ObservedBatch, TraceSink};
 use weft_stitcher::pipeline::{PipelineConfig, Stitcher, synth};
 use weft_stitcher::resolve::directory::CacheConfig;
 use weft_stitcher::resolve::inventory::StaticInventory;
+use weft_stitcher::store::{Store, StoreConfig};
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter()
@@ -139,6 +143,7 @@ fn main() -> anyhow::Result<()> {
     };
     // `--sink none` drops completed traces unencoded (to see the stitch thread alone).
     let encode = !args.windows(2).any(|w| w[0] == "--sink" && w[1] == "none");
+    let with_store = args.iter().any(|a| a == "--store");
     let t0 = 1_795_341_600_000_000_000;
 
     // Collectors' wire batches, generated and encoded before the clock starts.
@@ -165,6 +170,7 @@ fn main() -> anyhow::Result<()> {
         &metrics,
     )?;
     let mut stitcher = Stitcher::new(&PipelineConfig::default(), resolver, &metrics);
+    let store = with_store.then(|| Store::new(StoreConfig::default(), &metrics));
 
     // The null OTLP sink on the second core.
     let (tx, rx) = sync_channel::<Arc<CompletedTrace>>(8192);
@@ -198,7 +204,8 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let cpu0 = thread_cpu_nanos();
     let heap0 = heap_bytes();
-    let (peak_pending, peak_bytes, peak_heap) = stitch_all(&mut stitcher, &encoded, t0, &tx)?;
+    let (peak_pending, peak_bytes, peak_heap) =
+        stitch_all(&mut stitcher, &encoded, t0, store.as_ref(), &tx)?;
     let stitch_cpu = thread_cpu_nanos() - cpu0;
     drop(tx);
     let (spans, otlp_bytes, export_cpu) = sink
@@ -208,8 +215,8 @@ fn main() -> anyhow::Result<()> {
 
     let m = metrics.snapshot();
     println!(
-        "stitch_bench: {} requests × {} hops, concurrency {}, callers {}, propagate {}",
-        spec.requests, spec.hops, spec.concurrency, spec.callers, spec.propagate
+        "stitch_bench: {} requests × {} hops, concurrency {}, callers {}, propagate {}, store {}",
+        spec.requests, spec.hops, spec.concurrency, spec.callers, spec.propagate, with_store
     );
     println!(
         "  exchanges         {exchanges} ({:.1} MB on the wire)",
@@ -276,6 +283,7 @@ fn stitch_all(
     stitcher: &mut Stitcher,
     encoded: &[Vec<u8>],
     t0: u64,
+    store: Option<&Store>,
     tx: &SyncSender<Arc<CompletedTrace>>,
 ) -> anyhow::Result<(usize, usize, usize)> {
     let mut out = Vec::new();
@@ -308,8 +316,13 @@ fn stitch_all(
         );
         stitcher.tick(now, &mut out);
         for t in out.drain(..) {
+            let t = Arc::new(t);
+            // As `pipeline::deliver`: the store takes the trace on the stitch thread.
+            if let Some(store) = store {
+                store.on_trace(&t);
+            }
             // Blocks when the sink falls behind: the figure is end-to-end throughput.
-            tx.send(Arc::new(t))?;
+            tx.send(t)?;
         }
         if i % 1024 == 0 {
             let pending = stitcher.pending_exchanges();
@@ -322,7 +335,11 @@ fn stitch_all(
     }
     stitcher.flush(u64::MAX / 2, &mut out);
     for t in out.drain(..) {
-        tx.send(Arc::new(t))?;
+        let t = Arc::new(t);
+        if let Some(store) = store {
+            store.on_trace(&t);
+        }
+        tx.send(t)?;
     }
     Ok((peak_pending, peak_bytes, peak_heap))
 }
