@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench -p weft-stitcher --bench stitch_bench -- [--requests 150000] [--concurrency 64]
-//!     [--callers 64] [--propagate] [--batch 256] [--sink otlp|none] [--store]
+//!     [--callers 64] [--propagate] [--batch 256] [--sink otlp|none] [--store|--store-inline]
 //! ```
 //!
 //! What it drives: synthetic collectors' `EventBatch`es for 3-hop chains (caller →
@@ -12,16 +12,20 @@
 //! assemble on one thread (as `pipeline::spawn` runs them), and export: completed traces
 //! go through a bounded queue to a second thread that encodes OTLP
 //! `ExportTraceServiceRequest`s (4096 spans each, the exporter's own encoder) and discards
-//! the bytes (a null OTLP sink). With `--store`, the stitch thread also inserts every
-//! completed trace into the Query API's [`Store`] (default configuration), as the binary
-//! does: its cost then shows in the stitch thread's figure, and the heap figures include
-//! the traces the store holds.
+//! the bytes (a null OTLP sink). Each turn's completed traces go over as one batch, as
+//! `pipeline::deliver` hands them to the sinks. With `--store`, every completed trace is
+//! also inserted into the Query API's [`Store`] (default configuration) through its
+//! [`StoreWriter`], as the binary does: the stitch thread pays the hand-off, the
+//! `weft-store` thread the insertion (its CPU is reported too), and the heap figures
+//! include the traces the store holds. `--store-inline` inserts on the stitch thread
+//! instead (as the binary did before the writer thread), for comparison.
 //! The stages' clock is the data's own time, so windows hold what they would hold at the
 //! data's rate (the generated load runs at about `concurrency / 1.9 ms` requests per second).
 //!
 //! Prints: exchanges/s (wall clock: on a shared machine this is what the other load left),
 //! the CPU time per exchange of the stitch thread and of the export thread (from
-//! `/proc/thread-self/schedstat`) and the rate they sustain with a core each, spans exported, the peak of pending state (halves waiting to
+//! `/proc/thread-self/schedstat`) and the rate they sustain with a core each, the store
+//! thread's (the process's CPU time in 10 ms ticks less the other two), spans exported, the peak of pending state (halves waiting to
 //! join, calls waiting to link, spans in open traces) with its estimated bytes per pending
 //! exchange and the heap held then (counted by the allocator), what the pending bounds
 //! evicted, and the process's peak RSS.
@@ -42,7 +46,7 @@ use weft_stitcher::model::{CompletedTrace, ObservedBatch, TraceSink};
 use weft_stitcher::pipeline::{PipelineConfig, Stitcher, synth};
 use weft_stitcher::resolve::directory::CacheConfig;
 use weft_stitcher::resolve::inventory::StaticInventory;
-use weft_stitcher::store::{Store, StoreConfig};
+use weft_stitcher::store::{Store, StoreConfig, StoreWriter};
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter()
@@ -131,6 +135,20 @@ fn thread_cpu_nanos() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time of the whole process, exited threads included, in nanoseconds
+/// (`/proc/self/stat` utime + stime, 10 ms ticks).
+fn process_cpu_nanos() -> u64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name: state is the 3rd, utime the 14th, stime the 15th.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        });
+    ticks.unwrap_or(0) * 10_000_000
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let spec = synth::ChainSpec {
@@ -143,7 +161,10 @@ fn main() -> anyhow::Result<()> {
     };
     // `--sink none` drops completed traces unencoded (to see the stitch thread alone).
     let encode = !args.windows(2).any(|w| w[0] == "--sink" && w[1] == "none");
-    let with_store = args.iter().any(|a| a == "--store");
+    // `--store-inline`: the stitch thread inserts into the store itself (as before the
+    // store had its writer thread), for comparison.
+    let store_inline = args.iter().any(|a| a == "--store-inline");
+    let with_store = store_inline || args.iter().any(|a| a == "--store");
     let t0 = 1_795_341_600_000_000_000;
 
     // Collectors' wire batches, generated and encoded before the clock starts.
@@ -170,15 +191,22 @@ fn main() -> anyhow::Result<()> {
         &metrics,
     )?;
     let mut stitcher = Stitcher::new(&PipelineConfig::default(), resolver, &metrics);
-    let store = with_store.then(|| Store::new(StoreConfig::default(), &metrics));
+    let process_cpu0 = process_cpu_nanos();
+    let store = with_store
+        .then(|| {
+            let store = Arc::new(Store::new(StoreConfig::default(), &metrics));
+            StoreWriter::spawn(store.clone(), StoreWriter::DEFAULT_QUEUE_TRACES, &metrics)
+                .map(|(writer, thread)| (store, writer, thread))
+        })
+        .transpose()?;
 
     // The null OTLP sink on the second core.
-    let (tx, rx) = sync_channel::<Arc<CompletedTrace>>(8192);
+    let (tx, rx) = sync_channel::<Vec<Arc<CompletedTrace>>>(64);
     let sink = std::thread::spawn(move || {
         let cpu0 = thread_cpu_nanos();
         let (mut spans, mut bytes, mut batch, mut in_batch) = (0usize, 0usize, Vec::new(), 0);
         let (mut encoder, mut buf) = (WireEncoder::default(), Vec::new());
-        for t in rx {
+        for t in rx.into_iter().flatten() {
             if !encode {
                 spans += t.spans.len();
                 continue;
@@ -204,19 +232,47 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let cpu0 = thread_cpu_nanos();
     let heap0 = heap_bytes();
+    let writer: Option<&dyn TraceSink> = match &store {
+        Some((store, _, _)) if store_inline => Some(&**store),
+        Some((_, writer, _)) => Some(&**writer),
+        None => None,
+    };
     let (peak_pending, peak_bytes, peak_heap) =
-        stitch_all(&mut stitcher, &encoded, t0, store.as_ref(), &tx)?;
+        stitch_all(&mut stitcher, &encoded, t0, writer, &tx)?;
     let stitch_cpu = thread_cpu_nanos() - cpu0;
     drop(tx);
     let (spans, otlp_bytes, export_cpu) = sink
         .join()
         .map_err(|_| anyhow::anyhow!("sink thread panicked"))?;
+    let stored = match store {
+        Some((store, writer, thread)) => {
+            // The writer thread stops once its queue is inserted.
+            drop(writer);
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("store thread panicked"))?;
+            Some(store.occupancy())
+        }
+        None => None,
+    };
     let elapsed = started.elapsed().as_secs_f64();
+    let store_cpu = process_cpu_nanos()
+        .saturating_sub(process_cpu0)
+        .saturating_sub(stitch_cpu + export_cpu);
 
     let m = metrics.snapshot();
     println!(
         "stitch_bench: {} requests × {} hops, concurrency {}, callers {}, propagate {}, store {}",
-        spec.requests, spec.hops, spec.concurrency, spec.callers, spec.propagate, with_store
+        spec.requests,
+        spec.hops,
+        spec.concurrency,
+        spec.callers,
+        spec.propagate,
+        match (with_store, store_inline) {
+            (false, _) => "no",
+            (true, false) => "writer thread",
+            (true, true) => "inline on the stitch thread",
+        }
     );
     println!(
         "  exchanges         {exchanges} ({:.1} MB on the wire)",
@@ -234,6 +290,15 @@ fn main() -> anyhow::Result<()> {
         per(export_cpu) / 1e3,
         1e9 / per(stitch_cpu.max(export_cpu)),
     );
+    if let Some(o) = stored {
+        println!(
+            "  store             thread ≈ {:.2} µs CPU per exchange (process CPU less the two above); holds {} traces, {} spans; dropped {}",
+            per(store_cpu) / 1e3,
+            o.traces,
+            o.spans,
+            m.get("store.dropped").copied().unwrap_or(0),
+        );
+    }
     println!(
         "  exported          {spans} spans, {:.1} MB OTLP; traces {}, joined {}, links: traceparent {} timing {} ambiguous {} root {}",
         otlp_bytes as f64 / 1e6,
@@ -283,8 +348,8 @@ fn stitch_all(
     stitcher: &mut Stitcher,
     encoded: &[Vec<u8>],
     t0: u64,
-    store: Option<&Store>,
-    tx: &SyncSender<Arc<CompletedTrace>>,
+    store: Option<&dyn TraceSink>,
+    tx: &SyncSender<Vec<Arc<CompletedTrace>>>,
 ) -> anyhow::Result<(usize, usize, usize)> {
     let mut out = Vec::new();
     let (mut peak_pending, mut peak_bytes, mut peak_heap) = (0usize, 0usize, 0usize);
@@ -315,15 +380,7 @@ fn stitch_all(
             &mut out,
         );
         stitcher.tick(now, &mut out);
-        for t in out.drain(..) {
-            let t = Arc::new(t);
-            // As `pipeline::deliver`: the store takes the trace on the stitch thread.
-            if let Some(store) = store {
-                store.on_trace(&t);
-            }
-            // Blocks when the sink falls behind: the figure is end-to-end throughput.
-            tx.send(t)?;
-        }
+        deliver(&mut out, store, tx)?;
         if i % 1024 == 0 {
             let pending = stitcher.pending_exchanges();
             if pending > peak_pending {
@@ -334,12 +391,25 @@ fn stitch_all(
         }
     }
     stitcher.flush(u64::MAX / 2, &mut out);
-    for t in out.drain(..) {
-        let t = Arc::new(t);
-        if let Some(store) = store {
-            store.on_trace(&t);
-        }
-        tx.send(t)?;
-    }
+    deliver(&mut out, store, tx)?;
     Ok((peak_pending, peak_bytes, peak_heap))
+}
+
+/// As `pipeline::deliver`: the turn's traces go to the store's writer as one batch, and
+/// to the OTLP stand-in as one batch.
+fn deliver(
+    out: &mut Vec<CompletedTrace>,
+    store: Option<&dyn TraceSink>,
+    tx: &SyncSender<Vec<Arc<CompletedTrace>>>,
+) -> anyhow::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let traces: Vec<Arc<CompletedTrace>> = out.drain(..).map(Arc::new).collect();
+    if let Some(store) = store {
+        store.on_traces(&traces);
+    }
+    // Blocks when the sink falls behind: the figure is end-to-end throughput.
+    tx.send(traces)?;
+    Ok(())
 }

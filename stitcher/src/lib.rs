@@ -26,4 +26,5 @@ pub mod model;
 pub mod pipeline;
 pub mod query;
 pub mod resolve;
+pub mod sink_queue;
 pub mod store;

@@ -32,7 +32,7 @@ use weft_stitcher::model::TraceSink;
 use weft_stitcher::pipeline;
 use weft_stitcher::query::QueryService;
 use weft_stitcher::resolve;
-use weft_stitcher::store::Store;
+use weft_stitcher::store::{Store, StoreWriter};
 
 /// mimalloc, not glibc's malloc: the stitch path allocates and frees millions of small
 /// objects per second across threads (ingest decodes a batch on a tokio worker, the stitch
@@ -104,13 +104,18 @@ enum Stages {
 /// How long shutdown waits for open collector streams, then for the pipeline.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where completed traces go: the store (Query API), the printer, OTLP.
+/// Where completed traces go: the store (Query API, inserted on its own thread), the
+/// printer, OTLP.
 fn build_sinks(
     cli: &cli::Cli,
     store: &Arc<Store>,
     registry: &Registry,
 ) -> anyhow::Result<Vec<Arc<dyn TraceSink>>> {
-    let mut sinks: Vec<Arc<dyn TraceSink>> = vec![store.clone()];
+    // The writer thread stops by itself once the pipeline drops its sinks.
+    let (writer, _thread) =
+        StoreWriter::spawn(store.clone(), StoreWriter::DEFAULT_QUEUE_TRACES, registry)
+            .context("starting the store writer")?;
+    let mut sinks: Vec<Arc<dyn TraceSink>> = vec![writer];
     if let Some(format) = cli.printer() {
         sinks.push(Printer::spawn(
             format,

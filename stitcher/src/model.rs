@@ -258,6 +258,15 @@ pub struct CompletedTrace {
 /// cannot keep up drops and counts.
 pub trait TraceSink: Send + Sync {
     fn on_trace(&self, trace: &Arc<CompletedTrace>);
+
+    /// The traces one pipeline turn completed, in order. A sink with a queue overrides
+    /// this to hand the whole batch over at once (one channel send, one wake-up of its
+    /// worker) instead of once per trace.
+    fn on_traces(&self, traces: &[Arc<CompletedTrace>]) {
+        for trace in traces {
+            self.on_trace(trace);
+        }
+    }
 }
 
 /// The route of a path, for span names: the query string dropped and ids replaced by

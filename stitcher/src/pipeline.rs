@@ -525,12 +525,15 @@ async fn run(
 /// Batches taken from the channel in one turn before the clock is looked at again.
 const MAX_BATCHES_PER_TURN: usize = 16;
 
+/// Hands this turn's completed traces to every sink as one batch: sinks with a queue
+/// wake their worker once per turn, not once per trace.
 fn deliver(out: &mut Vec<CompletedTrace>, sinks: &[Arc<dyn TraceSink>]) {
-    for trace in out.drain(..) {
-        let trace = Arc::new(trace);
-        for sink in sinks {
-            sink.on_trace(&trace);
-        }
+    if out.is_empty() {
+        return;
+    }
+    let traces: Vec<Arc<CompletedTrace>> = out.drain(..).map(Arc::new).collect();
+    for sink in sinks {
+        sink.on_traces(&traces);
     }
 }
 

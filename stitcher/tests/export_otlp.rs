@@ -196,6 +196,30 @@ async fn batches_are_bounded_several_in_flight_retries_deliver_everything() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_traces_goes_in_at_once_and_what_overflows_the_queue_is_counted() {
+    let receiver = Arc::new(Receiver::default());
+    let addr = serve(receiver.clone()).await;
+    let metrics = Registry::new();
+    let mut cfg = config(addr);
+    cfg.queue_traces = 4;
+    let exporter = OtlpExporter::spawn(cfg, &metrics).unwrap();
+    // One pipeline turn's 10 traces of 3 spans into an empty 4-trace queue: the first 4
+    // go in, the other 6 are dropped and counted.
+    let turn: Vec<_> = (0..10).map(|_| trace(3)).collect();
+    exporter.on_traces(&turn);
+    let m = settled(&metrics, 30).await;
+    assert_eq!(m["export.otlp.dropped_queue_full"], 18, "{m:?}");
+    assert_eq!(m["export.otlp.spans"], 12, "{m:?}");
+    assert_eq!(receiver.spans.load(Ordering::SeqCst), 12);
+    // Once the worker took them, the queue has room for the next turn again.
+    let turn: Vec<_> = (0..4).map(|_| trace(3)).collect();
+    exporter.on_traces(&turn);
+    let m = settled(&metrics, 42).await;
+    assert_eq!(m["export.otlp.dropped_queue_full"], 18, "{m:?}");
+    assert_eq!(m["export.otlp.spans"], 24, "{m:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_requests_and_a_full_queue_drop_and_count_every_span() {
     let receiver = Arc::new(Receiver {
         delay: Duration::from_millis(100),

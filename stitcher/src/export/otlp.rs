@@ -18,7 +18,9 @@
 //! `client.port`, `network.peer.address`, `weft.link` (absent on roots), `weft.joined`, `weft.node`;
 //! status ERROR for 5xx (SERVER) and 4xx/5xx (CLIENT).
 //!
-//! Delivery: a bounded queue of traces (full → dropped and counted), a worker that
+//! Delivery: a queue bounded in traces ([`sink_queue`]: each pipeline turn's traces go in
+//! with one send, one wake-up of the worker; what does not fit is dropped and counted in
+//! `export.otlp.dropped_queue_full`), a worker that
 //! batches up to `max_batch_spans` spans or `max_batch_bytes` bytes or `flush_interval`,
 //! keeps up to `max_in_flight` requests out at once (over one HTTP/2 connection for
 //! gRPC), retries retryable failures with exponential backoff and jitter, and counts what
@@ -36,7 +38,7 @@ use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode,
 };
 use prost::Message;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 use weft_proto::v1::Side;
 
@@ -48,6 +50,7 @@ const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/
 use crate::metrics::{Counter, Registry};
 use crate::model::{CompletedTrace, FastMap, LinkKind, SpanRecord, TraceSink};
 use crate::resolve::Identity;
+use crate::sink_queue::{self, TraceQueue, TraceQueueReceiver};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OtlpProtocol {
@@ -113,7 +116,7 @@ struct Counters {
 
 /// A [`TraceSink`] that exports over OTLP. Create inside a tokio runtime.
 pub struct OtlpExporter {
-    tx: mpsc::Sender<Arc<CompletedTrace>>,
+    queue: TraceQueue,
     counters: Counters,
     log: LogOnce,
 }
@@ -144,10 +147,10 @@ impl OtlpExporter {
             ),
         };
         let transport = Transport::new(&cfg)?;
-        let (tx, rx) = mpsc::channel(cfg.queue_traces.max(1));
+        let (queue, rx) = sink_queue::channel(cfg.queue_traces);
         tokio::spawn(run(cfg, transport, rx, counters.clone()));
         Ok(Arc::new(OtlpExporter {
-            tx,
+            queue,
             counters,
             log: LogOnce::default(),
         }))
@@ -156,13 +159,14 @@ impl OtlpExporter {
 
 impl TraceSink for OtlpExporter {
     fn on_trace(&self, trace: &Arc<CompletedTrace>) {
-        if let Err(e) = self.tx.try_send(trace.clone()) {
-            let (reason, t) = match e {
-                mpsc::error::TrySendError::Full(t) => ("queue full", t),
-                mpsc::error::TrySendError::Closed(t) => ("exporter stopped", t),
-            };
-            self.counters.dropped_queue.add(t.spans.len() as u64);
-            self.log.warn("OTLP export drops spans", reason);
+        self.on_traces(std::slice::from_ref(trace));
+    }
+
+    /// One send (one wake-up of the worker) per pipeline turn.
+    fn on_traces(&self, traces: &[Arc<CompletedTrace>]) {
+        if let Err(rejected) = self.queue.send(traces) {
+            self.counters.dropped_queue.add(rejected.spans());
+            self.log.warn("OTLP export drops spans", rejected.reason);
         }
     }
 }
@@ -212,12 +216,12 @@ impl Shared {
 /// The worker: batch (bounded by spans and bytes), encode, and hand each request to a
 /// task of its own; at most `max_in_flight` requests are out at once. While all are out,
 /// the worker waits, its queue fills, and further traces are dropped and counted
-/// (`export.otlp.dropped_queue_full`): memory stays bounded by the queue, the batch and
-/// the requests in flight.
+/// (`export.otlp.dropped_queue_full`): memory stays bounded by the queue, the turn's
+/// traces the worker took from it, the batch and the requests in flight.
 async fn run(
     cfg: OtlpConfig,
     transport: Transport,
-    mut rx: mpsc::Receiver<Arc<CompletedTrace>>,
+    mut rx: TraceQueueReceiver,
     counters: Counters,
 ) {
     let in_flight = cfg.max_in_flight.max(1);
@@ -242,17 +246,19 @@ async fn run(
                 }
             }
         };
-        let Some(trace) = next else {
+        let Some(traces) = next else {
             break;
         };
-        let spans = trace.spans.len();
-        let bytes: usize = trace.spans.iter().map(WireEncoder::estimate).sum();
-        if batch.would_overflow(cfg, spans, bytes) {
-            dispatch(&mut encoder, &mut batch, &transport, &shared, &permits).await;
-        }
-        batch.push(trace, spans, bytes);
-        if batch.is_full(cfg) {
-            dispatch(&mut encoder, &mut batch, &transport, &shared, &permits).await;
+        for trace in traces {
+            let spans = trace.spans.len();
+            let bytes: usize = trace.spans.iter().map(WireEncoder::estimate).sum();
+            if batch.would_overflow(cfg, spans, bytes) {
+                dispatch(&mut encoder, &mut batch, &transport, &shared, &permits).await;
+            }
+            batch.push(trace, spans, bytes);
+            if batch.is_full(cfg) {
+                dispatch(&mut encoder, &mut batch, &transport, &shared, &permits).await;
+            }
         }
     }
     // The pipeline stopped: send what is left and wait for every request to finish.

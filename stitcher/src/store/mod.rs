@@ -1,6 +1,7 @@
 //! store: completed traces → bounded memory that the query stage reads.
 //!
-//! In: `Arc<CompletedTrace>` from assemble (the [`Store`] is a [`TraceSink`]).
+//! In: `Arc<CompletedTrace>` from assemble (the [`Store`] is a [`TraceSink`]; in the
+//! pipeline its [`StoreWriter`] inserts on a thread of its own, off the stitch thread).
 //! Out: trace summaries and whole traces ([`StoredTrace`]) and the service map
 //! ([`ServiceMap`]) for [`crate::query`].
 //!
@@ -22,6 +23,7 @@
 mod histogram;
 mod service_map;
 mod traces;
+mod writer;
 
 use std::collections::HashSet;
 use std::ops::Bound;
@@ -33,6 +35,7 @@ use parking_lot::Mutex;
 pub use histogram::Histogram;
 pub use service_map::{Edge, MapNode, NodeKind, ServiceMap};
 pub use traces::{StoredTrace, TraceFilter, TraceSummary};
+pub use writer::StoreWriter;
 
 use crate::metrics::{Counter, Registry};
 use crate::model::{CompletedTrace, TraceId, TraceSink};
@@ -215,7 +218,7 @@ impl Store {
     /// Takes a completed (or late) trace in; `now_unix_nanos` ages the service map.
     pub fn insert_at(&self, incoming: &CompletedTrace, now_unix_nanos: u64) {
         // Optimistic: build outside the lock from the stored version, commit if it is
-        // still the stored version. Sinks are called from one assembler task, so a
+        // still the stored version. Inserts come from one thread (the writer), so a
         // retry is rare; after a few, build under the lock.
         const OPTIMISTIC_TRIES: usize = 3;
         let mut committed = None;
