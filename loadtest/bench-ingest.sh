@@ -85,7 +85,7 @@ fi
 cpu0=$(cpu_ticks)
 sink_cpu0=0
 [ -n "$sink_pid" ] && sink_cpu0=$(cpu_ticks "$sink_pid")
-"$bin/weft-loadgen" --target "http://127.0.0.1:$port" --rate 0 -c "$CONCURRENCY" -z "$DURATION" \
+"$bin/weft-loadgen" --target "http://127.0.0.1:$port" --rate "${RATE:-0}" -c "$CONCURRENCY" -z "$DURATION" \
     --batch "$BATCH" --in-flight "$IN_FLIGHT" --resend-every "$RESEND_EVERY" \
     --compression "$COMPRESSION" --json >"$work/loadgen.json"
 cpu1=$(cpu_ticks)
@@ -137,6 +137,11 @@ l = lg["latency_ms"]
 print(f"ack latency        p50 {l.get('p50', 0):.2f} ms  p90 {l.get('p90', 0):.2f} ms  p99 {l.get('p99', 0):.2f} ms")
 print(f"errors             {lg['errors'] or 'none'}")
 PY
+if [ "$PIPELINE" = 1 ]; then
+    # What the bounds pushed out (counted, never silent): traces completed early by the
+    # pending budget, halves/calls evicted, traces the Query store's writer could not keep.
+    echo "bounds             assemble.evicted $(metric assemble_evicted) traces, join.evicted $(metric join_evicted), link.evicted $(metric link_evicted), store.dropped $(metric store_dropped) traces"
+fi
 if [ "$PROFILE" = 1 ]; then
     echo
     echo "stitcher profile (self time, top 30):"

@@ -51,6 +51,13 @@ struct Counters {
     /// Spans in open traces (waiting for the idle window).
     pending_spans: Option<f64>,
     pending_bytes: Option<f64>,
+    /// Halves and calls a pending bound pushed on before their window (join.evicted,
+    /// link.evicted): joined or linked worse than they could have been.
+    evicted: f64,
+    /// Traces completed before their idle window by the bound (assemble.evicted).
+    traces_cut: f64,
+    /// Traces the Query store's writer could not keep up with (store.dropped).
+    store_dropped: f64,
 }
 
 impl Counters {
@@ -81,6 +88,9 @@ fn counters(text: &str) -> Counters {
         pending_calls: m("pipeline_pending_calls"),
         pending_spans: m("assemble_pending_spans"),
         pending_bytes: m("pipeline_pending_bytes"),
+        evicted: m("join_evicted").unwrap_or(0.0) + m("link_evicted").unwrap_or(0.0),
+        traces_cut: m("assemble_evicted").unwrap_or(0.0),
+        store_dropped: m("store_dropped").unwrap_or(0.0),
     }
 }
 
@@ -311,6 +321,35 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
         (Some(a), b) => Some(a - b.unwrap_or(0.0)),
         _ => None,
     };
+    // A rate bought by pushing exchanges through the bounds early is not the full path's
+    // rate: show what the bounds did during the run.
+    let evicted = settled.evicted - before.evicted;
+    report.add(
+        Figure::new(
+            BENCH,
+            "halves/calls evicted by pending bounds",
+            stats::share_pct(evicted as u64, ingested as u64),
+            "%",
+        )
+        .target(Target::at_most(0.0))
+        .note(format!(
+            "join.evicted + link.evicted = {} of {} ingested exchanges (default --max-pending-memory)",
+            stats_int(evicted),
+            stats_int(ingested)
+        )),
+    );
+    report.add(Figure::new(
+        BENCH,
+        "traces completed early by the bound",
+        Some(settled.traces_cut - before.traces_cut),
+        "",
+    ));
+    report.add(Figure::new(
+        BENCH,
+        "traces dropped by the Query store",
+        Some(settled.store_dropped - before.store_dropped),
+        "",
+    ));
     let mut f = Figure::new(BENCH, "spans exported/s", exported.and_then(per_sec), "/s");
     if exported.is_none() {
         f = f.note("no weft_stitcher_export_otlp_spans metric: OTLP export not wired");
