@@ -10,6 +10,7 @@
 #   PIPELINE=1 OTLP=sink loadtest/bench-ingest.sh   # ... exporting OTLP/gRPC to weft-otlp sink
 #   PIPELINE=1 OTLP=rotel loadtest/bench-ingest.sh  # ... to rotel (blackhole exporter)
 #   SKIP_BUILD=1 ...                         # use the release binaries already built
+#   RATE=300000 ...                          # pace the load (exchanges/s over all streams; 0 = as fast as acks allow)
 #   STITCHER_ARGS="--otlp-max-in-flight 1"   # extra weft-stitcher flags
 set -euo pipefail
 cd "$(dirname "$0")/.."
