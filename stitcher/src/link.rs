@@ -585,6 +585,21 @@ mod tests {
         )
     }
 
+    /// A linker that waits for its node's progress (up to 1,000 ns, slack 50 ns).
+    fn progress_linker(reg: &Registry) -> Linker {
+        Linker::new(
+            LinkConfig {
+                wait_nanos: 100,
+                max_wait_nanos: 1_000,
+                progress_slack_nanos: 50,
+                retention_nanos: 10_000,
+                max_pending: 1_000,
+                max_candidates: 1_000,
+            },
+            reg,
+        )
+    }
+
     /// The call as it reaches the stitcher at `at`.
     fn arriving(mut c: Call, at: u64) -> Call {
         if let Some(h) = c.client.as_mut() {
@@ -607,17 +622,7 @@ mod tests {
     #[test]
     fn a_call_waits_for_its_nodes_progress_not_only_the_clock() {
         let reg = Registry::new();
-        let mut l = Linker::new(
-            LinkConfig {
-                wait_nanos: 100,
-                max_wait_nanos: 1_000,
-                progress_slack_nanos: 50,
-                retention_nanos: 10_000,
-                max_pending: 1_000,
-                max_candidates: 1_000,
-            },
-            &reg,
-        );
+        let mut l = progress_linker(&reg);
         let mut out = Vec::new();
         let c = call(200, 300, None);
         l.note_progress(c.client.as_ref().unwrap());
@@ -647,17 +652,7 @@ mod tests {
     #[test]
     fn the_wait_counts_from_the_client_halfs_arrival_not_from_the_join() {
         let reg = Registry::new();
-        let mut l = Linker::new(
-            LinkConfig {
-                wait_nanos: 100,
-                max_wait_nanos: 1_000,
-                progress_slack_nanos: 50,
-                retention_nanos: 10_000,
-                max_pending: 1_000,
-                max_candidates: 1_000,
-            },
-            &reg,
-        );
+        let mut l = progress_linker(&reg);
         let mut out = Vec::new();
         // The client half reached the stitcher at 0; the join held it until 900 (its
         // server half came late). The node reports no progress.
@@ -684,17 +679,7 @@ mod tests {
     #[test]
     fn a_quiet_nodes_call_does_not_hold_up_another_nodes() {
         let reg = Registry::new();
-        let mut l = Linker::new(
-            LinkConfig {
-                wait_nanos: 100,
-                max_wait_nanos: 1_000,
-                progress_slack_nanos: 50,
-                retention_nanos: 10_000,
-                max_pending: 1_000,
-                max_candidates: 1_000,
-            },
-            &reg,
-        );
+        let mut l = progress_linker(&reg);
         let mut out = Vec::new();
         // First a call from node-a, whose collector reports nothing more.
         l.push(arriving(call(200, 300, None), 0), &mut out);
