@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo bench -p weft-stitcher --bench stitch_bench -- [--requests 150000] [--concurrency 64]
-//!     [--callers 64] [--propagate] [--batch 256] [--sink otlp|none] [--store|--store-inline]
+//!     [--callers 64] [--propagate] [--batch 256] [--sink otlp|none]
+//!     [--store|--store-inline|--store-alone]
 //! ```
 //!
 //! What it drives: synthetic collectors' `EventBatch`es for 3-hop chains (caller →
@@ -19,6 +20,9 @@
 //! `weft-store` thread the insertion (its CPU is reported too), and the heap figures
 //! include the traces the store holds. `--store-inline` inserts on the stitch thread
 //! instead (as the binary did before the writer thread), for comparison.
+//! `--store-alone` times the store by itself: the stitched traces are kept (not encoded),
+//! then inserted one by one into a fresh [`Store`] on the main thread, whose CPU time per
+//! exchange is printed (`callgrind --toggle-collect='*insert_all*'` selects just that).
 //! The stages' clock is the data's own time, so windows hold what they would hold at the
 //! data's rate (the generated load runs at about `concurrency / 1.9 ms` requests per second).
 //!
@@ -165,6 +169,8 @@ fn main() -> anyhow::Result<()> {
     // store had its writer thread), for comparison.
     let store_inline = args.iter().any(|a| a == "--store-inline");
     let with_store = store_inline || args.iter().any(|a| a == "--store");
+    let store_alone = args.iter().any(|a| a == "--store-alone");
+    let encode = encode && !store_alone;
     let t0 = 1_795_341_600_000_000_000;
 
     // Collectors' wire batches, generated and encoded before the clock starts.
@@ -206,7 +212,13 @@ fn main() -> anyhow::Result<()> {
         let cpu0 = thread_cpu_nanos();
         let (mut spans, mut bytes, mut batch, mut in_batch) = (0usize, 0usize, Vec::new(), 0);
         let (mut encoder, mut buf) = (WireEncoder::default(), Vec::new());
+        let mut kept = Vec::new();
         for t in rx.into_iter().flatten() {
+            if store_alone {
+                spans += t.spans.len();
+                kept.push(t);
+                continue;
+            }
             if !encode {
                 spans += t.spans.len();
                 continue;
@@ -226,7 +238,7 @@ fn main() -> anyhow::Result<()> {
             bytes += buf.len();
             spans += in_batch;
         }
-        (spans, bytes, thread_cpu_nanos() - cpu0)
+        (spans, bytes, thread_cpu_nanos() - cpu0, kept)
     });
 
     let started = Instant::now();
@@ -241,7 +253,7 @@ fn main() -> anyhow::Result<()> {
         stitch_all(&mut stitcher, &encoded, t0, writer, &tx)?;
     let stitch_cpu = thread_cpu_nanos() - cpu0;
     drop(tx);
-    let (spans, otlp_bytes, export_cpu) = sink
+    let (spans, otlp_bytes, export_cpu, kept) = sink
         .join()
         .map_err(|_| anyhow::anyhow!("sink thread panicked"))?;
     let stored = match store {
@@ -259,6 +271,9 @@ fn main() -> anyhow::Result<()> {
     let store_cpu = process_cpu_nanos()
         .saturating_sub(process_cpu0)
         .saturating_sub(stitch_cpu + export_cpu);
+
+    let alone = store_alone.then(|| insert_all(&kept));
+    drop(kept);
 
     let m = metrics.snapshot();
     println!(
@@ -297,6 +312,15 @@ fn main() -> anyhow::Result<()> {
             o.traces,
             o.spans,
             m.get("store.dropped").copied().unwrap_or(0),
+        );
+    }
+    if let Some((cpu, o)) = alone {
+        println!(
+            "  store alone       {:.3} µs CPU per exchange inserting every trace into a fresh store on one thread; holds {} traces, {} spans, {} map edges",
+            per(cpu) / 1e3,
+            o.traces,
+            o.spans,
+            o.map_edges,
         );
     }
     println!(
@@ -393,6 +417,25 @@ fn stitch_all(
     stitcher.flush(u64::MAX / 2, &mut out);
     deliver(&mut out, store, tx)?;
     Ok((peak_pending, peak_bytes, peak_heap))
+}
+
+/// `--store-alone`: inserts every trace into a fresh store (default configuration) on
+/// this thread; returns the thread's CPU time for it and what the store holds then.
+#[inline(never)]
+fn insert_all(traces: &[Arc<CompletedTrace>]) -> (u64, weft_stitcher::store::Occupancy) {
+    let store = Store::new(StoreConfig::default(), &Registry::new());
+    // The traces' own time, so the service map keeps them (its retention is an hour).
+    let now = traces
+        .iter()
+        .flat_map(|t| t.spans.iter().map(|s| s.end_unix_nanos))
+        .max()
+        .unwrap_or(0);
+    let cpu0 = thread_cpu_nanos();
+    for t in traces {
+        store.insert_at(t, now);
+    }
+    let cpu = thread_cpu_nanos() - cpu0;
+    (cpu, store.occupancy())
 }
 
 /// As `pipeline::deliver`: the turn's traces go to the store's writer as one batch, and

@@ -125,7 +125,7 @@ impl v1::query_server::Query for QueryService {
         })?;
         Ok(Response::new(v1::GetTraceResponse {
             trace_id: trace.trace_id.to_hex(),
-            spans: trace.spans.iter().map(span_to_proto).collect(),
+            spans: trace.spans().map(span_to_proto).collect(),
         }))
     }
 
@@ -187,11 +187,11 @@ pub fn summary_to_proto(t: &StoredTrace) -> v1::TraceSummary {
     v1::TraceSummary {
         trace_id: t.trace_id.to_hex(),
         root_name: s.root_name.clone(),
-        root_service: s.root_service.clone(),
+        root_service: s.root_service.to_string(),
         start_unix_nanos: s.start_unix_nanos,
         duration_nanos: s.duration_nanos,
         span_count: s.span_count,
-        services: s.services.clone(),
+        services: s.services.iter().map(|n| n.to_string()).collect(),
         error: s.error,
     }
 }

@@ -13,14 +13,17 @@
 //! `--service-map-retention`, at most `--service-map-max-edges` edges per minute
 //! (see [`service_map`] for how a request becomes an edge and the histogram).
 //!
-//! Queries never block ingest for long: `on_trace` builds the merged trace, its
-//! summary and its edge samples before taking any lock, then holds a `parking_lot`
-//! mutex only for O(log n) table updates (and evictions), and the map's mutex for one
-//! hash update per new span. Queries hold the table lock for at most [`SCAN_CHUNK`]
+//! Queries never block ingest for long: `on_trace` builds the merged trace and its
+//! summary before taking the table lock (it shares the incoming trace's spans, see
+//! [`traces`], and names services through a cache, see [`names`]), then holds a
+//! `parking_lot` mutex only for O(log n) table updates (and evictions), and the map's
+//! mutex for a few integer-keyed hash updates per new span (map nodes are interned, see
+//! [`service_map::NodeInterner`]). Queries hold the table lock for at most [`SCAN_CHUNK`]
 //! entries at a time (cloning `Arc`s, not traces) and the map lock for one minute
 //! bucket at a time, so ingest waits at most one such short step behind a query.
 
 mod histogram;
+mod names;
 mod service_map;
 mod traces;
 mod writer;
@@ -39,6 +42,7 @@ pub use writer::StoreWriter;
 
 use crate::metrics::{Counter, Registry};
 use crate::model::{CompletedTrace, TraceId, TraceSink};
+use names::NameCache;
 use service_map::{MapAccumulator, MinuteBuckets};
 use traces::TraceTable;
 
@@ -130,6 +134,7 @@ struct StoreMetrics {
     rejected_too_large: Counter,
     rejected_empty: Counter,
     map_edges: Counter,
+    map_nodes: Counter,
     map_edges_full: Counter,
     map_expired: Counter,
 }
@@ -163,6 +168,10 @@ impl StoreMetrics {
                 "store.map.edges",
                 "edge entries over all minute buckets of the service map (gauge)",
             ),
+            map_nodes: r.counter(
+                "store.map.nodes",
+                "service-map nodes interned for the kept minute buckets (gauge)",
+            ),
             map_edges_full: r.counter(
                 "store.map.dropped.edges_full",
                 "requests not added to the service map: the minute had too many edges",
@@ -185,6 +194,8 @@ pub struct Store {
     config: StoreConfig,
     traces: Mutex<TraceTable>,
     map: Mutex<MinuteBuckets>,
+    /// Service names for summaries (taken while building a trace, outside the table lock).
+    names: Mutex<NameCache>,
     metrics: StoreMetrics,
     warned_too_large: std::sync::Once,
     warned_edges_full: std::sync::Once,
@@ -204,6 +215,7 @@ impl Store {
             metrics: StoreMetrics::new(registry, &config),
             map: Mutex::new(MinuteBuckets::new(retention_minutes, config.map_max_edges)),
             traces: Mutex::new(TraceTable::default()),
+            names: Mutex::new(NameCache::default()),
             config,
             warned_too_large: std::sync::Once::new(),
             warned_edges_full: std::sync::Once::new(),
@@ -216,7 +228,7 @@ impl Store {
     }
 
     /// Takes a completed (or late) trace in; `now_unix_nanos` ages the service map.
-    pub fn insert_at(&self, incoming: &CompletedTrace, now_unix_nanos: u64) {
+    pub fn insert_at(&self, incoming: &Arc<CompletedTrace>, now_unix_nanos: u64) {
         // Optimistic: build outside the lock from the stored version, commit if it is
         // still the stored version. Inserts come from one thread (the writer), so a
         // retry is rare; after a few, build under the lock.
@@ -228,7 +240,7 @@ impl Store {
                 .lock()
                 .get(&incoming.trace_id)
                 .map(|(_, t)| t.clone());
-            let built = Built::new(base.as_deref(), incoming);
+            let built = self.build(base.as_deref(), incoming);
             let mut table = self.traces.lock();
             let current = table.get(&incoming.trace_id).map(|(_, t)| t);
             let unchanged = match (&base, current) {
@@ -246,21 +258,34 @@ impl Store {
             None => {
                 let mut table = self.traces.lock();
                 let base = table.get(&incoming.trace_id).map(|(_, t)| t.clone());
-                let built = Built::new(base.as_deref(), incoming);
+                let built = self.build(base.as_deref(), incoming);
                 self.commit(&mut table, base.is_some(), built, incoming)
             }
         };
         // Dropped here, after the lock: the memory of replaced and evicted traces.
         drop(outcome.released);
-        if !outcome.samples.is_empty() {
-            let (recorded, edges) = {
-                let mut map = self.map.lock();
-                let recorded = map.record(outcome.samples, now_unix_nanos);
-                (recorded, map.edge_entries())
-            };
-            self.metrics.map_edges.set(edges as u64);
-            self.count_map_drops(recorded);
+        if let Some((trace, new)) = outcome.added {
+            let samples = service_map::samples(&trace, &new);
+            if !samples.is_empty() {
+                let (recorded, edges, nodes) = {
+                    let mut map = self.map.lock();
+                    let recorded = map.record(&samples, now_unix_nanos);
+                    (recorded, map.edge_entries(), map.interned_nodes())
+                };
+                self.metrics.map_edges.set(edges as u64);
+                self.metrics.map_nodes.set(nodes as u64);
+                self.count_map_drops(recorded);
+            }
         }
+    }
+
+    /// The merged trace, built outside the table lock.
+    fn build(&self, base: Option<&StoredTrace>, incoming: &Arc<CompletedTrace>) -> Option<Built> {
+        let merged = StoredTrace::merge(base, incoming, &mut self.names.lock())?;
+        Some(Built {
+            trace: merged.trace,
+            new: merged.new,
+        })
     }
 
     /// Table update under the lock: put, evict, update gauges.
@@ -272,7 +297,7 @@ impl Store {
         incoming: &CompletedTrace,
     ) -> Committed {
         let mut released = Vec::new();
-        let Some(Built { trace, samples }) = built else {
+        let Some(Built { trace, new }) = built else {
             self.metrics.rejected_empty.inc();
             return Committed::default();
         };
@@ -295,7 +320,8 @@ impl Store {
                 self.metrics.late_unmatched.inc();
             }
         }
-        released.extend(table.put(Arc::new(trace)));
+        let trace = Arc::new(trace);
+        released.extend(table.put(trace.clone()));
         while table.len() > self.config.max_traces || table.bytes as u64 > self.config.max_bytes {
             let Some(evicted) = table.pop_oldest() else {
                 break;
@@ -307,7 +333,10 @@ impl Store {
         self.metrics.traces.set(table.len() as u64);
         self.metrics.spans.set(table.spans as u64);
         self.metrics.bytes.set(table.bytes as u64);
-        Committed { released, samples }
+        Committed {
+            released,
+            added: Some((trace, new)),
+        }
     }
 
     fn count_map_drops(&self, r: service_map::RecordOutcome) {
@@ -409,27 +438,17 @@ impl Store {
     }
 }
 
-/// A merged trace and its new edge samples, built before taking the table lock.
+/// A merged trace and which of its spans are new, built before taking the table lock.
 struct Built {
     trace: StoredTrace,
-    samples: Vec<service_map::EdgeSample>,
-}
-
-impl Built {
-    fn new(base: Option<&StoredTrace>, incoming: &CompletedTrace) -> Option<Self> {
-        let merged = StoredTrace::merge(base, incoming)?;
-        let samples = service_map::samples(&merged.trace.spans, &merged.new_spans);
-        Some(Built {
-            trace: merged.trace,
-            samples,
-        })
-    }
+    new: Vec<bool>,
 }
 
 #[derive(Default)]
 struct Committed {
     released: Vec<Arc<StoredTrace>>,
-    samples: Vec<service_map::EdgeSample>,
+    /// The trace put in and which of its spans are new (for the service map).
+    added: Option<(Arc<StoredTrace>, Vec<bool>)>,
 }
 
 impl TraceSink for Store {

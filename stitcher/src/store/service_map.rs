@@ -20,13 +20,16 @@
 //! merges the buckets that overlap the window, so the window is effectively rounded up
 //! to whole minutes.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use weft_proto::v1::Side;
 
 use super::histogram::Histogram;
-use crate::model::{LinkKind, SpanId, SpanRecord};
-use crate::resolve::{Identity, PeerKind};
+use super::traces::StoredTrace;
+use crate::model::{FastMap, FastSet, LinkKind, SpanId, SpanRecord};
+use crate::resolve::{Identity, PeerKind, PeerMeta};
 
 const MINUTE_NANOS: u64 = 60_000_000_000;
 
@@ -97,42 +100,35 @@ impl MapNode {
     }
 }
 
-/// One request for the map.
-#[derive(Debug, Clone)]
-pub struct EdgeSample {
-    pub client: MapNode,
-    pub server: MapNode,
+/// One request for the map: references into a stored trace's spans.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeSample<'a> {
+    pub client: &'a Identity,
+    pub server: &'a Identity,
     pub start_unix_nanos: u64,
     pub latency_nanos: u64,
     pub error: bool,
 }
 
-/// The edge samples that the spans `new` (span ids) of a trace contribute, given all of
-/// the trace's spans (`all`, which includes them).
-pub fn samples(all: &[SpanRecord], new: &HashSet<SpanId>) -> Vec<EdgeSample> {
-    // CLIENT span id → the SERVER half joined under it.
-    let joined_server: HashMap<SpanId, &SpanRecord> = all
-        .iter()
-        .filter(|s| s.side == Side::Server && s.link == LinkKind::Join)
-        .filter_map(|s| Some((s.parent?, s)))
-        .collect();
-    let clients: HashSet<SpanId> = all
-        .iter()
-        .filter(|s| s.side == Side::Client)
-        .map(|s| s.span_id)
-        .collect();
+/// The edge samples that the new spans of a trace contribute: `new[i]` tells whether
+/// `trace.spans()`'s i-th span is new (the others were counted before).
+pub fn samples<'a>(trace: &'a StoredTrace, new: &[bool]) -> Vec<EdgeSample<'a>> {
+    if !new.iter().any(|&n| n) {
+        return Vec::new();
+    }
+    let lookup = Lookup::new(trace);
     let mut out = Vec::new();
-    for span in all.iter().filter(|s| new.contains(&s.span_id)) {
+    for (span, _) in trace.spans().zip(new).filter(|(_, n)| **n) {
         let (client, server) = match span.side {
             Side::Client => {
-                let server = joined_server
-                    .get(&span.span_id)
+                let server = lookup
+                    .joined_server(span.span_id)
                     .map_or(&span.server, |s| &s.server);
                 (&span.client, server)
             }
             Side::Server => {
-                let under_its_client = span.link == LinkKind::Join
-                    && span.parent.is_some_and(|p| clients.contains(&p));
+                let under_its_client =
+                    span.link == LinkKind::Join && span.parent.is_some_and(|p| lookup.is_client(p));
                 if under_its_client {
                     continue;
                 }
@@ -141,8 +137,8 @@ pub fn samples(all: &[SpanRecord], new: &HashSet<SpanId>) -> Vec<EdgeSample> {
             Side::Unspecified => continue,
         };
         out.push(EdgeSample {
-            client: MapNode::of(client),
-            server: MapNode::of(server),
+            client,
+            server,
             start_unix_nanos: span.start_unix_nanos,
             latency_nanos: span.end_unix_nanos.saturating_sub(span.start_unix_nanos),
             error: span.error,
@@ -151,10 +147,164 @@ pub fn samples(all: &[SpanRecord], new: &HashSet<SpanId>) -> Vec<EdgeSample> {
     out
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Finds a CLIENT span's joined SERVER half and whether a span id is a CLIENT span:
+/// by scanning a small trace (most are a few spans: no allocation, no hashing), through
+/// hash maps in a large one.
+enum Lookup<'a> {
+    Scan(&'a StoredTrace),
+    Maps {
+        /// CLIENT span id → the SERVER half joined under it.
+        joined_server: FastMap<SpanId, &'a SpanRecord>,
+        clients: FastSet<SpanId>,
+    },
+}
+
+impl<'a> Lookup<'a> {
+    /// Largest trace that is scanned.
+    const SCAN_MAX: usize = 16;
+
+    fn new(trace: &'a StoredTrace) -> Self {
+        if trace.span_count() <= Self::SCAN_MAX {
+            return Lookup::Scan(trace);
+        }
+        Lookup::Maps {
+            joined_server: trace
+                .spans()
+                .filter(|s| is_joined_server(s))
+                .filter_map(|s| Some((s.parent?, s)))
+                .collect(),
+            clients: trace
+                .spans()
+                .filter(|s| s.side == Side::Client)
+                .map(|s| s.span_id)
+                .collect(),
+        }
+    }
+
+    fn joined_server(&self, client: SpanId) -> Option<&'a SpanRecord> {
+        match self {
+            Lookup::Scan(t) => t
+                .spans()
+                .find(|s| is_joined_server(s) && s.parent == Some(client)),
+            Lookup::Maps { joined_server, .. } => joined_server.get(&client).copied(),
+        }
+    }
+
+    fn is_client(&self, id: SpanId) -> bool {
+        match self {
+            Lookup::Scan(t) => t.spans().any(|s| s.side == Side::Client && s.span_id == id),
+            Lookup::Maps { clients, .. } => clients.contains(&id),
+        }
+    }
+}
+
+fn is_joined_server(s: &SpanRecord) -> bool {
+    s.side == Side::Server && s.link == LinkKind::Join
+}
+
+/// An edge by its nodes' numbers in the [`NodeInterner`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct EdgeKey {
-    client: MapNode,
-    server: MapNode,
+    client: u32,
+    server: u32,
+}
+
+/// What a map node is looked up by: the resolved meta it names (its address) and the
+/// node kind, or the IP of an external peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum IdentityKey {
+    Named { meta: usize, kind: NodeKind },
+    External(IpAddr),
+}
+
+impl IdentityKey {
+    fn of(identity: &Identity) -> Self {
+        match (&identity.meta, identity.kind) {
+            (None, _) | (_, PeerKind::External) => IdentityKey::External(identity.addr.ip()),
+            (Some(m), kind) => IdentityKey::Named {
+                meta: Arc::as_ptr(m) as usize,
+                kind: match kind {
+                    PeerKind::Service => NodeKind::Service,
+                    PeerKind::Node => NodeKind::Node,
+                    _ => NodeKind::Workload,
+                },
+            },
+        }
+    }
+}
+
+/// Map nodes by number, so that an edge key is two integers and recording a request
+/// neither builds nor hashes strings: an identity is found by [`IdentityKey`] (its
+/// meta's address, held alive by the entry, or its IP) and only a new one builds its
+/// [`MapNode`] (which identities with equal names share).
+///
+/// Bounds: numbers are handed out as nodes appear; [`MinuteBuckets`] compacts the
+/// interner to the nodes its buckets still use once it has grown to twice that (see
+/// [`MinuteBuckets::compact`]), and the identity lookup is emptied when it outgrows the
+/// nodes (pods that come and go leave metas behind).
+#[derive(Debug, Default)]
+pub struct NodeInterner {
+    by_identity: FastMap<IdentityKey, (u32, Option<Arc<PeerMeta>>)>,
+    by_node: HashMap<Arc<MapNode>, u32>,
+    nodes: Vec<Arc<MapNode>>,
+}
+
+impl NodeInterner {
+    /// The number of `identity`'s node; the same for every identity whose node is equal.
+    pub fn intern(&mut self, identity: &Identity) -> u32 {
+        let key = IdentityKey::of(identity);
+        if let Some((id, _)) = self.by_identity.get(&key) {
+            return *id;
+        }
+        let id = self.intern_node(MapNode::of(identity));
+        self.by_identity.insert(key, (id, identity.meta.clone()));
+        id
+    }
+
+    fn intern_node(&mut self, node: MapNode) -> u32 {
+        if let Some(&id) = self.by_node.get(&node) {
+            return id;
+        }
+        let id = u32::try_from(self.nodes.len()).unwrap_or(u32::MAX);
+        let node = Arc::new(node);
+        self.nodes.push(node.clone());
+        self.by_node.insert(node, id);
+        id
+    }
+
+    /// The node with this number.
+    pub fn node(&self, id: u32) -> &Arc<MapNode> {
+        &self.nodes[id as usize]
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Identities cached in the lookup.
+    pub fn identities(&self) -> usize {
+        self.by_identity.len()
+    }
+
+    /// Keeps only the nodes for which `live` holds, renumbered in order; returns the
+    /// new number of each old one (`u32::MAX` for the dropped).
+    fn retain(&mut self, live: &[bool]) -> Vec<u32> {
+        let mut renumber = vec![u32::MAX; self.nodes.len()];
+        let old = std::mem::take(&mut self.nodes);
+        self.by_node.clear();
+        for (i, node) in old.into_iter().enumerate() {
+            if live.get(i).copied().unwrap_or(false) {
+                renumber[i] = u32::try_from(self.nodes.len()).unwrap_or(u32::MAX);
+                self.by_node.insert(node.clone(), renumber[i]);
+                self.nodes.push(node);
+            }
+        }
+        self.by_identity.retain(|_, (id, _)| {
+            *id = renumber[*id as usize];
+            *id != u32::MAX
+        });
+        renumber
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -200,10 +350,16 @@ pub struct RecordOutcome {
     pub edges_full: u64,
 }
 
+/// Fewest interned nodes before the interner is compacted.
+const MIN_COMPACT_NODES: usize = 4096;
+
 /// Per-minute edge statistics, bounded by retention and edges per minute.
 #[derive(Debug)]
 pub struct MinuteBuckets {
-    minutes: BTreeMap<u64, HashMap<EdgeKey, EdgeStats>>,
+    minutes: BTreeMap<u64, FastMap<EdgeKey, EdgeStats>>,
+    nodes: NodeInterner,
+    /// Compact the interner once it holds this many nodes.
+    compact_at: usize,
     retention_minutes: u64,
     max_edges: usize,
 }
@@ -212,6 +368,8 @@ impl MinuteBuckets {
     pub fn new(retention_minutes: u64, max_edges: usize) -> Self {
         MinuteBuckets {
             minutes: BTreeMap::new(),
+            nodes: NodeInterner::default(),
+            compact_at: MIN_COMPACT_NODES,
             retention_minutes: retention_minutes.max(1),
             max_edges: max_edges.max(1),
         }
@@ -222,15 +380,17 @@ impl MinuteBuckets {
         (now_unix_nanos / MINUTE_NANOS).saturating_sub(self.retention_minutes)
     }
 
-    /// Adds samples and drops buckets that fell out of the retention. Cheap: one hash
-    /// lookup and a histogram increment per sample.
-    pub fn record(&mut self, samples: Vec<EdgeSample>, now_unix_nanos: u64) -> RecordOutcome {
+    /// Adds samples and drops buckets that fell out of the retention. Cheap: two
+    /// identity lookups, one edge lookup and a histogram increment per sample.
+    pub fn record(&mut self, samples: &[EdgeSample<'_>], now_unix_nanos: u64) -> RecordOutcome {
         let first = self.first_kept(now_unix_nanos);
+        let mut expired_minutes = false;
         while let Some(oldest) = self.minutes.first_entry() {
             if *oldest.key() >= first {
                 break;
             }
             oldest.remove();
+            expired_minutes = true;
         }
         let mut outcome = RecordOutcome::default();
         for s in samples {
@@ -239,11 +399,11 @@ impl MinuteBuckets {
                 outcome.expired += 1;
                 continue;
             }
-            let bucket = self.minutes.entry(minute).or_default();
             let key = EdgeKey {
-                client: s.client,
-                server: s.server,
+                client: self.nodes.intern(s.client),
+                server: self.nodes.intern(s.server),
             };
+            let bucket = self.minutes.entry(minute).or_default();
             if !bucket.contains_key(&key) && bucket.len() >= self.max_edges {
                 outcome.edges_full += 1;
                 continue;
@@ -253,7 +413,47 @@ impl MinuteBuckets {
             stats.errors += u64::from(s.error);
             stats.latency.record(s.latency_nanos);
         }
+        let grown = self.nodes.len() >= self.compact_at;
+        let freed = expired_minutes && self.nodes.len() >= MIN_COMPACT_NODES;
+        if grown || freed || self.nodes.identities() >= 2 * self.compact_at {
+            self.compact();
+        }
         outcome
+    }
+
+    /// Drops the interned nodes that no kept bucket uses (and the cached identities),
+    /// renumbering the rest. Runs when the interner has grown to twice the nodes in use
+    /// (at least [`MIN_COMPACT_NODES`]), so its cost is spread over as many new nodes, and
+    /// when a minute expired while it held that many (at most once a minute).
+    pub fn compact(&mut self) {
+        let mut live = vec![false; self.nodes.len()];
+        for key in self.minutes.values().flat_map(FastMap::keys) {
+            live[key.client as usize] = true;
+            live[key.server as usize] = true;
+        }
+        let renumber = self.nodes.retain(&live);
+        for bucket in self.minutes.values_mut() {
+            *bucket = std::mem::take(bucket)
+                .into_iter()
+                .map(|(k, v)| {
+                    let key = EdgeKey {
+                        client: renumber[k.client as usize],
+                        server: renumber[k.server as usize],
+                    };
+                    (key, v)
+                })
+                .collect();
+        }
+        // Identities are a cache: rebuilt from the next samples.
+        if self.nodes.identities() >= self.compact_at {
+            self.nodes.by_identity.clear();
+        }
+        self.compact_at = (2 * self.nodes.len()).max(MIN_COMPACT_NODES);
+    }
+
+    /// Nodes the interner holds (for tests and the bound).
+    pub fn interned_nodes(&self) -> usize {
+        self.nodes.len()
     }
 
     /// Minutes (keys) that overlap `[now - window, ∞)`.
@@ -264,17 +464,21 @@ impl MinuteBuckets {
 
     /// Distinct edges over all kept minutes (for the occupancy gauge).
     pub fn edge_entries(&self) -> usize {
-        self.minutes.values().map(HashMap::len).sum()
+        self.minutes.values().map(FastMap::len).sum()
     }
 
     /// Adds one minute's statistics into `acc`.
     pub fn merge_minute_into(&self, minute: u64, acc: &mut MapAccumulator) {
         if let Some(bucket) = self.minutes.get(&minute) {
             for (key, stats) in bucket {
-                match acc.edges.get_mut(key) {
+                let nodes = (
+                    self.nodes.node(key.client).clone(),
+                    self.nodes.node(key.server).clone(),
+                );
+                match acc.edges.get_mut(&nodes) {
                     Some(a) => a.merge(stats),
                     None => {
-                        acc.edges.insert(key.clone(), stats.clone());
+                        acc.edges.insert(nodes, stats.clone());
                     }
                 }
             }
@@ -283,27 +487,30 @@ impl MinuteBuckets {
 }
 
 /// Edge statistics merged over several minutes, turned into a [`ServiceMap`] at the end.
+/// Keyed by the nodes themselves: the interner may renumber between two minutes.
 #[derive(Debug, Default)]
 pub struct MapAccumulator {
-    edges: HashMap<EdgeKey, EdgeStats>,
+    edges: HashMap<(Arc<MapNode>, Arc<MapNode>), EdgeStats>,
 }
 
 impl MapAccumulator {
     pub fn finish(self) -> ServiceMap {
         let mut nodes: BTreeMap<String, MapNode> = BTreeMap::new();
         let mut edges = Vec::with_capacity(self.edges.len());
-        for (key, stats) in self.edges {
+        for ((client, server), stats) in self.edges {
             edges.push(Edge {
-                client: key.client.id.clone(),
-                server: key.server.id.clone(),
+                client: client.id.clone(),
+                server: server.id.clone(),
                 requests: stats.requests,
                 errors: stats.errors,
                 p50_nanos: stats.latency.quantile(0.50),
                 p90_nanos: stats.latency.quantile(0.90),
                 p99_nanos: stats.latency.quantile(0.99),
             });
-            for node in [key.client, key.server] {
-                nodes.entry(node.id.clone()).or_insert(node);
+            for node in [client, server] {
+                nodes
+                    .entry(node.id.clone())
+                    .or_insert_with(|| MapNode::clone(&node));
             }
         }
         edges.sort_by(|a, b| (&a.client, &a.server).cmp(&(&b.client, &b.server)));
@@ -311,5 +518,114 @@ impl MapAccumulator {
             nodes: nodes.into_values().collect(),
             edges,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+    const NOW: u64 = 1_795_000_000 * SEC;
+
+    fn identity(kind: PeerKind, addr: &str, ns: &str, workload: &str) -> Identity {
+        Identity {
+            kind,
+            addr: addr.parse().unwrap(),
+            meta: Some(Arc::new(PeerMeta {
+                namespace: ns.into(),
+                workload: workload.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn external(addr: &str) -> Identity {
+        Identity::external(addr.parse().unwrap())
+    }
+
+    #[test]
+    fn the_interner_numbers_equal_nodes_alike() {
+        let mut n = NodeInterner::default();
+        let a = identity(PeerKind::Pod, "10.0.0.1:8080", "demo", "cart");
+        let mut a_other_port = a.clone();
+        a_other_port.addr = "10.0.0.1:9090".parse().unwrap();
+        // Another pod of the same workload: another meta, the same node.
+        let a_other_pod = identity(PeerKind::Pod, "10.0.0.2:8080", "demo", "cart");
+        // The Service of the same name is another node.
+        let svc = identity(PeerKind::Service, "10.96.0.1:80", "demo", "cart");
+        let ext = external("192.0.2.1:443");
+        let ext_other_port = external("192.0.2.1:80");
+        let id = n.intern(&a);
+        assert_eq!(n.intern(&a_other_port), id);
+        assert_eq!(n.intern(&a_other_pod), id);
+        let svc_id = n.intern(&svc);
+        assert_ne!(svc_id, id);
+        let ext_id = n.intern(&ext);
+        assert_eq!(n.intern(&ext_other_port), ext_id);
+        assert_eq!(n.len(), 3);
+        assert_eq!(**n.node(id), MapNode::of(&a));
+        assert_eq!(n.node(svc_id).id, "svc:cart.demo");
+        assert_eq!(n.node(ext_id).id, "192.0.2.1");
+    }
+
+    /// A sample of one request from `client` to `server` at `start`.
+    fn sample<'a>(client: &'a Identity, server: &'a Identity, start: u64) -> EdgeSample<'a> {
+        EdgeSample {
+            client,
+            server,
+            start_unix_nanos: start,
+            latency_nanos: 1_000,
+            error: false,
+        }
+    }
+
+    fn map_at(b: &MinuteBuckets, window: u64, now: u64) -> ServiceMap {
+        let mut acc = MapAccumulator::default();
+        for m in b.minutes_since(window, now) {
+            b.merge_minute_into(m, &mut acc);
+        }
+        acc.finish()
+    }
+
+    #[test]
+    fn compaction_drops_expired_nodes_and_keeps_live_edges_right() {
+        let mut b = MinuteBuckets::new(2, 100_000);
+        let server = identity(PeerKind::Pod, "10.0.0.1:8080", "demo", "api");
+        // Many one-off external callers in an old minute...
+        let callers: Vec<Identity> = (0..MIN_COMPACT_NODES as u32)
+            .map(|i| external(&format!("198.51.{}.{}:1000", i / 250, i % 250)))
+            .collect();
+        let old: Vec<EdgeSample> = callers.iter().map(|c| sample(c, &server, NOW)).collect();
+        assert_eq!(b.record(&old, NOW), RecordOutcome::default());
+        // ...and, three minutes later (the old minute expired), a few that stay.
+        let later = NOW + 180 * SEC;
+        let frontend = identity(PeerKind::Pod, "10.0.0.5:40000", "demo", "web");
+        let live = [
+            sample(&frontend, &server, later),
+            sample(&frontend, &server, later),
+            sample(&callers[7], &server, later),
+        ];
+        assert_eq!(b.record(&live, later), RecordOutcome::default());
+        assert!(
+            b.interned_nodes() <= 4,
+            "expired callers dropped: {} nodes",
+            b.interned_nodes()
+        );
+        let map = map_at(&b, 60 * SEC, later);
+        let edges: Vec<(&str, &str, u64)> = map
+            .edges
+            .iter()
+            .map(|e| (e.client.as_str(), e.server.as_str(), e.requests))
+            .collect();
+        assert_eq!(
+            edges,
+            vec![("198.51.0.7", "api.demo", 1), ("web.demo", "api.demo", 2)]
+        );
+        // Renumbered nodes still count into the same edges.
+        b.record(&[sample(&frontend, &server, later)], later);
+        let map = map_at(&b, 60 * SEC, later);
+        assert_eq!(map.edges[1].requests, 3);
+        assert_eq!(map.nodes.len(), 3);
     }
 }

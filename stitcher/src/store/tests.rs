@@ -144,6 +144,11 @@ fn store(max_traces: usize, max_bytes: u64) -> (Store, Registry) {
     (Store::new(config, &registry), registry)
 }
 
+/// Inserts a copy of `t` as the pipeline does (shared with the other sinks).
+fn insert(store: &Store, t: &CompletedTrace, now: u64) {
+    store.insert_at(&Arc::new(t.clone()), now);
+}
+
 fn all(store: &Store) -> Vec<Arc<StoredTrace>> {
     store.list(&TraceFilter::default(), usize::MAX)
 }
@@ -156,7 +161,7 @@ fn count_bound_evicts_oldest_start_first() {
         .collect();
     // Insert the oldest-starting trace last: it is still the first to go.
     for t in traces[1..].iter().chain(&traces[..1]) {
-        store.insert_at(t, NOW);
+        insert(&store, t, NOW);
     }
     let kept: Vec<TraceId> = all(&store).iter().map(|t| t.trace_id).collect();
     assert_eq!(
@@ -176,14 +181,14 @@ fn count_bound_evicts_oldest_start_first() {
 #[test]
 fn byte_bound_evicts_until_under_the_limit() {
     let (probe, _) = store(100, 1 << 30);
-    probe.insert_at(&demo_trace(NOW, 5 * MS, 200), NOW);
+    insert(&probe, &demo_trace(NOW, 5 * MS, 200), NOW);
     let one = probe.occupancy().bytes as u64;
     assert!(one > 3 * size_of::<SpanRecord>() as u64);
 
     // Room for two and a half traces of this size.
     let (store, registry) = store(100, one * 5 / 2);
     for i in 0..6 {
-        store.insert_at(&demo_trace(NOW + i * SEC, 5 * MS, 200), NOW);
+        insert(&store, &demo_trace(NOW + i * SEC, 5 * MS, 200), NOW);
         assert!(store.occupancy().bytes as u64 <= one * 5 / 2);
     }
     assert_eq!(store.occupancy().traces, 2);
@@ -196,7 +201,7 @@ fn byte_bound_evicts_until_under_the_limit() {
 #[test]
 fn a_trace_larger_than_the_store_is_rejected_and_counted() {
     let (store, registry) = store(100, 100);
-    store.insert_at(&demo_trace(NOW, 5 * MS, 200), NOW);
+    insert(&store, &demo_trace(NOW, 5 * MS, 200), NOW);
     assert_eq!(store.occupancy().traces, 0);
     assert_eq!(registry.snapshot()["store.rejected.too_large"], 1);
     let empty = CompletedTrace {
@@ -204,7 +209,7 @@ fn a_trace_larger_than_the_store_is_rejected_and_counted() {
         spans: vec![],
         late: false,
     };
-    store.insert_at(&empty, NOW);
+    insert(&store, &empty, NOW);
     assert_eq!(registry.snapshot()["store.rejected.empty"], 1);
 }
 
@@ -217,7 +222,7 @@ fn late_spans_merge_into_the_stored_trace() {
         spans: full.spans[..2].to_vec(),
         ..full.clone()
     };
-    store.insert_at(&early, NOW);
+    insert(&store, &early, NOW);
     // ... which arrives late, together with a re-send of the root (same span id) and a
     // new late span that ends later than everything else.
     let mut extra = full.spans[2].clone();
@@ -231,14 +236,14 @@ fn late_spans_merge_into_the_stored_trace() {
         spans: vec![full.spans[2].clone(), full.spans[0].clone(), extra],
         late: true,
     };
-    store.insert_at(&late, NOW);
+    insert(&store, &late, NOW);
 
     let stored = store.get(&full.trace_id).expect("stored");
-    assert_eq!(stored.spans.len(), 4, "root not duplicated");
+    assert_eq!(stored.spans().len(), 4, "root not duplicated");
     assert_eq!(stored.summary.span_count, 4);
     assert_eq!(stored.summary.duration_nanos, 40 * MS);
     assert!(stored.summary.error);
-    assert_eq!(stored.summary.root_service, "frontend.demo");
+    assert_eq!(&*stored.summary.root_service, "frontend.demo");
     assert_eq!(all(&store).len(), 1);
     let snap = registry.snapshot();
     assert_eq!(snap["store.late_merged"], 1);
@@ -250,7 +255,7 @@ fn late_spans_merge_into_the_stored_trace() {
         late: true,
         ..demo_trace(NOW, MS, 200)
     };
-    store.insert_at(&orphan, NOW);
+    insert(&store, &orphan, NOW);
     assert_eq!(registry.snapshot()["store.late_unmatched"], 1);
     assert!(store.get(&orphan.trace_id).is_some());
 }
@@ -259,14 +264,15 @@ fn late_spans_merge_into_the_stored_trace() {
 fn summary_names_root_services_and_errors() {
     let (store, _) = store(100, 1 << 30);
     let t = demo_trace(NOW, 5 * MS, 500);
-    store.insert_at(&t, NOW);
+    insert(&store, &t, NOW);
     let s = &store.get(&t.trace_id).unwrap().summary;
     assert_eq!(s.root_name, "GET /api/items");
-    assert_eq!(s.root_service, "frontend.demo");
+    assert_eq!(&*s.root_service, "frontend.demo");
     assert_eq!(s.start_unix_nanos, NOW);
     assert_eq!(s.duration_nanos, 7 * MS);
     assert_eq!(s.span_count, 3);
-    assert_eq!(s.services, vec!["backend.demo", "frontend.demo"]);
+    let services: Vec<&str> = s.services.iter().map(|n| &**n).collect();
+    assert_eq!(services, vec!["backend.demo", "frontend.demo"]);
     assert!(s.error);
 }
 
@@ -284,7 +290,7 @@ fn filters_select_and_order_traces() {
         })
         .collect();
     for t in &demo {
-        store.insert_at(t, NOW);
+        insert(&store, t, NOW);
     }
     // One trace in another namespace: shop/cart → shop/db without a Service.
     let other_id = TraceId::random();
@@ -306,7 +312,7 @@ fn filters_select_and_order_traces() {
         )],
         late: false,
     };
-    store.insert_at(&other, NOW);
+    insert(&store, &other, NOW);
 
     let ids = |f: TraceFilter, limit: usize| -> Vec<TraceId> {
         store.list(&f, limit).iter().map(|t| t.trace_id).collect()
@@ -387,7 +393,7 @@ fn listing_scans_across_lock_chunks() {
         .map(|i| demo_trace(NOW + i * MS, MS, if i % 100 == 0 { 500 } else { 200 }))
         .collect();
     for t in &traces {
-        store.insert_at(t, NOW);
+        insert(&store, t, NOW);
     }
     assert_eq!(all(&store).len(), n);
     let errors: Vec<TraceId> = store
@@ -417,7 +423,8 @@ fn service_map_edges_follow_the_rule() {
     // 100 requests, backend latency 1..=100 ms; every 10th fails.
     for i in 1..=100u64 {
         let status = if i % 10 == 0 { 500 } else { 200 };
-        store.insert_at(
+        insert(
+            &store,
             &demo_trace(NOW - 60 * SEC + i * 100 * MS, i * MS, status),
             NOW,
         );
@@ -442,9 +449,9 @@ fn service_map_edges_follow_the_rule() {
         )],
         late: false,
     };
-    store.insert_at(&unjoined, NOW);
+    insert(&store, &unjoined, NOW);
     // Outside a 5 minute window (10 minutes ago), inside a 15 minute one.
-    store.insert_at(&demo_trace(NOW - 600 * SEC, 7 * MS, 200), NOW);
+    insert(&store, &demo_trace(NOW - 600 * SEC, 7 * MS, 200), NOW);
 
     let map = store.service_map_at(Duration::from_secs(300), NOW);
     let edge = |c: &str, s: &str| {
@@ -498,14 +505,16 @@ fn service_map_edges_follow_the_rule() {
 fn late_server_half_is_not_counted_twice() {
     let (store, _) = store(100, 1 << 30);
     let full = demo_trace(NOW - 5 * SEC, 5 * MS, 200);
-    store.insert_at(
+    insert(
+        &store,
         &CompletedTrace {
             spans: full.spans[..2].to_vec(),
             ..full.clone()
         },
         NOW,
     );
-    store.insert_at(
+    insert(
+        &store,
         &CompletedTrace {
             spans: vec![full.spans[2].clone()],
             late: true,
@@ -514,7 +523,8 @@ fn late_server_half_is_not_counted_twice() {
         NOW,
     );
     // Re-sending spans already stored adds nothing either.
-    store.insert_at(
+    insert(
+        &store,
         &CompletedTrace {
             late: true,
             ..full.clone()
@@ -543,9 +553,9 @@ fn service_map_retention_and_edge_bound_are_counted() {
         },
         &registry,
     );
-    store.insert_at(&demo_trace(NOW - 3600 * SEC, MS, 200), NOW);
+    insert(&store, &demo_trace(NOW - 3600 * SEC, MS, 200), NOW);
     assert_eq!(registry.snapshot()["store.map.dropped.expired"], 2);
-    store.insert_at(&demo_trace(NOW, MS, 200), NOW);
+    insert(&store, &demo_trace(NOW, MS, 200), NOW);
     let id = TraceId::random();
     let third_edge = CompletedTrace {
         trace_id: id,
@@ -565,7 +575,7 @@ fn service_map_retention_and_edge_bound_are_counted() {
         )],
         late: false,
     };
-    store.insert_at(&third_edge, NOW);
+    insert(&store, &third_edge, NOW);
     assert_eq!(registry.snapshot()["store.map.dropped.edges_full"], 1);
     assert_eq!(
         store
@@ -638,4 +648,44 @@ fn a_writer_that_falls_behind_drops_and_counts_never_blocks() {
         6,
         "each trace stored or counted"
     );
+}
+
+#[test]
+fn a_large_trace_maps_as_its_small_parts_do() {
+    // 8 demo requests in one trace: 24 spans, past the size where samples are found by
+    // scanning; the map must count them as 8 separate traces would.
+    let (store, _) = store(100, 1 << 30);
+    let id = TraceId::random();
+    let spans: Vec<SpanRecord> = (0..8u64)
+        .flat_map(|i| demo_trace(NOW - 30 * SEC + i * SEC, (i + 1) * MS, 200).spans)
+        .map(|mut s| {
+            s.trace_id = id;
+            s
+        })
+        .collect();
+    assert!(spans.len() > 16);
+    let big = CompletedTrace {
+        trace_id: id,
+        spans,
+        late: false,
+    };
+    insert(&store, &big, NOW);
+    let map = store.service_map_at(Duration::from_secs(300), NOW);
+    let edges: Vec<(&str, &str, u64)> = map
+        .edges
+        .iter()
+        .map(|e| (e.client.as_str(), e.server.as_str(), e.requests))
+        .collect();
+    assert_eq!(
+        edges,
+        vec![
+            ("192.0.2.7", "frontend.demo", 8),
+            ("frontend.demo", "backend.demo", 8)
+        ]
+    );
+    let stored = store.get(&id).expect("stored");
+    assert_eq!(stored.summary.span_count, 24);
+    assert_eq!(stored.summary.start_unix_nanos, NOW - 30 * SEC);
+    let starts: Vec<u64> = stored.spans().map(|s| s.start_unix_nanos).collect();
+    assert!(starts.is_sorted(), "spans sorted by start");
 }

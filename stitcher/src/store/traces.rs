@@ -1,14 +1,21 @@
 //! Stored traces: merged spans, a precomputed summary, and the table that bounds them.
 //!
-//! In: a [`CompletedTrace`] (possibly `late`, to merge into a stored one).
+//! In: a [`CompletedTrace`] (possibly `late`, to merge into a stored one), shared with
+//! the other sinks (`Arc`).
 //! Out: [`StoredTrace`]s, ordered by start time, found by id or by [`TraceFilter`].
+//!
+//! Why shared parts: a stored trace keeps the `Arc<CompletedTrace>`s it was built from
+//! and an order over their spans instead of copies of the spans (three strings each), so
+//! storing a trace allocates two small vectors, whatever its size. A late merge adds a
+//! part; spans it replaces stay held (and counted) until the trace is evicted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use weft_proto::v1::Side;
 
-use crate::model::{CompletedTrace, SpanId, SpanRecord, TraceId};
+use super::names::NameCache;
+use crate::model::{CompletedTrace, FastMap, FastSet, SpanId, SpanRecord, TraceId};
 use crate::resolve::{Identity, PeerMeta};
 
 /// What ListTraces shows of a trace.
@@ -17,21 +24,30 @@ pub struct TraceSummary {
     pub root_name: String,
     /// Name (`workload.namespace` or IP) of the service that emitted the root span: the
     /// caller for a CLIENT root, the callee for a SERVER root.
-    pub root_service: String,
+    pub root_service: Arc<str>,
     pub start_unix_nanos: u64,
     pub duration_nanos: u64,
     pub span_count: u32,
     /// Names of the services that emitted the trace's spans (as `root_service`), sorted.
-    pub services: Vec<String>,
+    pub services: Vec<Arc<str>>,
     pub error: bool,
+}
+
+/// Where a span of a stored trace is: its part and its index in that part's spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    part: u32,
+    index: u32,
 }
 
 /// A trace as kept by the store: immutable once built; a late merge builds a new one.
 #[derive(Debug)]
 pub struct StoredTrace {
     pub trace_id: TraceId,
-    /// Sorted by start time.
-    pub spans: Vec<SpanRecord>,
+    /// The completed traces (the first, then late ones) whose spans make this trace.
+    parts: Vec<Arc<CompletedTrace>>,
+    /// The trace's spans, unique by span id, sorted by start time.
+    order: Vec<Slot>,
     pub summary: TraceSummary,
     /// Distinct names known for the spans' clients and servers (for filtering).
     peers: Vec<Arc<PeerMeta>>,
@@ -42,48 +58,84 @@ pub struct StoredTrace {
 /// A trace built from a stored one (if any) and an incoming one.
 pub struct Merged {
     pub trace: StoredTrace,
-    /// Spans not seen before (they feed the service map).
-    pub new_spans: HashSet<SpanId>,
+    /// Per span of `trace` (in its order): not seen before (it feeds the service map).
+    pub new: Vec<bool>,
 }
 
 impl StoredTrace {
+    /// The spans, sorted by start time.
+    pub fn spans(&self) -> impl ExactSizeIterator<Item = &SpanRecord> + Clone {
+        self.order.iter().map(|&s| self.span(s))
+    }
+
+    /// Number of spans (after merges: distinct span ids).
+    pub fn span_count(&self) -> usize {
+        self.order.len()
+    }
+
+    fn span(&self, slot: Slot) -> &SpanRecord {
+        &self.parts[slot.part as usize].spans[slot.index as usize]
+    }
+
     /// Merges `incoming` into `existing`: spans are unique by span id and an incoming
-    /// span replaces a stored one with the same id. `None` when there are no spans.
-    pub fn merge(existing: Option<&StoredTrace>, incoming: &CompletedTrace) -> Option<Merged> {
-        let mut spans: Vec<SpanRecord> = existing.map(|e| e.spans.clone()).unwrap_or_default();
-        let mut index: HashMap<SpanId, usize> = spans
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.span_id, i))
-            .collect();
-        let mut new_spans = HashSet::new();
-        for span in &incoming.spans {
-            match index.get(&span.span_id) {
-                Some(&i) => spans[i] = span.clone(),
-                None => {
-                    index.insert(span.span_id, spans.len());
-                    new_spans.insert(span.span_id);
-                    spans.push(span.clone());
-                }
-            }
-        }
-        if spans.is_empty() {
+    /// span replaces a stored one with the same id (a later one in `incoming` replaces
+    /// an earlier one). `None` when there are no spans.
+    pub fn merge(
+        existing: Option<&StoredTrace>,
+        incoming: &Arc<CompletedTrace>,
+        names: &mut NameCache,
+    ) -> Option<Merged> {
+        let mut parts = existing.map(|e| e.parts.clone()).unwrap_or_default();
+        parts.push(incoming.clone());
+        let newest = u32::try_from(parts.len() - 1).ok()?;
+        let span_of = |s: &Slot| &parts[s.part as usize].spans[s.index as usize];
+        // Stored spans first, then incoming ones in their order; the stable sort keeps
+        // that order among equal ids, so the last of a run is the one that stays.
+        let mut slots: Vec<Slot> = existing.map(|e| e.order.clone()).unwrap_or_default();
+        slots.extend((0..incoming.spans.len()).map(|i| Slot {
+            part: newest,
+            index: u32::try_from(i).unwrap_or(u32::MAX),
+        }));
+        if slots.is_empty() {
             return None;
         }
-        spans.sort_by_key(|s| (s.start_unix_nanos, s.end_unix_nanos));
-        let summary = summarize(&spans);
-        let peers = peers(&spans);
-        let bytes = approx_bytes(&spans, &summary, &peers);
-        Some(Merged {
-            trace: StoredTrace {
-                trace_id: incoming.trace_id,
-                spans,
-                summary,
-                peers,
-                bytes,
+        slots.sort_by_key(|s| span_of(s).span_id);
+        let mut kept: Vec<(Slot, bool)> = Vec::with_capacity(slots.len());
+        for run in slots.chunk_by(|a, b| span_of(a).span_id == span_of(b).span_id) {
+            let (first, last) = (run[0], run[run.len() - 1]);
+            // New unless the run starts with a stored span.
+            kept.push((last, first.part == newest));
+        }
+        kept.sort_by_key(|(s, _)| {
+            let span = span_of(s);
+            (span.start_unix_nanos, span.end_unix_nanos)
+        });
+        let mut order = Vec::with_capacity(kept.len());
+        let mut new = Vec::with_capacity(kept.len());
+        for (slot, is_new) in kept {
+            order.push(slot);
+            new.push(is_new);
+        }
+        let mut trace = StoredTrace {
+            trace_id: incoming.trace_id,
+            parts,
+            order,
+            summary: TraceSummary {
+                root_name: String::new(),
+                root_service: Arc::from(""),
+                start_unix_nanos: 0,
+                duration_nanos: 0,
+                span_count: 0,
+                services: Vec::new(),
+                error: false,
             },
-            new_spans,
-        })
+            peers: Vec::new(),
+            bytes: 0,
+        };
+        trace.summary = summarize(&trace, names);
+        trace.peers = peers(&trace);
+        trace.bytes = approx_bytes(&trace);
+        Some(Merged { trace, new })
     }
 
     /// Whether any client or server of any span is the given workload and namespace
@@ -110,68 +162,101 @@ fn emitter(span: &SpanRecord) -> &Identity {
     }
 }
 
-/// Summary of spans sorted by start (not empty).
-fn summarize(spans: &[SpanRecord]) -> TraceSummary {
-    let ids: HashSet<SpanId> = spans.iter().map(|s| s.span_id).collect();
-    let start = spans.iter().map(|s| s.start_unix_nanos).min().unwrap_or(0);
-    let end = spans
-        .iter()
+/// Summary of a trace whose spans are sorted by start (not empty).
+fn summarize(trace: &StoredTrace, names: &mut NameCache) -> TraceSummary {
+    let start = trace.spans().map(|s| s.start_unix_nanos).min().unwrap_or(0);
+    let end = trace
+        .spans()
         .map(|s| s.end_unix_nanos)
         .max()
         .unwrap_or(start);
     // The earliest span without a parent in the trace (there is one unless the trace
-    // only holds late spans whose parents were evicted; then the earliest span).
-    let root = spans
-        .iter()
-        .find(|s| s.parent.is_none_or(|p| !ids.contains(&p)))
-        .or(spans.first());
-    let services: BTreeSet<String> = spans.iter().map(|s| emitter(s).name()).collect();
+    // only holds late spans whose parents were evicted; then the earliest span). The
+    // earliest span is usually the root: the id set is built only when it is not.
+    let root = match trace.spans().next() {
+        Some(first) if first.parent.is_none() => Some(first),
+        _ => {
+            let ids: FastSet<SpanId> = trace.spans().map(|s| s.span_id).collect();
+            trace
+                .spans()
+                .find(|s| s.parent.is_none_or(|p| !ids.contains(&p)))
+                .or(trace.spans().next())
+        }
+    };
+    let mut services: Vec<Arc<str>> = Vec::new();
+    let mut last: Option<&Identity> = None;
+    for span in trace.spans() {
+        let who = emitter(span);
+        // Neighbouring spans often share their emitter: skip the lookup.
+        if last.is_some_and(|l| same_name(l, who)) {
+            continue;
+        }
+        last = Some(who);
+        let name = names.name(who);
+        if !services.contains(&name) {
+            services.push(name);
+        }
+    }
+    services.sort_unstable();
     TraceSummary {
         root_name: root.map(|r| r.name.clone()).unwrap_or_default(),
-        root_service: root.map(|r| emitter(r).name()).unwrap_or_default(),
+        root_service: root.map_or_else(|| Arc::from(""), |r| names.name(emitter(r))),
         start_unix_nanos: start,
         duration_nanos: end.saturating_sub(start),
-        span_count: u32::try_from(spans.len()).unwrap_or(u32::MAX),
-        services: services.into_iter().collect(),
-        error: spans.iter().any(|s| s.error),
+        span_count: u32::try_from(trace.span_count()).unwrap_or(u32::MAX),
+        services,
+        error: trace.spans().any(|s| s.error),
     }
 }
 
-fn peers(spans: &[SpanRecord]) -> Vec<Arc<PeerMeta>> {
+/// Whether two identities certainly have the same name (same meta, or both unnamed at
+/// the same IP).
+fn same_name(a: &Identity, b: &Identity) -> bool {
+    match (&a.meta, &b.meta) {
+        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+        (None, None) => a.addr.ip() == b.addr.ip(),
+        _ => false,
+    }
+}
+
+fn peers(trace: &StoredTrace) -> Vec<Arc<PeerMeta>> {
     let mut out: Vec<Arc<PeerMeta>> = Vec::new();
-    for meta in spans
-        .iter()
+    for meta in trace
+        .spans()
         .flat_map(|s| [&s.client.meta, &s.server.meta])
         .flatten()
     {
-        if !out.iter().any(|m| Arc::ptr_eq(m, meta) || m == meta) {
-            out.push(meta.clone());
+        if out.iter().any(|m| Arc::ptr_eq(m, meta)) || out.iter().any(|m| m == meta) {
+            continue;
         }
+        out.push(meta.clone());
     }
     out
 }
 
-/// Memory of a trace, approximately: the span records and their strings, the summary,
-/// and the table entries. Resolved names (`PeerMeta`) are shared with the resolver and
-/// counted as pointers.
-fn approx_bytes(spans: &[SpanRecord], summary: &TraceSummary, peers: &[Arc<PeerMeta>]) -> usize {
+/// Memory of a trace, approximately: the span records and their strings of every part
+/// it holds (replaced spans included), the order, the summary, and the table entries.
+/// Resolved names (`PeerMeta`) are shared with the resolver and counted as pointers;
+/// service names are shared between traces and counted as pointers too.
+fn approx_bytes(trace: &StoredTrace) -> usize {
     const TABLE_ENTRY: usize = 96;
-    let spans_bytes: usize = spans
+    let spans_bytes: usize = trace
+        .parts
         .iter()
+        .flat_map(|p| &p.spans)
         .map(|s| size_of::<SpanRecord>() + s.name.len() + s.method.len() + s.path.len())
         .sum();
-    let summary_bytes = summary.root_name.len()
-        + summary.root_service.len()
-        + summary
-            .services
-            .iter()
-            .map(|s| s.len() + size_of::<String>())
-            .sum::<usize>();
+    let parts_bytes =
+        trace.parts.len() * (size_of::<Arc<CompletedTrace>>() + 16 + size_of::<CompletedTrace>());
+    let summary = &trace.summary;
+    let summary_bytes = summary.root_name.len() + summary.services.len() * size_of::<Arc<str>>();
     size_of::<StoredTrace>()
         + TABLE_ENTRY
+        + parts_bytes
         + spans_bytes
+        + trace.order.len() * size_of::<Slot>()
         + summary_bytes
-        + std::mem::size_of_val(peers)
+        + std::mem::size_of_val(trace.peers.as_slice())
 }
 
 /// ListTraces filters; an empty field matches everything.
@@ -208,7 +293,7 @@ pub type OrderKey = (u64, u64);
 #[derive(Debug, Default)]
 pub struct TraceTable {
     pub by_start: BTreeMap<OrderKey, Arc<StoredTrace>>,
-    by_id: HashMap<TraceId, OrderKey>,
+    by_id: FastMap<TraceId, OrderKey>,
     pub bytes: usize,
     pub spans: usize,
     next_seq: u64,
@@ -238,11 +323,11 @@ impl TraceTable {
         let replaced = old.and_then(|key| self.by_start.remove(&key));
         if let Some(r) = &replaced {
             self.bytes -= r.bytes;
-            self.spans -= r.spans.len();
+            self.spans -= r.span_count();
         }
         let key = (trace.summary.start_unix_nanos, seq);
         self.bytes += trace.bytes;
-        self.spans += trace.spans.len();
+        self.spans += trace.span_count();
         self.by_id.insert(trace.trace_id, key);
         self.by_start.insert(key, trace);
         replaced
@@ -253,7 +338,7 @@ impl TraceTable {
         let (_, t) = self.by_start.pop_first()?;
         self.by_id.remove(&t.trace_id);
         self.bytes -= t.bytes;
-        self.spans -= t.spans.len();
+        self.spans -= t.span_count();
         Some(t)
     }
 }
