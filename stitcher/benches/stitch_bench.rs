@@ -201,7 +201,7 @@ fn main() -> anyhow::Result<()> {
     let store = with_store
         .then(|| {
             let store = Arc::new(Store::new(StoreConfig::default(), &metrics));
-            StoreWriter::spawn(store.clone(), StoreWriter::DEFAULT_QUEUE_TRACES, &metrics)
+            StoreWriter::spawn(store.clone(), StoreWriter::DEFAULT_QUEUE_SPANS, &metrics)
                 .map(|(writer, thread)| (store, writer, thread))
         })
         .transpose()?;

@@ -113,7 +113,7 @@ fn build_sinks(
 ) -> anyhow::Result<Vec<Arc<dyn TraceSink>>> {
     // The writer thread stops by itself once the pipeline drops its sinks.
     let (writer, _thread) =
-        StoreWriter::spawn(store.clone(), StoreWriter::DEFAULT_QUEUE_TRACES, registry)
+        StoreWriter::spawn(store.clone(), StoreWriter::DEFAULT_QUEUE_SPANS, registry)
             .context("starting the store writer")?;
     let mut sinks: Vec<Arc<dyn TraceSink>> = vec![writer];
     if let Some(format) = cli.printer() {

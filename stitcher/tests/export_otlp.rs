@@ -201,9 +201,9 @@ async fn a_batch_of_traces_goes_in_at_once_and_what_overflows_the_queue_is_count
     let addr = serve(receiver.clone()).await;
     let metrics = Registry::new();
     let mut cfg = config(addr);
-    cfg.queue_traces = 4;
+    cfg.queue_spans = 12;
     let exporter = OtlpExporter::spawn(cfg, &metrics).unwrap();
-    // One pipeline turn's 10 traces of 3 spans into an empty 4-trace queue: the first 4
+    // One pipeline turn's 10 traces of 3 spans into an empty 12-span queue: the first 4
     // go in, the other 6 are dropped and counted.
     let turn: Vec<_> = (0..10).map(|_| trace(3)).collect();
     exporter.on_traces(&turn);
@@ -231,9 +231,9 @@ async fn refused_requests_and_a_full_queue_drop_and_count_every_span() {
     let mut cfg = config(addr);
     cfg.max_batch_spans = 10;
     cfg.max_in_flight = 1;
-    cfg.queue_traces = 4;
+    cfg.queue_spans = 8;
     let exporter = OtlpExporter::spawn(cfg, &metrics).unwrap();
-    // Far more than a 4-trace queue and one slow request at a time can hold.
+    // Far more than an 8-span (4-trace) queue and one slow request at a time can hold.
     for _ in 0..100 {
         exporter.on_trace(&trace(2));
     }

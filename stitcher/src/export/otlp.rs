@@ -18,7 +18,7 @@
 //! `client.port`, `network.peer.address`, `weft.link` (absent on roots), `weft.joined`, `weft.node`;
 //! status ERROR for 5xx (SERVER) and 4xx/5xx (CLIENT).
 //!
-//! Delivery: a queue bounded in traces ([`sink_queue`]: each pipeline turn's traces go in
+//! Delivery: a queue bounded in spans ([`sink_queue`]: each pipeline turn's traces go in
 //! with one send, one wake-up of the worker; what does not fit is dropped and counted in
 //! `export.otlp.dropped_queue_full`), a worker that
 //! batches up to `max_batch_spans` spans or `max_batch_bytes` bytes or `flush_interval`,
@@ -66,8 +66,8 @@ pub struct OtlpConfig {
     /// unless present).
     pub endpoint: String,
     pub protocol: OtlpProtocol,
-    /// Traces waiting for export; beyond it new traces are dropped and counted.
-    pub queue_traces: usize,
+    /// Spans waiting for export; beyond it new traces are dropped and counted.
+    pub queue_spans: usize,
     /// A request carries at most this many spans...
     pub max_batch_spans: usize,
     /// ...and about this many bytes at most (estimated before encoding; receivers
@@ -86,11 +86,16 @@ pub struct OtlpConfig {
 }
 
 impl OtlpConfig {
+    /// About a second of spans at 300,000 spans/s (~110 MB when full, shared with the
+    /// store's queue, which holds the same traces): room for the bursts an idle sweep
+    /// completes at once, still bounded.
+    pub const DEFAULT_QUEUE_SPANS: usize = 300_000;
+
     pub fn new(endpoint: impl Into<String>) -> Self {
         OtlpConfig {
             endpoint: endpoint.into(),
             protocol: OtlpProtocol::Grpc,
-            queue_traces: 16384,
+            queue_spans: Self::DEFAULT_QUEUE_SPANS,
             max_batch_spans: 4096,
             max_batch_bytes: 3 << 20,
             flush_interval: Duration::from_millis(200),
@@ -147,7 +152,7 @@ impl OtlpExporter {
             ),
         };
         let transport = Transport::new(&cfg)?;
-        let (queue, rx) = sink_queue::channel(cfg.queue_traces);
+        let (queue, rx) = sink_queue::channel(cfg.queue_spans);
         tokio::spawn(run(cfg, transport, rx, counters.clone()));
         Ok(Arc::new(OtlpExporter {
             queue,

@@ -625,13 +625,14 @@ fn the_writer_inserts_every_batch_on_its_own_thread() {
 fn a_writer_that_falls_behind_drops_and_counts_never_blocks() {
     let registry = Registry::new();
     let store = Arc::new(Store::new(StoreConfig::default(), &registry));
-    let (writer, thread) = StoreWriter::spawn(store.clone(), 2, &registry).unwrap();
+    // Room for 6 spans: two 3-span traces.
+    let (writer, thread) = StoreWriter::spawn(store.clone(), 6, &registry).unwrap();
     let traces: Vec<Arc<CompletedTrace>> = (0..6)
         .map(|i| Arc::new(demo_trace(NOW - i * SEC, MS, 200)))
         .collect();
     {
         // The writer thread stalls on the table lock (a long query, say): the queue of 2
-        // fills and the rest of the turns are dropped at once.
+        // traces fills and the rest of the turns are dropped at once.
         let _held = store.traces.lock();
         writer.on_traces(&traces[..1]);
         writer.on_traces(&traces[1..3]);

@@ -26,17 +26,19 @@ pub struct StoreWriter {
 }
 
 impl StoreWriter {
-    /// Traces waiting to be inserted; beyond it new traces are dropped and counted.
-    pub const DEFAULT_QUEUE_TRACES: usize = 16_384;
+    /// Spans waiting to be inserted; beyond it new traces are dropped and counted. About
+    /// a second at 300,000 spans/s (the queue holds the same traces as the export queue,
+    /// so the two share their memory).
+    pub const DEFAULT_QUEUE_SPANS: usize = 300_000;
 
     /// Starts the `weft-store` thread. It stops once the writer is dropped and its queue
     /// is inserted; the handle waits for that.
     pub fn spawn(
         store: Arc<Store>,
-        queue_traces: usize,
+        queue_spans: usize,
         metrics: &Registry,
     ) -> std::io::Result<(Arc<StoreWriter>, std::thread::JoinHandle<()>)> {
-        let (queue, mut rx) = sink_queue::channel(queue_traces);
+        let (queue, mut rx) = sink_queue::channel(queue_spans);
         let thread = std::thread::Builder::new()
             .name("weft-store".into())
             .spawn(move || {
