@@ -2,9 +2,8 @@
 //!
 //! In: packets on a pod's host-side veth (TC ingress = leaving the pod, TC egress = entering
 //! it) and TCP state changes (`sock/inet_sock_set_state`).
-//! Out: `PacketEvent`s or, for payloads of at most `SMALL_HEAD_LEN` bytes, `SmallPacketEvent`s
-//! (segments that begin an HTTP/1 message, with a bounded payload head) on the `PACKETS` ring
-//! buffer, `ConnEvent`s on the `CONNS` ring buffer, and per-CPU
+//! Out: packet records (a `PacketHeader` followed by at most `HEAD_LEN` payload bytes, for
+//! segments that begin an HTTP/1 message) on the `PACKETS` ring buffer, `ConnEvent`s on the `CONNS` ring buffer, and per-CPU
 //! `COUNTERS` for every packet seen, emitted, lost or skipped.
 //!
 //! Only a segment that *begins* an HTTP message is captured, and only its first `HEAD_LEN`
@@ -31,17 +30,25 @@ use aya_ebpf::{
 };
 use weft_ebpf_common::{
     COUNTER_COUNT, ConnEvent, Counter, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6,
-    HEAD_LEN, PacketEvent, PacketEventOf, SMALL_HEAD_LEN, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV,
-    TCP_SYN_SENT,
+    HEAD_LEN, PACKET_HEADER_LEN, PacketEvent, PacketHeader, TCP_CLOSE, TCP_ESTABLISHED,
+    TCP_SYN_RECV, TCP_SYN_SENT,
 };
 
-/// Segments that begin HTTP messages. 8 MiB: about 25,000 short events, a quarter of a
-/// second at 100k packets/s, so a reader starved of CPU on a busy node catches up instead of
-/// losing events (4 MiB lost events at a load average of 8 on 2 cores). User space counts the
-/// pages it read in its RSS: 16 MiB measured 55.7 MiB peak RSS, too close to the 64 MB bound
-/// once the connection table is large.
+/// Segments that begin HTTP messages. 4 MiB: records are as long as their payload (about
+/// 200 bytes for a request or response without a body), so about 20,000 events, a fifth of
+/// a second at 100k packets/s: a reader starved of CPU on a busy node catches up instead of
+/// losing events. Smaller than the 8 MiB that fixed-size 336-byte events needed, because
+/// every record is written to memory last touched one ring length ago: a shorter cycle
+/// keeps more of it in cache and the TLB (1 MiB cut the classifiers' time by 15 %).
+/// User space counts the pages it read in its RSS.
 #[map(name = "WEFT_PACKETS")]
-static PACKETS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+static PACKETS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+/// Where a record is assembled before it is copied to the ring at its exact length: the
+/// ring's reservations must have a constant size, `bpf_ringbuf_output` takes any. Per CPU,
+/// so it stays in that CPU's cache and needs no lock (a classifier does not migrate).
+#[map(name = "WEFT_SCRATCH")]
+static SCRATCH: PerCpuArray<PacketEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// TCP connection opens and closes.
 #[map(name = "WEFT_CONNS")]
@@ -209,35 +216,28 @@ fn begins_http(ctx: &TcContext, off: usize, len: usize) -> bool {
     )
 }
 
-/// Emits the segment as the smallest event whose head holds its payload (the ring
-/// reservation must have a constant size, hence two sizes rather than the exact one).
+/// Assembles the record in the per-CPU scratch and copies its used prefix to the ring.
 #[inline(always)]
 fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
-    if seg.payload_len <= SMALL_HEAD_LEN {
-        emit_sized::<SMALL_HEAD_LEN>(ctx, seg, direction);
-    } else {
-        emit_sized::<HEAD_LEN>(ctx, seg, direction);
-    }
-}
-
-#[inline(always)]
-fn emit_sized<const N: usize>(ctx: &TcContext, seg: &Segment, direction: u8) {
-    // The event does not fit the 512-byte BPF stack: fill the reserved entry.
-    let Some(mut entry) = PACKETS.reserve::<PacketEventOf<N>>(0) else {
-        count(Counter::RingFull);
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        count(Counter::CopyFailed);
         return;
     };
-    let ev = entry.as_mut_ptr();
-    if fill_packet::<N>(ctx, seg, direction, ev).is_err() {
+    let Ok(captured) = copy_head(ctx, seg, ev) else {
         count(Counter::CopyFailed);
-        entry.discard(0);
         return;
-    }
+    };
+    fill_header(ctx, seg, direction, captured, ev);
     if seg.payload_len > HEAD_LEN {
         count(Counter::HeadCut);
     }
-    entry.submit(wakeup_flags(record_bytes::<N>()));
-    count(Counter::Emitted);
+    let len = PACKET_HEADER_LEN + captured;
+    // SAFETY: `ev` points at the CPU's scratch value, `len` ≤ its size (captured ≤ HEAD_LEN).
+    let record = unsafe { core::slice::from_raw_parts(ev.cast::<u8>(), len) };
+    match PACKETS.output::<[u8]>(record, wakeup_flags(record_bytes(len))) {
+        Ok(()) => count(Counter::Emitted),
+        Err(_) => count(Counter::RingFull),
+    }
 }
 
 /// Wake the reader only when the ring fills up (each time the unread data crosses a multiple
@@ -249,17 +249,19 @@ fn emit_sized<const N: usize>(ctx: &TcContext, seg: &Segment, direction: u8) {
 /// rates, and a wakeup still comes with 3 MiB of headroom left.
 const WAKEUP_BYTES: u64 = 1024 * 1024;
 
-/// Ring space one event takes: its 8-byte record header plus the event, 8-byte aligned.
-const fn record_bytes<const N: usize>() -> u64 {
-    (size_of::<PacketEventOf<N>>() as u64 + 8 + 7) & !7
+/// Ring space a record of `len` bytes takes: its 8-byte ring header plus the record,
+/// 8-byte aligned.
+#[inline(always)]
+fn record_bytes(len: usize) -> u64 {
+    (len as u64 + 8 + 7) & !7
 }
 
 #[inline(always)]
 fn wakeup_flags(record: u64) -> u64 {
-    // Called after the reservation: `avail` includes this event. Wake when it crossed a
-    // multiple of WAKEUP_BYTES.
+    // Asked before the record is written: wake when this record makes the unread data
+    // cross a multiple of WAKEUP_BYTES.
     let avail = PACKETS.query(BPF_RB_AVAIL_DATA as u64);
-    if avail / WAKEUP_BYTES != avail.saturating_sub(record) / WAKEUP_BYTES {
+    if avail / WAKEUP_BYTES != (avail + record) / WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -267,49 +269,45 @@ fn wakeup_flags(record: u64) -> u64 {
 }
 
 #[inline(always)]
-fn fill_packet<const N: usize>(
+fn fill_header(
     ctx: &TcContext,
     seg: &Segment,
     direction: u8,
-    ev: *mut PacketEventOf<N>,
-) -> Result<(), ()> {
+    captured: usize,
+    ev: *mut PacketEvent,
+) {
     let t = &seg.tcp;
-    let captured = copy_head::<N>(ctx, seg, ev)?;
-    unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
-        (*ev).ifindex = (*ctx.skb.skb).ifindex;
-        (*ev).seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
-        (*ev).ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
-        (*ev).payload_len = seg.payload_len as u32;
-        (*ev).saddr = seg.saddr;
-        (*ev).daddr = seg.daddr;
-        (*ev).sport = u16::from_be_bytes([t[0], t[1]]);
-        (*ev).dport = u16::from_be_bytes([t[2], t[3]]);
-        (*ev).family = seg.family;
-        (*ev).direction = direction;
-        (*ev).tcp_flags = t[13];
-        (*ev)._pad = 0;
-        (*ev).captured_len = captured;
-    }
-    Ok(())
+    let header = PacketHeader {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        ack: u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
+        payload_len: seg.payload_len as u32,
+        saddr: seg.saddr,
+        daddr: seg.daddr,
+        sport: u16::from_be_bytes([t[0], t[1]]),
+        dport: u16::from_be_bytes([t[2], t[3]]),
+        family: seg.family,
+        direction,
+        tcp_flags: t[13],
+        _pad: 0,
+        captured_len: captured as u32,
+    };
+    // SAFETY: `ev` is the CPU's scratch value (a map value the verifier sized).
+    unsafe { (*ev).header = header };
 }
 
-/// Copies up to `N` payload bytes straight into the ring buffer entry (only the
-/// payload's length: the rest of the head is left as the ring had it, and user space
-/// reads no further than `captured_len`).
+/// Copies up to `HEAD_LEN` payload bytes into the scratch record's head and returns how
+/// many (only the payload's length: user space reads no further than `captured_len`).
 #[inline(always)]
-fn copy_head<const N: usize>(
-    ctx: &TcContext,
-    seg: &Segment,
-    ev: *mut PacketEventOf<N>,
-) -> Result<u32, ()> {
+fn copy_head(ctx: &TcContext, seg: &Segment, ev: *mut PacketEvent) -> Result<usize, ()> {
     let mut n = seg.payload_len;
-    if n > N {
-        n = N;
+    if n > HEAD_LEN {
+        n = HEAD_LEN;
     }
     let n = n as i64;
     // The verifier needs a provably non-zero, bounded length (NOTES.md).
-    if !aya_ebpf::check_bounds_signed(n, 1, N as i64) {
+    if !aya_ebpf::check_bounds_signed(n, 1, HEAD_LEN as i64) {
         return Err(());
     }
     let dst = unsafe { addr_of_mut!((*ev).head) }.cast::<core::ffi::c_void>();
@@ -317,7 +315,7 @@ fn copy_head<const N: usize>(
     if ret != 0 {
         return Err(());
     }
-    Ok(n as u32)
+    Ok(n as usize)
 }
 
 // Offsets of `sock/inet_sock_set_state` fields (tracefs `format`, stable ABI of the event).
@@ -412,12 +410,9 @@ fn conn_state(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-// Keep the layout assumptions the user side relies on next to the code that writes them.
-const _: () = assert!(offset_of!(PacketEvent, head) + HEAD_LEN <= size_of::<PacketEvent>());
-const _: () = assert!(
-    offset_of!(PacketEventOf<SMALL_HEAD_LEN>, head) + SMALL_HEAD_LEN
-        <= size_of::<PacketEventOf<SMALL_HEAD_LEN>>()
-);
+// Keep the layout assumptions the user side relies on next to the code that writes them:
+// the payload follows the header directly, so a record is one prefix of the scratch value.
+const _: () = assert!(offset_of!(PacketEvent, head) == PACKET_HEADER_LEN);
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

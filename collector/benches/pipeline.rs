@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use weft_collector::{
-    capture::{Captured, PacketRef},
+    capture::{Captured, Packet},
     metrics::Metrics,
     parse::ParseConfig,
     pipeline::Pipeline,
     print::PrintMode,
     ship::{ShipConfig, Shipper},
 };
-use weft_ebpf_common::{DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, SMALL_HEAD_LEN, SmallPacketEvent};
+use weft_ebpf_common::{DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, PACKET_HEADER_LEN, PacketHeader};
 
 const REQUEST: &[u8] =
     b"GET / HTTP/1.1\r\nHost: 10.200.1.3:8080\r\nuser-agent: h2load nghttp2/1.52.0\r\n\r\n";
@@ -46,8 +46,11 @@ fn thread_cpu_ns() -> u64 {
     (t.tv_sec() * 1_000_000_000 + t.tv_nsec()) as u64
 }
 
+/// Writes the ring record the kernel writes for a segment into `out`: the header, then
+/// the payload.
 #[allow(clippy::too_many_arguments)]
-fn event(
+fn record(
+    out: &mut Vec<u8>,
     ifindex: u32,
     direction: u8,
     src: ([u8; 4], u16),
@@ -56,15 +59,12 @@ fn event(
     ack: u32,
     payload: &[u8],
     ts_ns: u64,
-) -> SmallPacketEvent {
+) {
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     saddr[..4].copy_from_slice(&src.0);
     daddr[..4].copy_from_slice(&dst.0);
-    // Both payloads fit the short event, as the kernel then emits it.
-    let mut head = [0u8; SMALL_HEAD_LEN];
-    head[..payload.len()].copy_from_slice(payload);
-    SmallPacketEvent {
+    let header = PacketHeader {
         ts_ns,
         ifindex,
         seq,
@@ -79,8 +79,12 @@ fn event(
         tcp_flags: 0x18,
         _pad: 0,
         captured_len: payload.len() as u32,
-        head,
-    }
+    };
+    out.clear();
+    out.resize(PACKET_HEADER_LEN, 0);
+    // SAFETY: PacketHeader is plain data and `out` holds exactly its size.
+    unsafe { std::ptr::write_unaligned(out.as_mut_ptr().cast::<PacketHeader>(), header) };
+    out.extend_from_slice(payload);
 }
 
 fn main() {
@@ -115,16 +119,16 @@ fn main() {
     let wall0 = 1_795_341_600_000_000_000u64;
     let mut ts = 0u64;
     let requests = events / 4;
-    let mut buf = Vec::with_capacity(4);
+    let mut buf: Vec<Vec<u8>> = (0..4).map(|_| Vec::with_capacity(512)).collect();
     let (cpu0, t0) = (thread_cpu_ns(), Instant::now());
     for i in 0..requests {
         let c = (i % u64::from(conns)) as usize;
         let client = (client_ip, 40_000 + c as u16);
         let (cseq, sseq) = seqs[c];
         ts += 3_000;
-        buf.clear();
         // Request: leaves the client pod, enters the server pod; then the response back.
-        buf.push(event(
+        record(
+            &mut buf[0],
             CLIENT_IF,
             DIR_FROM_POD,
             client,
@@ -133,8 +137,9 @@ fn main() {
             sseq,
             REQUEST,
             ts,
-        ));
-        buf.push(event(
+        );
+        record(
+            &mut buf[1],
             SERVER_IF,
             DIR_TO_POD,
             client,
@@ -143,9 +148,10 @@ fn main() {
             sseq,
             REQUEST,
             ts + 5,
-        ));
+        );
         let cseq2 = cseq.wrapping_add(REQUEST.len() as u32);
-        buf.push(event(
+        record(
+            &mut buf[2],
             SERVER_IF,
             DIR_FROM_POD,
             server,
@@ -154,8 +160,9 @@ fn main() {
             cseq2,
             RESPONSE,
             ts + 20,
-        ));
-        buf.push(event(
+        );
+        record(
+            &mut buf[3],
             CLIENT_IF,
             DIR_TO_POD,
             server,
@@ -164,12 +171,15 @@ fn main() {
             cseq2,
             RESPONSE,
             ts + 25,
-        ));
+        );
         seqs[c] = (cseq2, sseq.wrapping_add(RESPONSE.len() as u32));
-        for ev in &buf {
+        for rec in &buf {
+            let Some(event) = Packet::from_record(rec) else {
+                panic!("the bench wrote a malformed record");
+            };
             pipeline.on_captured(Captured::Packet {
-                event: PacketRef::Small(ev),
-                wall_unix_nanos: wall0 + ev.ts_ns,
+                event,
+                wall_unix_nanos: wall0 + event.header.ts_ns,
             });
         }
     }
@@ -182,9 +192,9 @@ fn main() {
     for i in 0..requests {
         let c = (i % u64::from(conns)) as usize;
         let client = (client_ip, 40_000 + c as u16);
-        buf.clear();
-        for _ in 0..4 {
-            buf.push(event(
+        for rec in buf.iter_mut() {
+            record(
+                rec,
                 CLIENT_IF,
                 DIR_FROM_POD,
                 client,
@@ -193,9 +203,9 @@ fn main() {
                 0,
                 REQUEST,
                 i,
-            ));
+            );
         }
-        sink = sink.wrapping_add(std::hint::black_box(&buf)[3].ts_ns);
+        sink = sink.wrapping_add(std::hint::black_box(&buf)[3].len() as u64);
     }
     let build = thread_cpu_ns() - cpu1;
     std::hint::black_box(sink);

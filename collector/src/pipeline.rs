@@ -8,7 +8,7 @@ use tracing::warn;
 use weft_proto::v1::{CollectorInfo, Exchange};
 
 use crate::{
-    capture::{Capture, Captured, PacketRef},
+    capture::{Capture, Captured},
     metrics::Metrics,
     parse::{ParseConfig, ParseStats, Parser},
     print::{PrintMode, Printer},
@@ -60,21 +60,13 @@ impl Pipeline {
             } => {
                 let ifname = self
                     .ifnames
-                    .get(&event.ifindex())
+                    .get(&event.header.ifindex)
                     .map_or("", String::as_str);
                 let (printer, print_failed, sender) =
                     (&mut self.printer, &mut self.print_failed, &self.sender);
                 let sink = |ex| deliver(printer, print_failed, sender, ex);
-                match event {
-                    PacketRef::Small(ev) => {
-                        self.parser
-                            .on_packet_with(ev, wall_unix_nanos, ifname, sink)
-                    }
-                    PacketRef::Full(ev) => {
-                        self.parser
-                            .on_packet_with(ev, wall_unix_nanos, ifname, sink)
-                    }
-                }
+                self.parser
+                    .on_packet_with(&event, wall_unix_nanos, ifname, sink);
             }
             Captured::Conn {
                 event,
@@ -217,6 +209,5 @@ fn parse_counters(p: &ParseStats) -> Vec<(&'static str, u64)> {
         ("unanswered_requests", p.unanswered_requests),
         ("evicted_connections", p.evicted_connections),
         ("evicted_requests", p.evicted_requests),
-        ("ready_overflow", p.ready_overflow),
     ]
 }

@@ -7,12 +7,6 @@
 /// A compile-time bound so the verifier can check every copy.
 pub const HEAD_LEN: usize = 512;
 
-/// Head size of the short event: a segment whose payload fits in it is emitted as a
-/// [`SmallPacketEvent`] (336 bytes of ring instead of 592), which most requests and
-/// responses without a body do. Less ring memory written, read and cycled through per
-/// event, and more events held when the reader falls behind.
-pub const SMALL_HEAD_LEN: usize = 256;
-
 /// The packet left the pod (TC ingress on the host-side veth).
 pub const DIR_FROM_POD: u8 = 0;
 /// The packet enters the pod (TC egress on the host-side veth).
@@ -21,12 +15,13 @@ pub const DIR_TO_POD: u8 = 1;
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
 
-/// A TCP segment whose payload begins an HTTP/1 request line or status line, with a
-/// head of `N` bytes: [`PacketEvent`] or [`SmallPacketEvent`]. Every field but `head`
-/// is at the same offset in both; a ring record's length says which one it is.
+/// What the kernel knows of a TCP segment whose payload begins an HTTP/1 request line or
+/// status line. A ring record is this header followed by exactly `captured_len` payload
+/// bytes: records are as long as their payload, not as the longest head, so the ring
+/// holds more events and each one touches fewer cache lines on both sides.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct PacketEventOf<const N: usize> {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketHeader {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC); user space converts to wall clock.
     pub ts_ns: u64,
     pub ifindex: u32,
@@ -49,22 +44,20 @@ pub struct PacketEventOf<const N: usize> {
     /// TCP flags byte (FIN, SYN, RST, PSH, ACK, ...).
     pub tcp_flags: u8,
     pub _pad: u8,
-    /// Bytes of `head` that hold payload.
+    /// Payload bytes that follow the header in the record (at most `HEAD_LEN`).
     pub captured_len: u32,
-    pub head: [u8; N],
 }
 
-/// The event with the full `HEAD_LEN` head (payloads longer than `SMALL_HEAD_LEN`).
-pub type PacketEvent = PacketEventOf<HEAD_LEN>;
-/// The event for payloads of at most `SMALL_HEAD_LEN` bytes.
-pub type SmallPacketEvent = PacketEventOf<SMALL_HEAD_LEN>;
+/// Bytes of a ring record before the payload.
+pub const PACKET_HEADER_LEN: usize = core::mem::size_of::<PacketHeader>();
 
-impl<const N: usize> PacketEventOf<N> {
-    /// The captured payload bytes (never more than the head holds).
-    pub fn captured(&self) -> &[u8] {
-        let n = (self.captured_len as usize).min(N);
-        &self.head[..n]
-    }
+/// The kernel's per-CPU scratch space for one record: header and the longest head. Only
+/// the first `PACKET_HEADER_LEN + captured_len` bytes are copied to the ring.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PacketEvent {
+    pub header: PacketHeader,
+    pub head: [u8; HEAD_LEN],
 }
 
 /// TCP states as in the kernel's `enum tcp_state` (TCP_ESTABLISHED = 1, ...).
@@ -154,43 +147,17 @@ mod tests {
     use core::mem::{align_of, offset_of, size_of};
 
     #[test]
-    fn packet_event_layout_is_stable() {
-        assert_eq!(offset_of!(PacketEvent, ts_ns), 0);
-        assert_eq!(offset_of!(PacketEvent, saddr), 24);
-        assert_eq!(offset_of!(PacketEvent, sport), 56);
-        assert_eq!(offset_of!(PacketEvent, family), 60);
-        assert_eq!(offset_of!(PacketEvent, captured_len), 64);
-        assert_eq!(offset_of!(PacketEvent, head), 68);
-        assert_eq!(size_of::<PacketEvent>(), 68 + HEAD_LEN + 4);
-        assert_eq!(align_of::<PacketEvent>(), 8);
-        assert_eq!(offset_of!(SmallPacketEvent, captured_len), 64);
-        assert_eq!(offset_of!(SmallPacketEvent, head), 68);
-        assert_eq!(size_of::<SmallPacketEvent>(), 68 + SMALL_HEAD_LEN + 4);
-        const { assert!(SMALL_HEAD_LEN < HEAD_LEN) };
-    }
-
-    #[test]
-    fn captured_never_exceeds_the_head() {
-        let mut ev = SmallPacketEvent {
-            ts_ns: 0,
-            ifindex: 0,
-            seq: 0,
-            ack: 0,
-            payload_len: 0,
-            saddr: [0; 16],
-            daddr: [0; 16],
-            sport: 0,
-            dport: 0,
-            family: 0,
-            direction: 0,
-            tcp_flags: 0,
-            _pad: 0,
-            captured_len: 3,
-            head: [7; SMALL_HEAD_LEN],
-        };
-        assert_eq!(ev.captured(), &[7, 7, 7]);
-        ev.captured_len = u32::MAX;
-        assert_eq!(ev.captured().len(), SMALL_HEAD_LEN);
+    fn packet_layout_is_stable() {
+        assert_eq!(offset_of!(PacketHeader, ts_ns), 0);
+        assert_eq!(offset_of!(PacketHeader, saddr), 24);
+        assert_eq!(offset_of!(PacketHeader, sport), 56);
+        assert_eq!(offset_of!(PacketHeader, family), 60);
+        assert_eq!(offset_of!(PacketHeader, captured_len), 64);
+        assert_eq!(PACKET_HEADER_LEN, 72);
+        assert_eq!(align_of::<PacketHeader>(), 8);
+        // The payload follows the header directly: the kernel copies one prefix.
+        assert_eq!(offset_of!(PacketEvent, head), PACKET_HEADER_LEN);
+        assert_eq!(size_of::<PacketEvent>(), PACKET_HEADER_LEN + HEAD_LEN);
     }
 
     #[test]

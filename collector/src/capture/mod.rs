@@ -1,9 +1,10 @@
 //! Capture: reads what the kernel programs wrote.
 //!
 //! In: the `WEFT_PACKETS` and `WEFT_CONNS` ring buffers (woken by tokio `AsyncFd`) and the
-//! per-CPU `WEFT_COUNTERS`. Out: `Captured` events (the kernel structs, copied out of the ring,
-//! with the monotonic kernel timestamp converted to wall-clock Unix nanoseconds) and the summed
-//! kernel counters.
+//! per-CPU `WEFT_COUNTERS`. Out: `Captured` events (a [`Packet`]: the kernel's header copied
+//! out of the ring and its payload head borrowed in place; or a `ConnEvent`), with the
+//! monotonic kernel timestamp converted to wall-clock Unix nanoseconds, and the summed kernel
+//! counters.
 
 use std::mem::size_of;
 
@@ -13,7 +14,9 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
 };
 use tokio::io::unix::AsyncFd;
-use weft_ebpf_common::{COUNTER_COUNT, ConnEvent, Counter, PacketEvent, SmallPacketEvent};
+use weft_ebpf_common::{
+    COUNTER_COUNT, ConnEvent, Counter, HEAD_LEN, PACKET_HEADER_LEN, PacketHeader,
+};
 
 pub const MAP_PACKETS: &str = "WEFT_PACKETS";
 pub const MAP_CONNS: &str = "WEFT_CONNS";
@@ -22,7 +25,7 @@ pub const MAP_COUNTERS: &str = "WEFT_COUNTERS";
 /// One event from the kernel, with its wall-clock time.
 pub enum Captured<'a> {
     Packet {
-        event: PacketRef<'a>,
+        event: Packet<'a>,
         wall_unix_nanos: u64,
     },
     Conn {
@@ -31,26 +34,25 @@ pub enum Captured<'a> {
     },
 }
 
-/// A packet event as the kernel wrote it: the short one when the payload fit in its head.
-#[derive(Clone, Copy)]
-pub enum PacketRef<'a> {
-    Small(&'a SmallPacketEvent),
-    Full(&'a PacketEvent),
+/// A packet record as the kernel wrote it: its header, and the payload head that follows
+/// it in the record (`captured_len` bytes, borrowed from the ring).
+#[derive(Clone, Copy, Debug)]
+pub struct Packet<'a> {
+    pub header: PacketHeader,
+    pub payload: &'a [u8],
 }
 
-impl PacketRef<'_> {
-    pub fn ts_ns(&self) -> u64 {
-        match self {
-            PacketRef::Small(e) => e.ts_ns,
-            PacketRef::Full(e) => e.ts_ns,
+impl<'a> Packet<'a> {
+    /// Splits a ring record. `None` when it is shorter than its header, or than the
+    /// payload the header announces, or announces more than the kernel ever copies.
+    pub fn from_record(bytes: &'a [u8]) -> Option<Self> {
+        let header: PacketHeader = read_event(bytes)?;
+        let captured = header.captured_len as usize;
+        if captured > HEAD_LEN {
+            return None;
         }
-    }
-
-    pub fn ifindex(&self) -> u32 {
-        match self {
-            PacketRef::Small(e) => e.ifindex,
-            PacketRef::Full(e) => e.ifindex,
-        }
+        let payload = bytes.get(PACKET_HEADER_LEN..PACKET_HEADER_LEN + captured)?;
+        Some(Packet { header, payload })
     }
 }
 
@@ -144,23 +146,16 @@ fn read_packets(
     sink: &mut impl FnMut(Captured<'_>),
 ) {
     while let Some(item) = ring.next() {
-        let mut emit = |event: PacketRef<'_>| {
-            let wall_unix_nanos = event.ts_ns().saturating_add_signed(offset);
-            sink(Captured::Packet {
-                event,
-                wall_unix_nanos,
-            });
+        let Some(event) = Packet::from_record(&item) else {
+            stats.malformed += 1;
+            continue;
         };
-        // The record's length says which event it is (see weft-ebpf-common).
-        let read = if item.len() >= size_of::<PacketEvent>() {
-            with_event::<PacketEvent>(&item, |ev| emit(PacketRef::Full(ev)))
-        } else {
-            with_event::<SmallPacketEvent>(&item, |ev| emit(PacketRef::Small(ev)))
-        };
-        match read {
-            true => stats.packets += 1,
-            false => stats.malformed += 1,
-        }
+        stats.packets += 1;
+        let wall_unix_nanos = event.header.ts_ns.saturating_add_signed(offset);
+        sink(Captured::Packet {
+            event,
+            wall_unix_nanos,
+        });
     }
 }
 
@@ -190,27 +185,6 @@ fn poll(ring: RingBuf<MapData>) -> std::io::Result<AsyncFd<RingBuf<MapData>>> {
     // the `AsyncFd` owns the ring buffer.
     unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
-}
-
-/// Hands `f` the kernel struct in a ring buffer entry: in place when aligned (ring records
-/// are 8-byte aligned, so always in practice: no 584-byte copy per packet), else a copy.
-/// `false` if the entry is too short.
-fn with_event<T: Copy>(bytes: &[u8], f: impl FnOnce(&T)) -> bool {
-    if bytes.len() < size_of::<T>() {
-        return false;
-    }
-    let ptr = bytes.as_ptr().cast::<T>();
-    if ptr.is_aligned() {
-        // SAFETY: aligned, long enough, and `T` is a `#[repr(C)]` plain-data struct from
-        // weft-ebpf-common (every bit pattern valid); the borrow ends with `f`.
-        f(unsafe { &*ptr });
-    } else {
-        match read_event::<T>(bytes) {
-            Some(v) => f(&v),
-            None => return false,
-        }
-    }
-    true
 }
 
 /// Copies a kernel struct out of a ring buffer entry; `None` if the size does not match.
@@ -297,27 +271,48 @@ mod tests {
         assert!(read_event::<ConnEvent>(&bytes).is_some());
     }
 
+    fn record(header: PacketHeader, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0u8; PACKET_HEADER_LEN];
+        // SAFETY: PacketHeader is plain data; the buffer is exactly its size.
+        unsafe { std::ptr::write_unaligned(bytes.as_mut_ptr().cast::<PacketHeader>(), header) };
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
     #[test]
-    fn events_are_read_in_place_or_copied_when_unaligned() {
-        let mut buf = vec![0u64; size_of::<PacketEvent>() / 8 + 1];
-        buf[0] = 42; // ts_ns
-        let bytes: &[u8] =
-            unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), buf.len() * 8) };
-        let mut seen = 0;
-        assert!(with_event::<PacketEvent>(bytes, |e| seen = e.ts_ns));
-        assert_eq!(seen, 42);
-        // Shifted by one byte: unaligned, still read (by copy).
-        let mut shifted = vec![0u8; size_of::<PacketEvent>() + 1];
-        shifted[1] = 7;
-        assert!(with_event::<PacketEvent>(&shifted[1..], |e| seen = e.ts_ns));
-        assert_eq!(seen, 7);
-        assert!(!with_event::<PacketEvent>(&shifted[..10], |_| ()));
-        // A short event's record is too short for the full one, and long enough for its own.
-        let small = vec![0u64; size_of::<SmallPacketEvent>().div_ceil(8)];
-        let bytes: &[u8] =
-            unsafe { std::slice::from_raw_parts(small.as_ptr().cast::<u8>(), small.len() * 8) };
-        assert!(!with_event::<PacketEvent>(bytes, |_| ()));
-        assert!(with_event::<SmallPacketEvent>(bytes, |_| ()));
+    fn records_split_into_header_and_announced_payload() {
+        let header = PacketHeader {
+            ts_ns: 42,
+            captured_len: 3,
+            ..Default::default()
+        };
+        let bytes = record(header, b"GETxx");
+        let p = Packet::from_record(&bytes).expect("record");
+        assert_eq!(p.header, header);
+        // Only the announced bytes: the ring pads records to 8 bytes.
+        assert_eq!(p.payload, b"GET");
+        // Unaligned records are read too (the header is copied out).
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bytes);
+        assert_eq!(
+            Packet::from_record(&shifted[1..]).expect("record").payload,
+            b"GET"
+        );
+    }
+
+    #[test]
+    fn records_that_lie_about_their_length_are_rejected() {
+        let short = PacketHeader {
+            captured_len: 10,
+            ..Default::default()
+        };
+        assert!(Packet::from_record(&record(short, b"GET")).is_none());
+        let huge = PacketHeader {
+            captured_len: (HEAD_LEN + 1) as u32,
+            ..Default::default()
+        };
+        assert!(Packet::from_record(&record(huge, &[b'x'; HEAD_LEN + 1])).is_none());
+        assert!(Packet::from_record(&[0u8; PACKET_HEADER_LEN - 1]).is_none());
     }
 
     #[test]

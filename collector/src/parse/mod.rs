@@ -1,4 +1,4 @@
-//! The `parse` stage: raw kernel events in (`PacketEvent`, `ConnEvent`), the
+//! The `parse` stage: raw kernel events in ([`Packet`] records, `ConnEvent`), the
 //! collector's output records out (`Exchange`, `Connection`).
 //!
 //! - [`http`] reads the HTTP/1 messages that begin in a segment's captured head.
@@ -39,15 +39,16 @@ pub mod table;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use weft_ebpf_common::{
-    ConnEvent, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6, PacketEventOf, TCP_CLOSE,
-    TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
+    ConnEvent, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6, TCP_CLOSE, TCP_ESTABLISHED,
+    TCP_SYN_RECV, TCP_SYN_SENT,
 };
 use weft_proto::v1::{Connection, Endpoint, Exchange, Side, connection};
+
+use crate::capture::Packet;
 
 use http::{Head, RequestHead, ResponseHead};
 pub use http::{ParseError, REDACTED_QUERY};
@@ -55,9 +56,6 @@ use table::{Pending, SockPair, Table};
 
 /// The TCP ACK flag in `PacketEvent::tcp_flags`.
 const TCP_FLAG_ACK: u8 = 0x10;
-
-/// Exchanges completed but not yet taken by the caller (see [`Parser::take_ready`]).
-const MAX_READY: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParseConfig {
@@ -125,7 +123,7 @@ impl ParseStats {
     /// Every counter that stands for something lost, with a stable label (for the
     /// batch's drop map and metrics): `parse_error_<reason>` per [`ParseError`],
     /// then `head_beyond_capture`, `unmatched_response`, `unanswered_request`,
-    /// `evicted_connection`, `evicted_request`, `ready_overflow`.
+    /// `evicted_connection`, `evicted_request`.
     pub fn losses(&self) -> Vec<(&'static str, u64)> {
         let mut out: Vec<_> = ParseError::ALL
             .iter()
@@ -137,7 +135,6 @@ impl ParseStats {
             ("unanswered_request", self.unanswered_requests),
             ("evicted_connection", self.evicted_connections),
             ("evicted_request", self.evicted_requests),
-            ("ready_overflow", self.ready_overflow),
         ]);
         out
     }
@@ -149,7 +146,6 @@ impl ParseStats {
             + self.unanswered_requests
             + self.evicted_connections
             + self.evicted_requests
-            + self.ready_overflow
     }
 }
 
@@ -189,8 +185,6 @@ pub struct ParseStats {
     /// Requests dropped by a bound: pending on an evicted connection, or refused
     /// because a pending queue was full.
     pub evicted_requests: u64,
-    /// Exchanges dropped because the caller did not take them (`take_ready`).
-    pub ready_overflow: u64,
     /// `Connection` records produced.
     pub connections: u64,
     /// Gauge: connections tracked now.
@@ -208,7 +202,6 @@ pub struct Parser {
     /// Always equal to the sum of the pending queues (kept to avoid a scan per request).
     pending_total: usize,
     next_id: u64,
-    ready: VecDeque<Exchange>,
     /// Losses are logged once per kind (bit i = `ParseStats::losses()[i]`).
     logged_losses: u32,
     /// `loss_total` when losses were last looked at (a cheap "anything new?").
@@ -223,59 +216,25 @@ impl Parser {
             stats: ParseStats::default(),
             pending_total: 0,
             next_id: 1,
-            ready: VecDeque::new(),
             logged_losses: 0,
             seen_loss_total: 0,
         }
     }
 
-    /// Reads the HTTP messages that begin in a segment. Returns an Exchange when a
-    /// response completes a pending request on the same connection.
-    ///
-    /// One segment can complete several exchanges (a server that coalesces
-    /// pipelined responses): the first is returned, the others wait in a queue that
-    /// [`Parser::take_ready`] drains. Call it until `None` after each `on_packet`.
-    pub fn on_packet<const N: usize>(
+    /// Reads the HTTP messages that begin in a captured segment and hands every Exchange
+    /// it completes to `sink` (one segment can complete several: a server that coalesces
+    /// pipelined responses). Handed on at once, not queued: an Exchange is a few hundred
+    /// bytes, and a queue cost two more copies of each.
+    pub fn on_packet_with(
         &mut self,
-        ev: &PacketEventOf<N>,
-        wall_unix_nanos: u64,
-        ifname: &str,
-    ) -> Option<Exchange> {
-        let mut ready = std::mem::take(&mut self.ready);
-        let mut overflow = 0;
-        self.on_packet_with(ev, wall_unix_nanos, ifname, |ex| {
-            if ready.len() >= MAX_READY {
-                overflow += 1;
-            } else {
-                ready.push_back(ex);
-            }
-        });
-        self.ready = ready;
-        if overflow > 0 {
-            self.stats.ready_overflow += overflow;
-            self.log_new_losses();
-        }
-        self.ready.pop_front()
-    }
-
-    /// Like [`Parser::on_packet`], but hands every Exchange the segment completes to
-    /// `sink` at once (the capture loop's path: an Exchange is a few hundred bytes, and
-    /// queueing it cost two more copies of it).
-    pub fn on_packet_with<const N: usize>(
-        &mut self,
-        ev: &PacketEventOf<N>,
+        pkt: &Packet<'_>,
         wall_unix_nanos: u64,
         ifname: &str,
         mut sink: impl FnMut(Exchange),
     ) {
         self.stats.packets += 1;
-        self.read_packet(ev, wall_unix_nanos, ifname, &mut sink);
+        self.read_packet(pkt, wall_unix_nanos, ifname, &mut sink);
         self.log_new_losses();
-    }
-
-    /// The next exchange completed by an earlier `on_packet` call, if any.
-    pub fn take_ready(&mut self) -> Option<Exchange> {
-        self.ready.pop_front()
     }
 
     /// Maps a TCP state change to a Connection record: SYN_SENT→ESTABLISHED is
@@ -373,13 +332,14 @@ impl Parser {
         s
     }
 
-    fn read_packet<const N: usize>(
+    fn read_packet(
         &mut self,
-        ev: &PacketEventOf<N>,
+        pkt: &Packet<'_>,
         wall: u64,
         ifname: &str,
         sink: &mut dyn FnMut(Exchange),
     ) {
+        let ev = &pkt.header;
         let (Some(src), Some(dst)) = (
             socket_addr(ev.family, &ev.saddr, ev.sport),
             socket_addr(ev.family, &ev.daddr, ev.dport),
@@ -395,7 +355,7 @@ impl Parser {
                 return;
             }
         };
-        let captured = ev.captured();
+        let captured = pkt.payload;
         let ack = (ev.tcp_flags & TCP_FLAG_ACK != 0).then_some(ev.ack);
         let redact = self.cfg.redact_query;
         let end = http::for_each_message(captured, ev.payload_len, redact, |msg| {

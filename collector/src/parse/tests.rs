@@ -1,11 +1,11 @@
-//! Parser tests: PacketEvents and ConnEvents built by hand, as the kernel writes them.
+//! Parser tests: packet records and ConnEvents built by hand, as the kernel writes them.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use weft_ebpf_common::{
-    ConnEvent, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6, HEAD_LEN, PacketEvent,
-    SMALL_HEAD_LEN, SmallPacketEvent, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
+    ConnEvent, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6, HEAD_LEN, PacketHeader,
+    TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 use weft_proto::v1::{Exchange, Side, connection};
 
@@ -35,30 +35,84 @@ fn addr_bytes(a: SocketAddr) -> (u8, [u8; 16]) {
     }
 }
 
+/// A captured segment as a test builds it: the record's header (reachable through
+/// `Deref`, so tests can corrupt its fields) and the payload head that follows it.
+struct Seg {
+    header: PacketHeader,
+    head: Vec<u8>,
+}
+
+impl Seg {
+    fn packet(&self) -> Packet<'_> {
+        Packet {
+            header: self.header,
+            payload: &self.head,
+        }
+    }
+}
+
+impl std::ops::Deref for Seg {
+    type Target = PacketHeader;
+    fn deref(&self) -> &PacketHeader {
+        &self.header
+    }
+}
+
+impl std::ops::DerefMut for Seg {
+    fn deref_mut(&mut self) -> &mut PacketHeader {
+        &mut self.header
+    }
+}
+
+/// The tests' view of [`Parser::on_packet_with`]: the exchanges one segment completed.
+trait Feed {
+    /// Every exchange the segment completed.
+    fn on_packet_all(&mut self, seg: &Seg, wall: u64, ifname: &str) -> Vec<Exchange>;
+    /// The exchange the segment completed, if any (the tests that expect several use
+    /// `on_packet_all`).
+    fn on_packet(&mut self, seg: &Seg, wall: u64, ifname: &str) -> Option<Exchange> {
+        let mut all = self.on_packet_all(seg, wall, ifname);
+        assert!(
+            all.len() <= 1,
+            "one segment completed {} exchanges",
+            all.len()
+        );
+        all.pop()
+    }
+}
+
+impl Feed for Parser {
+    fn on_packet_all(&mut self, seg: &Seg, wall: u64, ifname: &str) -> Vec<Exchange> {
+        let mut out = Vec::new();
+        self.on_packet_with(&seg.packet(), wall, ifname, |ex| out.push(ex));
+        out
+    }
+}
+
 /// A segment `src → dst` carrying `payload` (captured up to `HEAD_LEN`), ACK|PSH.
-fn pkt(direction: u8, src: &str, dst: &str, seq: u32, ack: u32, payload: &[u8]) -> PacketEvent {
+fn pkt(direction: u8, src: &str, dst: &str, seq: u32, ack: u32, payload: &[u8]) -> Seg {
     let (src, dst) = (sa(src), sa(dst));
     let (family, saddr) = addr_bytes(src);
     let (_, daddr) = addr_bytes(dst);
     let captured = payload.len().min(HEAD_LEN);
-    let mut head = [0u8; HEAD_LEN];
-    head[..captured].copy_from_slice(&payload[..captured]);
-    PacketEvent {
-        ts_ns: 0,
-        ifindex: IFINDEX,
-        seq,
-        ack,
-        payload_len: payload.len() as u32,
-        saddr,
-        daddr,
-        sport: src.port(),
-        dport: dst.port(),
-        family,
-        direction,
-        tcp_flags: 0x18,
-        _pad: 0,
-        captured_len: captured as u32,
-        head,
+    Seg {
+        header: PacketHeader {
+            ts_ns: 0,
+            ifindex: IFINDEX,
+            seq,
+            ack,
+            payload_len: payload.len() as u32,
+            saddr,
+            daddr,
+            sport: src.port(),
+            dport: dst.port(),
+            family,
+            direction,
+            tcp_flags: 0x18,
+            _pad: 0,
+            captured_len: captured as u32,
+        },
+        head: payload[..captured].to_vec(),
     }
 }
 
@@ -152,55 +206,6 @@ fn client_side_exchange_has_every_field() {
     assert_eq!((s.requests, s.responses, s.exchanges), (1, 1, 1));
     assert_eq!((s.pending_requests, s.tracked_connections), (0, 1));
     assert_eq!(s.parse_errors.total(), 0);
-}
-
-/// The same segment as the kernel's short event (payload within `SMALL_HEAD_LEN`).
-fn small(ev: &PacketEvent) -> SmallPacketEvent {
-    let mut head = [0u8; SMALL_HEAD_LEN];
-    let n = (ev.captured_len as usize).min(SMALL_HEAD_LEN);
-    head[..n].copy_from_slice(&ev.head[..n]);
-    SmallPacketEvent {
-        ts_ns: ev.ts_ns,
-        ifindex: ev.ifindex,
-        seq: ev.seq,
-        ack: ev.ack,
-        payload_len: ev.payload_len,
-        saddr: ev.saddr,
-        daddr: ev.daddr,
-        sport: ev.sport,
-        dport: ev.dport,
-        family: ev.family,
-        direction: ev.direction,
-        tcp_flags: ev.tcp_flags,
-        _pad: 0,
-        captured_len: n as u32,
-        head,
-    }
-}
-
-#[test]
-fn short_events_give_the_same_exchange_as_full_ones() {
-    const GET: &[u8] = b"GET /api/items?id=7 HTTP/1.1\r\nHost: backend.demo\r\n\
-traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
-    let req = pkt(DIR_FROM_POD, POD, SVC, 1000, 5000, GET);
-    let resp = pkt(DIR_TO_POD, SVC, POD, 5000, 1000 + GET.len() as u32, OK_5);
-    assert!(GET.len() <= SMALL_HEAD_LEN && OK_5.len() <= SMALL_HEAD_LEN);
-    let mut full = parser();
-    assert!(full.on_packet(&req, T0, "veth1").is_none());
-    let want = full.on_packet(&resp, T0 + MS, "veth1").expect("exchange");
-    let mut short = parser();
-    assert!(short.on_packet(&small(&req), T0, "veth1").is_none());
-    let got = short
-        .on_packet(&small(&resp), T0 + MS, "veth1")
-        .expect("exchange");
-    assert_eq!(got, want);
-    // A short event whose captured length claims more than its head is read no further.
-    let mut lying = small(&req);
-    lying.captured_len = u32::MAX;
-    lying.payload_len = u32::MAX;
-    let mut p = parser();
-    assert!(p.on_packet(&lying, T0, "veth1").is_none());
-    assert_eq!(p.stats().requests, 1);
 }
 
 #[test]
@@ -349,11 +354,7 @@ fn coalesced_pipelined_messages_in_one_segment_are_all_read() {
     let r3 = b"HTTP/1.1 204 No Content\r\n\r\n";
     let resps = [&r1[..], &r2[..], &r3[..]].concat();
     let ack = 50 + reqs.len() as u32;
-    let first = p.on_packet(&pkt(DIR_TO_POD, SVC, POD, 800, ack, &resps), T0 + MS, "v");
-    let mut got: Vec<_> = first.into_iter().collect();
-    while let Some(e) = p.take_ready() {
-        got.push(e);
-    }
+    let got = p.on_packet_all(&pkt(DIR_TO_POD, SVC, POD, 800, ack, &resps), T0 + MS, "v");
     let seen: Vec<_> = got
         .iter()
         .map(|e| {
@@ -564,9 +565,8 @@ fn bad_events_are_counted_not_trusted() {
     let mut ev = pkt(DIR_FROM_POD, POD, SVC, 1, 1, GET_ITEMS);
     ev.direction = 7;
     assert!(p.on_packet(&ev, T0, "v").is_none());
-    // A captured length beyond the buffer is clamped, not trusted.
+    // A payload length shorter than the captured head is not trusted either.
     let mut ev = pkt(DIR_FROM_POD, POD, SVC, 1, 1, GET_ITEMS);
-    ev.captured_len = u32::MAX;
     ev.payload_len = 3;
     p.on_packet(&ev, T0, "v");
     let s = p.stats();
@@ -981,15 +981,15 @@ fn garbage_never_panics_and_is_accounted() {
             &bytes,
         );
         if rng.below(8) == 0 {
-            ev.captured_len = rng.next() as u32;
+            let keep = rng.below(ev.head.len() as u64 + 1) as usize;
+            ev.head.truncate(keep);
             ev.payload_len = rng.next() as u32;
         }
         if rng.below(16) == 0 {
             ev.family = rng.next() as u8;
         }
         ev.tcp_flags = rng.next() as u8;
-        p.on_packet(&ev, T0 + i * MS, "fuzz");
-        while p.take_ready().is_some() {}
+        p.on_packet_all(&ev, T0 + i * MS, "fuzz");
         if i % 1000 == 0 {
             p.expire(T0 + i * MS);
             let c = conn_ev(rng.below(12) as i32, rng.below(12) as i32, src, dst);
@@ -1034,7 +1034,7 @@ fn losses_list_every_loss_counter_with_stable_labels() {
     assert_eq!(get("evicted_connection"), 1);
     assert_eq!(get("evicted_request"), 1);
     assert_eq!(get("unanswered_request"), 0);
-    assert_eq!(losses.len(), ParseError::COUNT + 6);
+    assert_eq!(losses.len(), ParseError::COUNT + 5);
     let total: u64 = losses.iter().map(|(_, n)| n).sum();
     assert_eq!(total, p.stats().loss_total());
 }
