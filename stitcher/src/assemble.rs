@@ -418,7 +418,7 @@ impl Assembler {
                         .iter()
                         .flat_map(|lc| [&lc.call.client, &lc.call.server])
                         .flatten()
-                        .map(|h| h.path.len())
+                        .map(|h| h.heap_bytes())
                         .sum::<usize>()
             })
             .sum();
@@ -530,7 +530,7 @@ fn propagated_trace_id(calls: &[LinkedCall]) -> Option<TraceId> {
         .iter()
         .flat_map(|lc| [&lc.call.client, &lc.call.server])
         .flatten()
-        .filter_map(|h| h.traceparent.map(|t| (h.start_unix_nanos, t.trace_id)))
+        .filter_map(|h| h.traceparent().map(|t| (h.start_unix_nanos, t.trace_id)))
         .min_by_key(|(start, _)| *start)
         .map(|(_, t)| t)
 }
@@ -541,7 +541,7 @@ fn span_record(
     parent: Option<(SpanId, LinkKind)>,
     joined: bool,
 ) -> SpanRecord {
-    let status = h.status;
+    let status = u32::from(h.status);
     let error = match h.side {
         Side::Client => status >= 400,
         _ => status >= 500,
@@ -562,8 +562,8 @@ fn span_record(
         client: h.client,
         server: h.server,
         joined,
-        node: h.node,
-        source: (h.instance, h.exchange_id),
+        node: h.source.node.clone(),
+        source: (h.source.instance.clone(), h.exchange_id),
         request_bytes: h.request_bytes,
         response_bytes: h.response_bytes,
     }

@@ -308,7 +308,7 @@ impl Joiner {
             .pending
             .values()
             .flat_map(|v| v.as_slice().iter())
-            .map(|h| h.path.len())
+            .map(|h| h.heap_bytes())
             .sum();
         self.len * per_half
             + heap
@@ -346,10 +346,10 @@ impl Waiting {
 /// (a head cut short at one observation point): a `traceparent` only the server half
 /// carries is the client half's too, and names the CLIENT span.
 fn share_traceparent(client: &mut Half, server: &Half) {
-    if client.traceparent.is_none()
-        && let Some(tp) = server.traceparent
+    if client.traceparent().is_none()
+        && let Some(&tp) = server.traceparent()
     {
-        client.traceparent = Some(tp);
+        client.set_traceparent(Some(tp));
         client.span_id = tp.parent_id;
     }
 }
@@ -370,7 +370,7 @@ pub fn confirms(client: &Half, server: &Half, max_skew_nanos: u64) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::TraceParent;
+    use crate::model::{Rare, Source, TraceParent};
     use crate::resolve::{Identity, PeerMeta};
     use std::net::SocketAddr;
     use std::sync::Arc;
@@ -411,12 +411,14 @@ pub(crate) mod tests {
                 _ => SpanId::random(),
             },
             side,
-            node: Arc::from(if side == Side::Client {
-                "node-a"
-            } else {
-                "node-b"
-            }),
-            instance: Arc::from("i-1"),
+            source: Source::new(
+                if side == Side::Client {
+                    "node-a"
+                } else {
+                    "node-b"
+                },
+                "i-1",
+            ),
             exchange_id: u64::from(seqs.0),
             arrived: 0,
             client,
@@ -430,9 +432,7 @@ pub(crate) mod tests {
             status: 200,
             request_bytes: 0,
             response_bytes: 10,
-            traceparent: tp,
-            pid: 0,
-            tid: 0,
+            rare: Rare::boxed(tp, 0, 0),
         }
     }
 
@@ -508,7 +508,7 @@ pub(crate) mod tests {
         j.push(Box::new(c), 0, &mut out);
         j.push(Box::new(s), 1, &mut out);
         let client = out[0].client.as_ref().unwrap();
-        assert_eq!(client.traceparent, TraceParent::parse(tp));
+        assert_eq!(client.traceparent().copied(), TraceParent::parse(tp));
         assert_eq!(client.span_id.to_hex(), "00f067aa0ba902b7");
     }
 

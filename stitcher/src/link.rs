@@ -282,7 +282,7 @@ impl Linker {
 
     /// Notes how far a node's collector has reported (every half, as it arrives).
     pub fn note_progress(&mut self, half: &Half) {
-        self.note_node_progress(&half.node, half.end_unix_nanos);
+        self.note_node_progress(half.node(), half.end_unix_nanos);
     }
 
     /// Notes that `node`'s collector has reported exchanges ending up to `end` (once
@@ -300,14 +300,15 @@ impl Linker {
     pub fn observe_server(&mut self, half: &Half, now: u64) {
         let pod = half.server.addr.ip();
         let start = half.start_unix_nanos;
-        let trace = half.traceparent.map(|t| t.trace_id);
+        let trace = half.traceparent().map(|t| t.trace_id);
+        let (pid, tid) = half.thread().unwrap_or((0, 0));
         let class = self.pods.entry(pod).or_default().insert(
             start,
             half.span_id,
             Candidate {
                 end: half.end_unix_nanos,
-                pid: half.pid,
-                tid: half.tid,
+                pid,
+                tid,
             },
         );
         if let Some(t) = trace {
@@ -333,7 +334,7 @@ impl Linker {
     /// Takes a call from the join stage. Calls without a CLIENT half have no parent to
     /// find and pass straight through.
     pub fn push(&mut self, call: Call, out: &mut Vec<LinkedCall>) {
-        let Some(node) = call.client.as_ref().map(|c| c.node.clone()) else {
+        let Some(node) = call.client.as_ref().map(|c| c.node().clone()) else {
             out.push(LinkedCall { call, parent: None });
             return;
         };
@@ -450,7 +451,7 @@ impl Linker {
         let pod = call.client.addr.ip();
         let mut found = Found::default();
         let same_trace = call
-            .traceparent
+            .traceparent()
             .and_then(|tp| self.by_trace.get(&(pod, tp.trace_id)));
         let Some(spans) = self.pods.get(&pod) else {
             return found;
@@ -460,7 +461,7 @@ impl Linker {
             .around(start)
             .filter(|(_, c)| c.end >= end)
             .filter(|((_, id), _)| *id != call.span_id);
-        let thread = (call.tid != 0).then_some((call.pid, call.tid));
+        let thread = call.thread();
         // Per rule: how many, and the one that started last.
         let note = |slot: &mut (usize, Option<(u64, SpanId)>), at: u64, id: SpanId| {
             slot.0 += 1;
@@ -504,8 +505,8 @@ impl Linker {
             .map(|c| {
                 std::mem::size_of::<Call>()
                     + c.halves() * std::mem::size_of::<Half>()
-                    + c.client.as_ref().map_or(0, |h| h.path.len())
-                    + c.server.as_ref().map_or(0, |h| h.path.len())
+                    + c.client.as_ref().map_or(0, |h| h.heap_bytes())
+                    + c.server.as_ref().map_or(0, |h| h.heap_bytes())
             })
             .sum();
         cand + waiting + self.by_trace.len() * 64
@@ -529,7 +530,7 @@ fn ready(cfg: &LinkConfig, progress: &FastMap<Arc<str>, u64>, call: &Call, now: 
     }
     call.client.as_ref().is_none_or(|c| {
         progress
-            .get(&*c.node)
+            .get(&**c.node())
             .is_some_and(|p| *p >= c.end_unix_nanos.saturating_add(cfg.progress_slack_nanos))
     })
 }
@@ -538,6 +539,7 @@ fn ready(cfg: &LinkConfig, progress: &FastMap<Arc<str>, u64>, call: &Call, now: 
 mod tests {
     use super::*;
     use crate::join::tests::{ext, half, pod};
+    use crate::model::Source;
     use weft_proto::v1::Side;
 
     const FRONTEND: &str = "10.244.1.9";
@@ -634,7 +636,7 @@ mod tests {
         // A second candidate the starved collector reports late still counts.
         // (Observed by the same collector as the call: the pod's node.)
         let mut late = served(150, 950, None);
-        late.node = Arc::from("node-a");
+        late.source = Source::new("node-a", "i-1");
         l.note_progress(&late);
         l.observe_server(&late, 600);
         l.tick(600, &mut out);
@@ -669,7 +671,7 @@ mod tests {
         // the arrival: a call joined late is decided at once.
         let c = call(400, 500, None);
         let mut ahead = served(100, 600, None);
-        ahead.node = Arc::from("node-a");
+        ahead.source = Source::new("node-a", "i-1");
         l.note_progress(&ahead);
         l.push(arriving(c, 1_000), &mut out);
         l.tick(1_100, &mut out);
@@ -686,14 +688,14 @@ mod tests {
         // Then one from node-c, whose collector has reported well past it.
         let mut busy = call(200, 300, None);
         if let Some(h) = busy.client.as_mut() {
-            h.node = Arc::from("node-c");
+            h.source = Source::new("node-c", "i-1");
             l.note_progress(h);
             h.end_unix_nanos = 250;
         }
         l.push(arriving(busy, 0), &mut out);
         l.tick(100, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(&*out[0].call.client.as_ref().unwrap().node, "node-c");
+        assert_eq!(&**out[0].call.client.as_ref().unwrap().node(), "node-c");
         assert_eq!(l.pending(), 1);
         l.tick(1_000, &mut out);
         assert_eq!(out.len(), 2);
@@ -821,17 +823,14 @@ mod tests {
         let reg = Registry::new();
         let mut l = linker(&reg);
         let mut a = served(100, 900, None);
-        a.pid = 7;
-        a.tid = 70;
+        a.set_thread(7, 70);
         let mut b = served(150, 950, None);
-        b.pid = 7;
-        b.tid = 71;
+        b.set_thread(7, 71);
         l.observe_server(&a, 0);
         l.observe_server(&b, 0);
         let mut c = call(200, 300, None);
         if let Some(h) = c.client.as_mut() {
-            h.pid = 7;
-            h.tid = 70;
+            h.set_thread(7, 70);
         }
         let link = decide(&mut l, c, 1).unwrap();
         assert_eq!(link.kind, LinkKind::Thread);

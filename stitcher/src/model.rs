@@ -26,17 +26,18 @@ pub struct ObservedBatch {
 /// of a request, waiting for its other half.
 ///
 /// Compact on purpose (it is what the join, link and assemble stages hold while they
-/// wait): only what a span needs, not the whole wire `Exchange`.
+/// wait, ~216 bytes): only what a span needs, not the whole wire `Exchange`; the
+/// collector's node and instance in one shared [`Source`], fields most exchanges lack
+/// in one optional box ([`Rare`]), the status in 16 bits.
 #[derive(Debug, Clone)]
 pub struct Half {
     /// This half's span id: the application's own span id for a CLIENT half that carries
     /// a propagated `traceparent` (the header names the span that made the call), else random.
     pub span_id: SpanId,
     pub side: v1::Side,
-    /// Collector node that observed it.
-    pub node: Arc<str>,
-    /// Collector instance and exchange id: the observation this half came from.
-    pub instance: Arc<str>,
+    /// Collector (node and instance) that observed it, shared by its batch's halves.
+    pub source: Arc<Source>,
+    /// With the source's instance: the observation this half came from.
     pub exchange_id: u64,
     /// When this half reached the stitch path (stitcher clock, nanos). Every window
     /// counts from here (join window, link wait, trace idle), so they run at the same
@@ -53,9 +54,34 @@ pub struct Half {
     pub end_unix_nanos: u64,
     pub method: Arc<str>,
     pub path: Box<str>,
-    pub status: u32,
+    /// HTTP status (ingest accepts at most 999).
+    pub status: u16,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// A valid `traceparent`, a known thread: `None` when the exchange had neither.
+    pub rare: Option<Box<Rare>>,
+}
+
+/// The collector that observed a batch: its node and its instance (new on every
+/// collector start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub node: Arc<str>,
+    pub instance: Arc<str>,
+}
+
+impl Source {
+    pub fn new(node: impl Into<Arc<str>>, instance: impl Into<Arc<str>>) -> Arc<Source> {
+        Arc::new(Source {
+            node: node.into(),
+            instance: instance.into(),
+        })
+    }
+}
+
+/// What few exchanges carry, kept out of line so that the others do not pay for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rare {
     /// The W3C `traceparent` the request carried, when valid.
     pub traceparent: Option<TraceParent>,
     /// Thread attribution seam (0 when unknown).
@@ -63,9 +89,56 @@ pub struct Half {
     pub tid: u32,
 }
 
+impl Rare {
+    /// `None` when there is nothing to keep.
+    pub fn boxed(traceparent: Option<TraceParent>, pid: u32, tid: u32) -> Option<Box<Rare>> {
+        (traceparent.is_some() || tid != 0).then(|| {
+            Box::new(Rare {
+                traceparent,
+                pid,
+                tid,
+            })
+        })
+    }
+}
+
 impl Half {
     pub fn side(&self) -> v1::Side {
         self.side
+    }
+
+    /// Heap this half owns beyond its own size: its path and its [`Rare`] box. (The
+    /// source and the method are shared, the identities' metas are the resolver's.)
+    pub fn heap_bytes(&self) -> usize {
+        self.path.len() + self.rare.as_ref().map_or(0, |_| size_of::<Rare>())
+    }
+
+    /// Collector node that observed it.
+    pub fn node(&self) -> &Arc<str> {
+        &self.source.node
+    }
+
+    /// The W3C `traceparent` the request carried, when valid.
+    pub fn traceparent(&self) -> Option<&TraceParent> {
+        self.rare.as_deref().and_then(|r| r.traceparent.as_ref())
+    }
+
+    /// `(pid, tid)` of the thread that handled it, when known.
+    pub fn thread(&self) -> Option<(u32, u32)> {
+        self.rare
+            .as_deref()
+            .filter(|r| r.tid != 0)
+            .map(|r| (r.pid, r.tid))
+    }
+
+    pub fn set_traceparent(&mut self, tp: Option<TraceParent>) {
+        let (pid, tid) = self.thread().unwrap_or((0, 0));
+        self.rare = Rare::boxed(tp, pid, tid);
+    }
+
+    pub fn set_thread(&mut self, pid: u32, tid: u32) {
+        let tp = self.traceparent().copied();
+        self.rare = Rare::boxed(tp, pid, tid);
     }
 }
 
@@ -359,6 +432,40 @@ mod tests {
         assert_eq!(route(""), "/");
         assert_eq!(route("?a=b"), "/");
         assert_eq!(span_name("GET", "/a/7?q"), "GET /a/{id}");
+    }
+
+    #[test]
+    fn rare_fields_live_in_one_box_only_when_present() {
+        assert!(Rare::boxed(None, 0, 0).is_none());
+        // A pid without a thread id is no thread: nothing to keep.
+        assert!(Rare::boxed(None, 7, 0).is_none());
+        let tp =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let mut h = crate::join::tests::half(
+            v1::Side::Client,
+            crate::join::tests::ext("10.0.0.1:40000"),
+            crate::join::tests::ext("10.0.0.2:80"),
+            (1, 1),
+            10,
+            20,
+            None,
+        );
+        assert!(h.rare.is_none());
+        assert_eq!((h.traceparent(), h.thread()), (None, None));
+        h.set_thread(7, 70);
+        assert_eq!(h.thread(), Some((7, 70)));
+        h.set_traceparent(Some(tp));
+        assert_eq!((h.traceparent(), h.thread()), (Some(&tp), Some((7, 70))));
+        assert_eq!(h.heap_bytes(), h.path.len() + size_of::<Rare>());
+        h.set_thread(0, 0);
+        h.set_traceparent(None);
+        assert!(h.rare.is_none(), "emptied: the box is gone");
+        // What pending state holds per half (issue #10: ≤ 512 B per pending exchange).
+        assert!(
+            size_of::<Half>() <= 216,
+            "Half is {} bytes",
+            size_of::<Half>()
+        );
     }
 
     #[test]

@@ -46,7 +46,9 @@ use crate::export::LogOnce;
 use crate::join::{Call, JoinConfig, Joiner};
 use crate::link::{LinkConfig, LinkedCall, Linker};
 use crate::metrics::{Counter, Registry};
-use crate::model::{CompletedTrace, FastMap, Half, ObservedBatch, SpanId, TraceParent, TraceSink};
+use crate::model::{
+    CompletedTrace, FastMap, Half, ObservedBatch, Rare, Source, SpanId, TraceParent, TraceSink,
+};
 use crate::resolve::{Resolve, endpoint_addr};
 
 pub mod synth;
@@ -101,16 +103,19 @@ impl Default for PipelineConfig {
     }
 }
 
+/// Most collector instances whose [`Source`] is kept for reuse.
+const MAX_SOURCES: usize = 4096;
+
 /// Default budget of pending stitch state (`--max-pending-memory`): 256 MiB.
 pub const DEFAULT_PENDING_MEMORY: u64 = 256 << 20;
 
-/// Bytes one pending exchange costs, all in: the `Half` (~300 B), its box, its share of
+/// Bytes one pending exchange costs, all in: the `Half` (216 B), its box, its share of
 /// the index entries (join key / span id → group), allocator overhead and a typical path.
 /// Measured by `stitch_bench` (allocator-counted heap at the peak of pending state, 3-hop
-/// chains, no propagation): 600-660 B per pending exchange including the late-span index
+/// chains, no propagation): ~580 B per pending exchange including the late-span index
 /// and the traces queued for export; the stitcher's own `pipeline.pending_bytes`
-/// estimate (structures only) says ~450 B.
-const BYTES_PER_PENDING_EXCHANGE: u64 = 640;
+/// estimate (structures only) says ~390 B.
+const BYTES_PER_PENDING_EXCHANGE: u64 = 576;
 /// Bytes of one link candidate (server span in the time index and the by-trace index).
 const BYTES_PER_LINK_CANDIDATE: u64 = 160;
 /// Bytes of one remembered exported span id (hash entry + order queue entry + slack).
@@ -202,6 +207,8 @@ pub struct Stitcher {
     assembler: Assembler,
     /// Method names are few: one shared string each.
     methods: FastMap<Box<str>, Arc<str>>,
+    /// Collectors by instance (bounded by [`MAX_SOURCES`]: emptied when full).
+    sources: FastMap<Arc<str>, Arc<Source>>,
     calls: Vec<Call>,
     linked: Vec<LinkedCall>,
     counters: Counters,
@@ -217,6 +224,7 @@ impl Stitcher {
             linker: Linker::new(cfg.link(), metrics),
             assembler: Assembler::new(cfg.assemble(), metrics),
             methods: FastMap::default(),
+            sources: FastMap::default(),
             calls: Vec::new(),
             linked: Vec::new(),
             counters: Counters {
@@ -265,9 +273,10 @@ impl Stitcher {
             exchanges,
             ..
         } = batch;
+        let source = self.source(node, instance);
         let mut reported_to = None;
         for ex in exchanges {
-            match self.resolve(&node, &instance, ex, now) {
+            match self.resolve(&source, ex, now) {
                 Ok(half) => {
                     reported_to = reported_to.max(Some(half.end_unix_nanos));
                     if half.side == v1::Side::Server {
@@ -283,9 +292,25 @@ impl Stitcher {
             }
         }
         if let Some(end) = reported_to {
-            self.linker.note_node_progress(&node, end);
+            self.linker.note_node_progress(&source.node, end);
         }
         self.advance(now, out);
+    }
+
+    /// The batch's collector as one shared value, reused while batches keep coming from
+    /// the same collector instance (halves point at it instead of holding two strings).
+    fn source(&mut self, node: Arc<str>, instance: Arc<str>) -> Arc<Source> {
+        if let Some(s) = self.sources.get(&*instance)
+            && s.node == node
+        {
+            return s.clone();
+        }
+        if self.sources.len() >= MAX_SOURCES {
+            self.sources.clear();
+        }
+        let s = Source::new(node, instance.clone());
+        self.sources.insert(instance, s.clone());
+        s
     }
 
     /// Moves the windows to `now`.
@@ -364,8 +389,7 @@ impl Stitcher {
     /// resolve: one wire exchange → a [`Half`], both ends named as of its start time.
     fn resolve(
         &mut self,
-        node: &Arc<str>,
-        instance: &Arc<str>,
+        source: &Arc<Source>,
         ex: v1::Exchange,
         now: u64,
     ) -> Result<Half, &'static str> {
@@ -403,8 +427,7 @@ impl Stitcher {
         Ok(Half {
             span_id,
             side,
-            node: node.clone(),
-            instance: instance.clone(),
+            source: source.clone(),
             exchange_id: ex.id,
             arrived: now,
             client: self.resolver.resolve(client, start),
@@ -415,12 +438,10 @@ impl Stitcher {
             end_unix_nanos: ex.end_unix_nanos.max(start),
             method,
             path: ex.path.into_boxed_str(),
-            status: ex.status,
+            status: u16::try_from(ex.status).map_err(|_| "status out of range")?,
             request_bytes: ex.request_bytes,
             response_bytes: ex.response_bytes,
-            traceparent,
-            pid: ex.pid,
-            tid: ex.tid,
+            rare: Rare::boxed(traceparent, ex.pid, ex.tid),
         })
     }
 }
@@ -551,6 +572,38 @@ mod tests {
             StaticInventory::from_yaml(&synth::inventory_yaml(spec), CacheConfig::default(), reg)
                 .unwrap();
         Stitcher::new(&PipelineConfig::default(), inv, reg)
+    }
+
+    #[test]
+    fn halves_of_one_collector_share_one_source_and_spans_keep_its_names() {
+        let spec = synth::ChainSpec {
+            requests: 1,
+            batch: 1,
+            ..Default::default()
+        };
+        let reg = Registry::new();
+        let mut s = stitcher(&spec, &reg);
+        let a = s.source(Arc::from("node-a"), Arc::from("i-1"));
+        let again = s.source(Arc::from("node-a"), Arc::from("i-1"));
+        assert!(Arc::ptr_eq(&a, &again), "one Source per collector instance");
+        // A restarted collector (new instance) and another node are sources of their own.
+        let restarted = s.source(Arc::from("node-a"), Arc::from("i-2"));
+        assert!(!Arc::ptr_eq(&a, &restarted));
+        let moved = s.source(Arc::from("node-b"), Arc::from("i-1"));
+        assert_eq!((&*moved.node, &*moved.instance), ("node-b", "i-1"));
+        // Spans carry the node and instance of the batch that observed them.
+        let (_, trace, _) = one_request(0);
+        let batches = synth::generate(&spec, 1_700_000_000_000_000_000);
+        for span in &trace.spans {
+            assert!(
+                batches
+                    .iter()
+                    .any(|b| b.node == span.node && b.instance == span.source.0),
+                "{:?} / {:?}",
+                span.node,
+                span.source
+            );
+        }
     }
 
     /// One 3-hop request, every batch of it taken in at stitcher time `at`; then the
