@@ -82,9 +82,13 @@ pub struct Cli {
     /// link, link candidates, open traces, the late-arrival index); every pending bound is
     /// sized from it (suffixes KiB, MiB, GiB). Past a bound the oldest entries move on
     /// early (join.evicted, link.evicted, link.candidates_evicted, assemble.evicted,
-    /// assemble.late_index_evicted). Process memory is about this plus --store-max-bytes
-    /// plus --ingest-buffer batches plus ~40 MB of runtime.
-    #[arg(long, env = "WEFT_MAX_PENDING_MEMORY", default_value = "256MiB", value_parser = parse_bytes)]
+    /// assemble.late_index_evicted). A rate needs ~340 MiB per 100,000 exchanges/s with
+    /// the default windows (open traces hold --trace-idle plus the link wait of spans,
+    /// ~2.2 s; the budget scales with --trace-idle): the default 1GiB covers ~300,000
+    /// exchanges/s. Process memory is at most about this plus --store-max-bytes plus the
+    /// export queue (--otlp-queue-spans, ~110 MB full) plus --ingest-buffer batches plus
+    /// ~40 MB of runtime; it grows with the load, not at start.
+    #[arg(long, env = "WEFT_MAX_PENDING_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
     pub max_pending_memory: u64,
 
     /// Debug: print every ingested (deduplicated) exchange on stdout, one line each.
@@ -189,7 +193,12 @@ mod tests {
         assert_eq!(cli.trace_idle, Duration::from_secs(2));
         assert_eq!(cli.print_exchanges, PrintFormat::Off);
         assert_eq!(cli.ingest().max_message_bytes, 16 << 20);
-        assert_eq!(cli.max_pending_memory, 256 << 20);
+        assert_eq!(cli.max_pending_memory, 1 << 30);
+        assert_eq!(
+            cli.pipeline().max_pending_spans,
+            PipelineConfig::default().max_pending_spans,
+            "the flag's default is the pipeline's"
+        );
         let budget = Cli::try_parse_from(["weft-stitcher", "--max-pending-memory", "64MiB"])
             .unwrap()
             .pipeline();
