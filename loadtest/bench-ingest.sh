@@ -100,15 +100,20 @@ ingested=$(metric ingest_exchanges)
 dups=$(metric ingest_duplicate_exchanges)
 exported=0; export_dropped=0
 if [ "$OTLP" != none ]; then
-    # Traces complete after the idle window: wait until the export stops moving.
-    prev=-1
+    # Traces complete after the idle window: wait until every exchange the pipeline took
+    # is exported or counted as dropped (one span each), or the export has not moved for
+    # 3 s (on a busy machine a starved stitcher can pause for a second), at most 60 s.
+    prev=-1; still=0
     for _ in $(seq 60); do
         sleep 1
+        taken=$(metric pipeline_exchanges || echo 0)
         exported=$(metric export_otlp_spans)
-        [ "$exported" = "$prev" ] && break
+        export_dropped=$(( $(metric export_otlp_dropped) + $(metric export_otlp_dropped_queue_full) + $(metric export_otlp_rejected) ))
+        [ $(( exported + export_dropped )) -ge "${taken:-0}" ] && break
+        if [ "$exported" = "$prev" ]; then still=$((still + 1)); else still=0; fi
+        [ "$still" -ge 3 ] && break
         prev=$exported
     done
-    export_dropped=$(( $(metric export_otlp_dropped) + $(metric export_otlp_dropped_queue_full) + $(metric export_otlp_rejected) ))
 fi
 pipeline_in=$(metric pipeline_exchanges || echo 0)
 rss=$(awk '/VmRSS/ {print $2" "$3}' "/proc/$pid/status")
