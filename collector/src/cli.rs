@@ -40,6 +40,13 @@ pub struct Cli {
     #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "0.0.0.0:9401")]
     pub metrics_listen: SocketAddr,
 
+    /// Have the kernel time every run of the programs (BPF_ENABLE_STATS) and export the
+    /// totals as `weft_collector_program_run_seconds` / `weft_collector_program_runs`: what
+    /// tracing costs inside the network stack, which the process's own CPU time does not
+    /// show. Costs two clock reads per run (tens of nanoseconds), so off by default.
+    #[arg(long, env = "WEFT_BPF_STATS", default_value_t = false)]
+    pub bpf_stats: bool,
+
     /// Keep query strings in paths (default: redacted).
     #[arg(long, env = "WEFT_KEEP_QUERY", default_value_t = false)]
     pub keep_query: bool,

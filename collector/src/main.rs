@@ -89,6 +89,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => EBPF_OBJECT.into(),
     };
     let mut ebpf = Ebpf::load(&object).context("loading the eBPF object")?;
+    // Kept open for the collector's lifetime: the kernel times programs while any such fd is.
+    let _bpf_stats = match cli.bpf_stats {
+        true => Some(
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("enabling BPF run-time statistics (--bpf-stats)")?,
+        ),
+        false => None,
+    };
     let mut capture = Capture::new(&mut ebpf)?;
 
     let (conn, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
@@ -161,6 +169,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Wake::Tick => {
                 pipeline.tick(now_unix_nanos(), &capture, &shipper.stats());
+                if cli.bpf_stats {
+                    metrics.record_programs(&attacher.program_stats());
+                }
                 shipper.set_info(pipeline.info(
                     backend.as_str(),
                     attacher.attached_names(),

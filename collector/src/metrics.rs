@@ -4,7 +4,7 @@
 //! counters) and `parse` (exchanges, connections, failures). Out: HTTP on `--metrics-listen`.
 //! Other stages (for example `ship`) register their own metrics with `Metrics::register`.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::atomic::AtomicU64};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -56,6 +56,8 @@ pub struct Metrics {
     exchanges: Counter,
     connections: Counter,
     stages: Family<Labels, Counter>,
+    program_run_seconds: Family<Labels, Counter<f64, AtomicU64>>,
+    program_runs: Family<Labels, Counter>,
     /// When the capture loop last finished its periodic work (Unix seconds; 0 = not yet).
     last_tick: std::sync::atomic::AtomicU64,
 }
@@ -93,6 +95,8 @@ impl Metrics {
             exchanges: Counter::default(),
             connections: Counter::default(),
             stages: Family::default(),
+            program_run_seconds: Family::default(),
+            program_runs: Family::default(),
             last_tick: Default::default(),
         };
         {
@@ -146,6 +150,16 @@ impl Metrics {
                 "stage_events",
                 "Counters of the parse and ship stages by kind (drops, retransmissions, ...)",
                 m.stages.clone(),
+            );
+            r.register(
+                "program_run_seconds",
+                "Time the kernel programs ran, by program (only with --bpf-stats)",
+                m.program_run_seconds.clone(),
+            );
+            r.register(
+                "program_runs",
+                "Runs of the kernel programs, by program (only with --bpf-stats)",
+                m.program_runs.clone(),
             );
         }
         m
@@ -233,6 +247,19 @@ impl Metrics {
                 ("kind".to_owned(), (*kind).to_owned()),
             ];
             raise_to(&self.stages.get_or_create(&labels), *total);
+        }
+    }
+
+    /// Running totals of the kernel programs' run time and runs (from BPF run-time stats).
+    pub fn record_programs(&self, stats: &[(&str, std::time::Duration, u64)]) {
+        for (program, time, runs) in stats {
+            let labels = labels("program", program);
+            let seconds = self.program_run_seconds.get_or_create(&labels);
+            let delta = time.as_secs_f64() - seconds.get();
+            if delta > 0.0 {
+                seconds.inc_by(delta);
+            }
+            raise_to(&self.program_runs.get_or_create(&labels), *runs);
         }
     }
 

@@ -15,7 +15,7 @@ pub mod links;
 pub mod tc;
 pub mod tracefs;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -143,6 +143,18 @@ impl Attacher {
             metrics,
             attached: HashMap::new(),
         })
+    }
+
+    /// Run-time totals of the classifiers and the tracepoint program: (program, time spent,
+    /// runs). Zero unless BPF run-time statistics are enabled (`--bpf-stats`).
+    pub fn program_stats(&self) -> Vec<(&'static str, Duration, u64)> {
+        [PROG_INGRESS, PROG_EGRESS, PROG_SOCK_STATE]
+            .into_iter()
+            .filter_map(|name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((name, info.run_time(), info.run_count()))
+            })
+            .collect()
     }
 
     pub fn backend(&self) -> Backend {
