@@ -119,7 +119,14 @@ struct CollectorRound {
     packets: f64,
     exchanges: f64,
     seconds: f64,
+    /// Classifier run time (s) and runs over the load, ingress then egress; zero unless
+    /// the collector ran with `--bpf-stats`.
+    classifier_seconds: [f64; 2],
+    classifier_runs: [f64; 2],
 }
+
+/// The collector's kernel programs whose cost lands on the packets' path.
+const CLASSIFIERS: [&str; 2] = ["weft_tc_ingress", "weft_tc_egress"];
 
 /// Every run of one placement; `with[i]`, `without[i]` and `collector[i]` are round `i`.
 #[derive(Debug, Default)]
@@ -127,6 +134,9 @@ struct Runs {
     without: Vec<LoadResult>,
     with: Vec<LoadResult>,
     collector: Vec<CollectorRound>,
+    /// One extra run with `--bpf-stats` (not in the ratio: the kernel's timing costs two
+    /// clock reads per run): the classifiers' own time per run and per request.
+    timed: Option<(LoadResult, CollectorRound)>,
 }
 
 /// Where the load comes from and goes to.
@@ -204,6 +214,18 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
             run_round(&setup, placement, round, args, runs)?;
         }
     }
+    for (&placement, runs) in args.placements.iter().zip(&mut runs) {
+        let client_ns = setup.client_ns(placement);
+        let label = format!("{}-timed", placement.tag());
+        let load = || h2load_run(&setup, &client_ns, args, &label);
+        runs.timed = Some(with_collector(
+            setup.cluster,
+            &setup.node_ns,
+            &setup.collector_bin,
+            &["--bpf-stats"],
+            load,
+        )?);
+    }
     for (&placement, runs) in args.placements.iter().zip(&runs) {
         report_placement(report, placement, runs, args);
     }
@@ -233,8 +255,13 @@ fn run_round(
         );
         let load = || h2load_run(setup, &client_ns, args, &label);
         let rps = if attached {
-            let (load, c) =
-                with_collector(setup.cluster, &setup.node_ns, &setup.collector_bin, load)?;
+            let (load, c) = with_collector(
+                setup.cluster,
+                &setup.node_ns,
+                &setup.collector_bin,
+                &[],
+                load,
+            )?;
             runs.collector.push(c);
             runs.with.push(load);
             runs.with.last()
@@ -261,7 +288,11 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
         without,
         with,
         collector: collector_rounds,
+        timed,
     } = runs;
+    if let Some((load, c)) = timed {
+        report_classifier_time(report, &name, load, c, args);
+    }
     let med = |xs: &[LoadResult], f: fn(&LoadResult) -> Option<f64>| {
         stats::median(&xs.iter().filter_map(f).collect::<Vec<_>>())
     };
@@ -442,12 +473,49 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
     report.add(f);
 }
 
-/// Starts the collector in the node, waits until it runs, runs `load`, measures the
-/// collector over the load, stops it.
+/// The classifiers' own time, from the kernel's per-program statistics of the timed run.
+fn report_classifier_time(
+    report: &mut Report,
+    name: &dyn Fn(&str) -> String,
+    load: &LoadResult,
+    c: &CollectorRound,
+    args: &OverheadArgs,
+) {
+    let per_run = |i: usize| {
+        (c.classifier_runs[i] > 0.0).then(|| c.classifier_seconds[i] * 1e9 / c.classifier_runs[i])
+    };
+    let (ingress, egress) = (per_run(0), per_run(1));
+    let runs: f64 = c.classifier_runs.iter().sum();
+    let seconds: f64 = c.classifier_seconds.iter().sum();
+    let requests = load.succeeded as f64;
+    let mean = (runs > 0.0).then(|| seconds * 1e9 / runs);
+    report.add(
+        Figure::new(BENCH, &name("classifier time per run"), mean, "ns").note(format!(
+            "ingress {} ns, egress {} ns (kernel BPF run-time statistics, one extra {} s run with --bpf-stats, not in the ratio); {:.1} runs per request",
+            ingress.map_or("-".into(), |v| format!("{v:.0}")),
+            egress.map_or("-".into(), |v| format!("{v:.0}")),
+            args.round.as_secs(),
+            if requests > 0.0 { runs / requests } else { 0.0 },
+        )),
+    );
+    report.add(
+        Figure::new(
+            BENCH,
+            &name("classifier time per request"),
+            (requests > 0.0 && runs > 0.0).then(|| seconds * 1e6 / requests),
+            "µs",
+        )
+        .note("spent in the softirq of whoever sends the packet (h2load and the server), not in the collector process"),
+    );
+}
+
+/// Starts the collector in the node (with `extra` flags), waits until it runs, runs `load`,
+/// measures the collector over the load, stops it.
 fn with_collector(
     cluster: &Cluster,
     node_ns: &str,
     collector_bin: &std::path::Path,
+    extra: &[&str],
     load: impl FnOnce() -> Result<LoadResult>,
 ) -> Result<(LoadResult, CollectorRound)> {
     let proc = cluster.spawn(
@@ -455,6 +523,7 @@ fn with_collector(
         Command::new(collector_bin)
             .args(["--node-name", "a", "--metrics-listen", COLLECTOR_METRICS])
             .args(["--print", "off", "--log", "info"])
+            .args(extra)
             .env_remove("WEFT_STITCHER"),
     )?;
     wait_running(&proc)?;
@@ -462,10 +531,19 @@ fn with_collector(
         let addr: SocketAddr = COLLECTOR_METRICS.parse()?;
         cluster.try_run_in(node_ns, move || child::http_get(addr, "/metrics"))?
     };
+    // With --bpf-stats the program totals are taken on the collector's one-second tick:
+    // let one pass before each scrape so that it has them.
+    let settle = || {
+        if !extra.is_empty() {
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+    };
+    settle();
     let m0 = scrape()?;
     let s0 = Sample::read(proc.pid())?;
     let result = load()?;
     let s1 = Sample::read(proc.pid())?;
+    settle();
     let m1 = scrape()?;
     proc.stop(Duration::from_secs(3))?;
     let delta = |name: &str, labels: &[(&str, &str)]| {
@@ -485,6 +563,10 @@ fn with_collector(
             packets: delta("weft_collector_kernel_events", &[("counter", "packets")]),
             exchanges: delta("weft_collector_exchanges", &[]),
             seconds: s1.at.duration_since(s0.at).as_secs_f64(),
+            classifier_seconds: CLASSIFIERS
+                .map(|p| delta("weft_collector_program_run_seconds", &[("program", p)])),
+            classifier_runs: CLASSIFIERS
+                .map(|p| delta("weft_collector_program_runs", &[("program", p)])),
         },
     ))
 }

@@ -51,6 +51,9 @@ struct Counters {
     /// Spans in open traces (waiting for the idle window).
     pending_spans: Option<f64>,
     pending_bytes: Option<f64>,
+    /// Exchanges pending when `pending_bytes` was taken (the gauge is refreshed once a
+    /// second, the pending gauges every tick).
+    pending_bytes_exchanges: Option<f64>,
     /// Halves and calls a pending bound pushed on before their window (join.evicted,
     /// link.evicted): joined or linked worse than they could have been.
     evicted: f64,
@@ -88,6 +91,7 @@ fn counters(text: &str) -> Counters {
         pending_calls: m("pipeline_pending_calls"),
         pending_spans: m("assemble_pending_spans"),
         pending_bytes: m("pipeline_pending_bytes"),
+        pending_bytes_exchanges: m("pipeline_pending_bytes_exchanges"),
         evicted: m("join_evicted").unwrap_or(0.0) + m("link_evicted").unwrap_or(0.0),
         traces_cut: m("assemble_evicted").unwrap_or(0.0),
         store_dropped: m("store_dropped").unwrap_or(0.0),
@@ -170,7 +174,11 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
     let mut load_first: Option<Sample> = None;
     let mut load_last: Option<Sample> = None;
     let mut peak_pending = 0.0f64;
-    // The stitcher's own estimate: the largest bytes/pending it reported at any sample.
+    // The stitcher's own estimate at that peak (as the RSS): its bytes gauge over the
+    // exchanges pending when it was taken (older stitchers: the pending gauges of the
+    // same scrape). Not the largest ratio of any sample: the bytes gauge is refreshed
+    // once a second and counts table capacity, so while pending state drains (the
+    // load's end) that ratio divides a stale or peak-sized figure by a small count.
     let mut estimate_per_pending: Option<f64> = None;
     let mut rss_at_peak = base.rss_kib;
     let deadline = Instant::now() + args.duration + Duration::from_secs(30);
@@ -186,10 +194,10 @@ pub fn run(settings: &Settings, args: &StitchArgs, report: &mut Report) -> Resul
             if pending > peak_pending {
                 peak_pending = pending;
                 rss_at_peak = stitch_end.rss_kib;
-            }
-            if let Some(b) = c.pending_bytes.filter(|b| *b > 0.0 && pending > 0.0) {
-                let per = b / pending;
-                estimate_per_pending = Some(estimate_per_pending.map_or(per, |e: f64| e.max(per)));
+                let at = c.pending_bytes_exchanges.filter(|n| *n > 0.0);
+                if let Some(b) = c.pending_bytes.filter(|b| *b > 0.0) {
+                    estimate_per_pending = Some(b / at.unwrap_or(pending));
+                }
             }
         }
         if loadgen.wait_timeout(Duration::from_millis(200)).is_ok() {
