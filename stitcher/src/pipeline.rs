@@ -202,6 +202,7 @@ struct Counters {
     link_candidates: Counter,
     remembered_spans: Counter,
     pending_bytes: Counter,
+    pending_bytes_exchanges: Counter,
 }
 
 /// All pending state of the stitch path, driven by an explicit monotonic clock (nanos).
@@ -262,6 +263,10 @@ impl Stitcher {
                 pending_bytes: c(
                     "pipeline.pending_bytes",
                     "approximate bytes of pending stitch state (gauge)",
+                ),
+                pending_bytes_exchanges: c(
+                    "pipeline.pending_bytes_exchanges",
+                    "exchanges held in pending state when pipeline.pending_bytes was taken (gauge)",
                 ),
             },
             log_invalid: LogOnce::default(),
@@ -378,11 +383,16 @@ impl Stitcher {
 
     /// Approximate bytes of pending state: halves, calls, open traces and link
     /// candidates (not the late-arrival index, see [`Stitcher::remembered_bytes`]).
+    /// Sets the `pipeline.pending_bytes` gauge and, with it, the exchanges they hold
+    /// (`pipeline.pending_bytes_exchanges`), so that bytes per exchange is one moment's.
     pub fn pending_bytes(&self) -> usize {
         let b = self.joiner.pending_bytes()
             + self.linker.pending_bytes()
             + self.assembler.pending_bytes();
         self.counters.pending_bytes.set(b as u64);
+        self.counters
+            .pending_bytes_exchanges
+            .set(self.pending_exchanges() as u64);
         b
     }
 
