@@ -100,9 +100,8 @@ pub struct Assembler {
     idle: Deadlines,
     /// Scratch for `tick`: entries that surfaced before their deadline.
     not_yet: Vec<(u64, GroupId)>,
-    /// Spans of exported traces, for late arrivals: span → (trace, forget at).
-    exported: FastMap<SpanId, TraceId>,
-    exported_order: VecDeque<(u64, SpanId)>,
+    /// Spans of exported traces, for late arrivals.
+    exported: LateIndex,
     pending_spans: usize,
     counters: Counters,
 }
@@ -117,8 +116,7 @@ impl Assembler {
             by_span: FastMap::default(),
             idle: Deadlines::default(),
             not_yet: Vec::new(),
-            exported: FastMap::default(),
-            exported_order: VecDeque::new(),
+            exported: LateIndex::default(),
             pending_spans: 0,
             counters: Counters {
                 traces: c("assemble.traces", "traces completed"),
@@ -180,7 +178,7 @@ impl Assembler {
                     n += 1;
                 }
             } else if let Some(t) = self.exported.get(id) {
-                late_of.get_or_insert(*t);
+                late_of.get_or_insert(t);
             }
         }
         let gid = self.merge(&mut found[..n]);
@@ -257,11 +255,7 @@ impl Assembler {
     }
 
     fn forget_exported(&mut self, now: u64) {
-        while self.exported_order.front().is_some_and(|(t, _)| *t <= now) {
-            if let Some((_, id)) = self.exported_order.pop_front() {
-                self.exported.remove(&id);
-            }
-        }
+        self.exported.forget_until(now);
     }
 
     /// Completes everything still open (shutdown).
@@ -360,7 +354,7 @@ impl Assembler {
                 let link = lc.parent.filter(|l| {
                     let ok = l.parent != c.span_id
                         && (present.binary_search(&l.parent).is_ok()
-                            || (late && self.exported.get(&l.parent) == Some(&trace_id)));
+                            || (late && self.exported.get(&l.parent) == Some(trace_id)));
                     if !ok {
                         self.counters.parent_missing.inc();
                     }
@@ -380,17 +374,9 @@ impl Assembler {
         }
         // Remember the trace's ids (also the parents it waited for) for late arrivals.
         let forget_at = now.saturating_add(self.cfg.late_grace_nanos);
-        for id in group.ids {
-            if self.exported.insert(id, trace_id).is_none() {
-                self.exported_order.push_back((forget_at, id));
-            }
-        }
-        while self.exported_order.len() > self.cfg.max_remembered_spans {
-            if let Some((_, id)) = self.exported_order.pop_front() {
-                self.exported.remove(&id);
-                self.counters.late_index_evicted.inc();
-            }
-        }
+        self.exported.remember(trace_id, &group.ids, forget_at);
+        let evicted = self.exported.bound(self.cfg.max_remembered_spans);
+        self.counters.late_index_evicted.add(evicted as u64);
         if late {
             self.counters.late_traces.inc();
         } else {
@@ -428,8 +414,7 @@ impl Assembler {
 
     /// Bytes of the late-arrival index (exported ids kept for the grace period).
     pub fn remembered_bytes(&self) -> usize {
-        self.exported.capacity() * (std::mem::size_of::<(SpanId, TraceId)>() + 1)
-            + self.exported_order.capacity() * std::mem::size_of::<(u64, SpanId)>()
+        self.exported.bytes()
     }
 }
 
@@ -524,6 +509,105 @@ impl Deadlines {
     }
 }
 
+/// The ids of exported traces' spans, kept for `late_grace` so that a late span can join
+/// its trace: span id → the trace's number in `traces`, whose entry holds the trace id.
+///
+/// Compact on purpose (it holds about `late_grace` of the exchange rate, 10 s by
+/// default: more than all pending state): an id costs a 12-byte map entry and 8 bytes in
+/// `ids`, and a trace one `Remembered` entry, instead of a 24-byte entry (the trace id
+/// per span) and a 16-byte deadline per span.
+#[derive(Debug, Default)]
+struct LateIndex {
+    by_span: FastMap<SpanId, u32>,
+    /// Oldest first; numbers consecutive (modulo 2^32).
+    traces: VecDeque<Remembered>,
+    /// Every trace's new ids, in the order of `traces`.
+    ids: VecDeque<SpanId>,
+    next: u32,
+}
+
+#[derive(Debug)]
+struct Remembered {
+    forget_at: u64,
+    trace_id: TraceId,
+    number: u32,
+    /// How many of `ids` are this trace's.
+    ids: u32,
+}
+
+impl LateIndex {
+    fn get(&self, id: &SpanId) -> Option<TraceId> {
+        let number = *self.by_span.get(id)?;
+        let first = self.traces.front()?.number;
+        let t = self.traces.get(number.wrapping_sub(first) as usize)?;
+        (t.number == number).then_some(t.trace_id)
+    }
+
+    fn contains_key(&self, id: &SpanId) -> bool {
+        self.by_span.contains_key(id)
+    }
+
+    fn len(&self) -> usize {
+        self.by_span.len()
+    }
+
+    /// Remembers `ids` as `trace_id`'s until `forget_at`. An id already remembered now
+    /// names this trace (and is forgotten with the trace that added it first).
+    fn remember(&mut self, trace_id: TraceId, ids: &[SpanId], forget_at: u64) {
+        let number = self.next;
+        self.next = self.next.wrapping_add(1);
+        let mut new = 0u32;
+        for &id in ids {
+            if self.by_span.insert(id, number).is_none() {
+                self.ids.push_back(id);
+                new += 1;
+            }
+        }
+        self.traces.push_back(Remembered {
+            forget_at,
+            trace_id,
+            number,
+            ids: new,
+        });
+    }
+
+    /// Forgets the oldest trace; returns how many ids went with it.
+    fn forget_oldest(&mut self) -> usize {
+        let Some(t) = self.traces.pop_front() else {
+            return 0;
+        };
+        for _ in 0..t.ids {
+            if let Some(id) = self.ids.pop_front() {
+                self.by_span.remove(&id);
+            }
+        }
+        t.ids as usize
+    }
+
+    /// Forgets the traces whose grace ended by `now`.
+    fn forget_until(&mut self, now: u64) {
+        while self.traces.front().is_some_and(|t| t.forget_at <= now) {
+            self.forget_oldest();
+        }
+    }
+
+    /// Forgets the oldest traces until at most `max` ids are kept; returns the ids
+    /// forgotten early.
+    fn bound(&mut self, max: usize) -> usize {
+        let mut evicted = 0;
+        while self.ids.len() > max && !self.traces.is_empty() {
+            evicted += self.forget_oldest();
+        }
+        evicted
+    }
+
+    fn bytes(&self) -> usize {
+        self.by_span.capacity() * (size_of::<(SpanId, u32)>() + 1)
+            + self.ids.capacity() * size_of::<SpanId>()
+            + self.traces.capacity() * size_of::<Remembered>()
+    }
+}
+
 /// The application's trace id, from the earliest span that carried one.
 fn propagated_trace_id(calls: &[LinkedCall]) -> Option<TraceId> {
     calls
@@ -576,6 +660,37 @@ mod tests {
     use crate::join::tests::{ext, half, pod};
     use crate::link::SpanLink;
     use std::collections::HashSet;
+
+    #[test]
+    fn the_late_index_names_traces_forgets_in_order_and_stays_bounded() {
+        let mut idx = LateIndex::default();
+        let ids: Vec<SpanId> = (0..10).map(|_| SpanId::random()).collect();
+        let (a, b, c) = (TraceId::random(), TraceId::random(), TraceId::random());
+        idx.remember(a, &ids[0..3], 100);
+        idx.remember(b, &ids[3..6], 200);
+        // A shared id (a parent the later trace waited for) now names the later trace.
+        idx.remember(c, &[ids[5], ids[6], ids[7]], 300);
+        assert_eq!(idx.get(&ids[0]), Some(a));
+        assert_eq!(idx.get(&ids[4]), Some(b));
+        assert_eq!(idx.get(&ids[5]), Some(c));
+        assert_eq!(idx.get(&ids[9]), None);
+        assert_eq!(idx.len(), 8);
+        idx.forget_until(150);
+        assert_eq!(idx.get(&ids[0]), None, "a's grace is over");
+        assert_eq!(idx.get(&ids[3]), Some(b));
+        assert_eq!(idx.len(), 5);
+        // The bound forgets whole traces, oldest first, and counts their ids.
+        assert_eq!(idx.bound(3), 3);
+        assert_eq!(idx.get(&ids[4]), None);
+        assert_eq!(idx.get(&ids[6]), Some(c));
+        assert!(idx.len() <= 3);
+        assert_eq!(idx.bound(0), 2);
+        assert_eq!(idx.len(), 0);
+        assert_eq!(idx.bound(0), 0, "empty: nothing to forget, no loop");
+        // Numbers keep counting after the index emptied.
+        idx.remember(a, &ids[8..10], 400);
+        assert_eq!(idx.get(&ids[9]), Some(a));
+    }
 
     fn cfg() -> AssembleConfig {
         AssembleConfig {
