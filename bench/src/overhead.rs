@@ -579,7 +579,11 @@ pub fn wait_running(proc: &Proc) -> Result<()> {
             return Ok(());
         }
         if let Some(status) = proc.try_wait()? {
-            bail!("weft-collector exited with {status}: {}", tail(&err));
+            // Read again: what it wrote just before exiting (a panic, say) came after `err`.
+            bail!(
+                "weft-collector exited with {status}: {}",
+                tail(&proc.stderr_text())
+            );
         }
         if Instant::now() > deadline {
             bail!("weft-collector did not start in 30 s: {}", tail(&err));
