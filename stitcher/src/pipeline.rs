@@ -582,6 +582,15 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     /// The default windows: join 1 s, link 200 ms..1.5 s, idle 2 s, tick 50 ms.
+    /// One request through the default chain, one exchange per batch.
+    fn one_chain() -> synth::ChainSpec {
+        synth::ChainSpec {
+            requests: 1,
+            batch: 1,
+            ..Default::default()
+        }
+    }
+
     fn stitcher(spec: &synth::ChainSpec, reg: &Registry) -> Stitcher {
         let inv =
             StaticInventory::from_yaml(&synth::inventory_yaml(spec), CacheConfig::default(), reg)
@@ -591,11 +600,7 @@ mod tests {
 
     #[test]
     fn halves_of_one_collector_share_one_source_and_spans_keep_its_names() {
-        let spec = synth::ChainSpec {
-            requests: 1,
-            batch: 1,
-            ..Default::default()
-        };
+        let spec = one_chain();
         let reg = Registry::new();
         let mut s = stitcher(&spec, &reg);
         let a = s.source(Arc::from("node-a"), Arc::from("i-1"));
@@ -625,11 +630,7 @@ mod tests {
     /// clock ticks every 50 ms from `at` on. Returns when (stitcher time) its trace was
     /// completed, and the trace.
     fn one_request(at: u64) -> (u64, CompletedTrace, Registry) {
-        let spec = synth::ChainSpec {
-            requests: 1,
-            batch: 1,
-            ..Default::default()
-        };
+        let spec = one_chain();
         let reg = Registry::new();
         let mut s = stitcher(&spec, &reg);
         let mut out = Vec::new();
@@ -697,11 +698,7 @@ mod tests {
         // slow): the join holds the leaf call's client half until then, link decides it
         // at its max wait from the client half's arrival (1.5 s), and the trace is idle
         // 2 s after the last arrival (2.5 s), one trace.
-        let spec = synth::ChainSpec {
-            requests: 1,
-            batch: 1,
-            ..Default::default()
-        };
+        let spec = one_chain();
         let reg = Registry::new();
         let mut s = stitcher(&spec, &reg);
         let mut out = Vec::new();

@@ -341,6 +341,17 @@ pub struct ServiceMap {
     pub edges: Vec<Edge>,
 }
 
+#[cfg(test)]
+impl ServiceMap {
+    /// (client, server, requests) per edge: what the tests compare.
+    pub(crate) fn edge_counts(&self) -> Vec<(&str, &str, u64)> {
+        self.edges
+            .iter()
+            .map(|e| (e.client.as_str(), e.server.as_str(), e.requests))
+            .collect()
+    }
+}
+
 /// What happened to the samples given to [`MinuteBuckets::record`].
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RecordOutcome {
@@ -613,13 +624,8 @@ mod tests {
             b.interned_nodes()
         );
         let map = map_at(&b, 60 * SEC, later);
-        let edges: Vec<(&str, &str, u64)> = map
-            .edges
-            .iter()
-            .map(|e| (e.client.as_str(), e.server.as_str(), e.requests))
-            .collect();
         assert_eq!(
-            edges,
+            map.edge_counts(),
             vec![("198.51.0.7", "api.demo", 1), ("web.demo", "api.demo", 2)]
         );
         // Renumbered nodes still count into the same edges.
