@@ -3,8 +3,9 @@
 //! In: packets on a pod's host-side veth (TC ingress = leaving the pod, TC egress = entering
 //! it) and TCP state changes (`sock/inet_sock_set_state`).
 //! Out: packet records (a `PacketHeader` followed by at most `HEAD_LEN` payload bytes, for
-//! segments that begin an HTTP/1 message) on the `PACKETS` ring buffer, `ConnEvent`s on the `CONNS` ring buffer, and per-CPU
-//! `COUNTERS` for every packet seen, emitted, lost or skipped.
+//! segments that begin an HTTP/1 message) on the `PACKETS` ring buffer, `ConnEvent`s on the
+//! `CONNS` ring buffer, and per-CPU `COUNTERS` for every packet seen, emitted, lost or
+//! skipped.
 //!
 //! Only a segment that *begins* an HTTP message is captured, and only its first `HEAD_LEN`
 //! bytes: headers beyond them, or continued in later segments, are not followed. The cut is

@@ -52,6 +52,10 @@ use weft_stitcher::resolve::directory::CacheConfig;
 use weft_stitcher::resolve::inventory::StaticInventory;
 use weft_stitcher::store::{Store, StoreConfig, StoreWriter};
 
+#[path = "support/cpu.rs"]
+mod cpu;
+use cpu::{process_cpu_nanos, thread_cpu_nanos};
+
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter()
         .position(|a| a == name)
@@ -129,28 +133,6 @@ fn status_kib(field: &str) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// CPU time this thread has run, in nanoseconds (`/proc/thread-self/schedstat`).
-fn thread_cpu_nanos() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// CPU time of the whole process, exited threads included, in nanoseconds
-/// (`/proc/self/stat` utime + stime, 10 ms ticks).
-fn process_cpu_nanos() -> u64 {
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name: state is the 3rd, utime the 14th, stime the 15th.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        });
-    ticks.unwrap_or(0) * 10_000_000
 }
 
 fn main() -> anyhow::Result<()> {

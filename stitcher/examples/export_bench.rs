@@ -22,6 +22,10 @@ use weft_stitcher::metrics::Registry;
 use weft_stitcher::model::{CompletedTrace, LinkKind, SpanId, SpanRecord, TraceId, TraceSink};
 use weft_stitcher::resolve::{Identity, PeerKind, PeerMeta};
 
+#[path = "../benches/support/cpu.rs"]
+mod cpu;
+use cpu::{process_cpu_nanos, thread_cpu_nanos};
+
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter()
         .position(|a| a == name)
@@ -48,6 +52,18 @@ fn identity(kind: PeerKind, addr: &str, workload: &str) -> Identity {
 }
 
 /// One 3-hop chain: caller → svc0 → svc1 → svc2, a CLIENT and a SERVER span per hop.
+/// `count` identities of one kind, the i-th at `addr(i)` named `{prefix}{i}`.
+fn identities(
+    kind: PeerKind,
+    count: usize,
+    addr: impl Fn(usize) -> String,
+    prefix: &str,
+) -> Vec<Identity> {
+    (0..count)
+        .map(|i| identity(kind, &addr(i), &format!("{prefix}{i}")))
+        .collect()
+}
+
 fn chain(caller: &Identity, pods: &[Identity], services: &[Identity], n: u64) -> CompletedTrace {
     let trace_id = TraceId::random();
     let start = 1_795_341_600_000_000_000 + n * 1_000;
@@ -104,28 +120,6 @@ fn chain(caller: &Identity, pods: &[Identity], services: &[Identity], n: u64) ->
     }
 }
 
-fn thread_cpu_nanos() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn process_cpu_nanos() -> u64 {
-    let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok() else {
-        return 0;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0;
-    };
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    // utime + stime (fields 14 and 15 of the line; 12 and 13 after the command).
-    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10_000_000
-}
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let target: String = arg(&args, "--target", "http://127.0.0.1:4317".to_string());
@@ -143,33 +137,24 @@ fn main() -> anyhow::Result<()> {
     let metrics = Registry::new();
     let exporter = runtime.block_on(async { OtlpExporter::spawn(cfg, &metrics) })?;
 
-    let callers: Vec<Identity> = (0..64)
-        .map(|i| {
-            identity(
-                PeerKind::Pod,
-                &format!("10.244.1.{}:40000", i + 2),
-                &format!("caller{i}"),
-            )
-        })
-        .collect();
-    let pods: Vec<Identity> = (0..3)
-        .map(|i| {
-            identity(
-                PeerKind::Pod,
-                &format!("10.244.2.{}:8080", i + 2),
-                &format!("svc{i}"),
-            )
-        })
-        .collect();
-    let services: Vec<Identity> = (0..3)
-        .map(|i| {
-            identity(
-                PeerKind::Service,
-                &format!("10.96.0.{}:80", i + 10),
-                &format!("svc{i}"),
-            )
-        })
-        .collect();
+    let callers = identities(
+        PeerKind::Pod,
+        64,
+        |i| format!("10.244.1.{}:40000", i + 2),
+        "caller",
+    );
+    let pods = identities(
+        PeerKind::Pod,
+        3,
+        |i| format!("10.244.2.{}:8080", i + 2),
+        "svc",
+    );
+    let services = identities(
+        PeerKind::Service,
+        3,
+        |i| format!("10.96.0.{}:80", i + 10),
+        "svc",
+    );
 
     // The producer: traces at the given span rate, in 1 ms slices.
     let producer = std::thread::spawn(move || {
