@@ -386,6 +386,16 @@ fn stale_child_helper() {
             Command::new("sleep").arg("300"),
         )
         .expect("spawn sleep");
+    // The PID is `ip netns exec`'s until it has entered the namespace and exec'd `sleep`:
+    // report it only then, or a cleaner that starts at once finds nothing in the namespace
+    // and the sleeper outlives it (seen once under load).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{}/comm", sleeper.pid()))
+        .is_ok_and(|c| c.trim() != "sleep")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     println!("CHILD {} {}", cluster.prefix(), sleeper.pid());
     // Wait to be killed; bounded so a lost parent cannot leave it running forever.
     std::thread::sleep(Duration::from_secs(120));
