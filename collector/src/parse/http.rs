@@ -10,6 +10,9 @@
 //! the headers `traceparent`, `tracestate`, `host`, `content-length`, `x-request-id`.
 //! Every other header value is looked at only by httparse and never copied
 //! (`transfer-encoding` is only tested for presence, to know where the body ends).
+//! The kept parts are borrowed from the captured bytes (nothing is allocated while
+//! parsing): the caller copies what it keeps beyond the event, as text
+//! ([`Target::to_text`], [`Value::to_text`]).
 //!
 //! What is cut (documented behaviour): only the first `HEAD_LEN` bytes of a segment
 //! are captured, and a head may also span several segments. A head whose headers
@@ -18,6 +21,7 @@
 //! kept half. A request line cut in the middle yields the method and the captured
 //! prefix of the path.
 
+use std::fmt;
 use std::mem::MaybeUninit;
 
 use httparse::{Header, ParserConfig, Status};
@@ -33,12 +37,17 @@ pub const MAX_MESSAGES_PER_SEGMENT: usize = 16;
 /// header line, `a:\n`, is 3 bytes), so httparse never runs out of room.
 const MAX_HEADERS: usize = (HEAD_LEN + 2).div_ceil(3) + 1;
 
-/// Header slots that httparse fills (it initialises only those it uses: zeroing all
-/// `MAX_HEADERS` of them, 5.5 KB, cost more than parsing a typical head).
-type Slots<'b> = [MaybeUninit<Header<'b>>; MAX_HEADERS];
+/// Header slots for the common head: a first parse uses this many, and only a head
+/// with more headers is parsed again with `MAX_HEADERS` (5.5 KB of stack, which the
+/// common case then never touches).
+const FEW_HEADERS: usize = 24;
 
-fn slots<'b>() -> Slots<'b> {
-    [const { MaybeUninit::uninit() }; MAX_HEADERS]
+/// Header slots that httparse fills (it initialises only those it uses: zeroing all
+/// of them cost more than parsing a typical head).
+type Slots<'b, const N: usize> = [MaybeUninit<Header<'b>>; N];
+
+fn slots<'b, const N: usize>() -> Slots<'b, N> {
+    [const { MaybeUninit::uninit() }; N]
 }
 
 /// Why a captured head did not yield a message. Names are stable metric labels.
@@ -105,34 +114,94 @@ impl ParseError {
     }
 }
 
-/// The kept headers of a message; empty strings when absent.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KeptHeaders {
-    pub traceparent: String,
-    pub tracestate: String,
-    pub host: String,
-    pub request_id: String,
+/// A kept header value: its captured bytes, trimmed; empty when the header is absent.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Value<'a>(pub &'a [u8]);
+
+impl Value<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The value as text (bytes that are not UTF-8 become U+FFFD).
+    pub fn to_text(&self) -> String {
+        text(self.0)
+    }
+}
+
+impl fmt::Debug for Value<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&String::from_utf8_lossy(self.0), f)
+    }
+}
+
+/// Compares the bytes (tests and logs compare with literal text).
+impl PartialEq<&str> for Value<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+/// The kept headers of a message, borrowed from the captured bytes; empty when absent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeptHeaders<'a> {
+    pub traceparent: Value<'a>,
+    pub tracestate: Value<'a>,
+    pub host: Value<'a>,
+    pub request_id: Value<'a>,
     /// `Content-Length`, when present and a valid number.
     pub content_length: Option<u64>,
     /// Whether a `Transfer-Encoding` header is present (its value is not kept).
     pub transfer_encoding: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestHead {
-    pub method: String,
-    /// The request target, query redacted when configured.
-    pub path: String,
-    pub headers: KeptHeaders,
+/// A request target as it is kept: `/a?x=1` with the query redacted is `/a` followed
+/// by `?<redacted>` (see [`redact`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target<'a> {
+    /// The whole target, or its part before the `?` when the query is redacted.
+    pub kept: &'a str,
+    pub query_redacted: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResponseHead {
+impl Target<'_> {
+    /// The target as it leaves the node, in one allocation of the exact size.
+    pub fn to_text(&self) -> String {
+        if !self.query_redacted {
+            return self.kept.to_owned();
+        }
+        let mut s = String::with_capacity(self.kept.len() + 1 + REDACTED_QUERY.len());
+        s.push_str(self.kept);
+        s.push('?');
+        s.push_str(REDACTED_QUERY);
+        s
+    }
+}
+
+impl fmt::Display for Target<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kept)?;
+        if self.query_redacted {
+            write!(f, "?{REDACTED_QUERY}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    pub path: Target<'a>,
+    pub headers: KeptHeaders<'a>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResponseHead<'a> {
     pub status: u16,
-    pub headers: KeptHeaders,
+    pub headers: KeptHeaders<'a>,
 }
 
-impl ResponseHead {
+impl ResponseHead<'_> {
     /// 1xx responses are interim: the final response to the same request follows.
     /// 101 Switching Protocols is the last HTTP message of its connection, so it is
     /// treated as final (otherwise every upgrade would stay unanswered).
@@ -141,16 +210,16 @@ impl ResponseHead {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Head {
-    Request(RequestHead),
-    Response(ResponseHead),
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head<'a> {
+    Request(RequestHead<'a>),
+    Response(ResponseHead<'a>),
 }
 
-/// One HTTP message that begins in a segment.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
-    pub head: Head,
+/// One HTTP message that begins in a segment (borrowing the segment's bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub head: Head<'a>,
     /// Offset of the message's first byte in the segment's payload (its TCP seq is
     /// the segment's seq plus this offset).
     pub offset: u32,
@@ -164,8 +233,8 @@ pub struct Message {
 
 /// What one segment's captured bytes yielded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SegmentParse {
-    pub messages: Vec<Message>,
+pub struct SegmentParse<'a> {
+    pub messages: Vec<Message<'a>>,
     /// Why reading stopped early, if it did (the messages before it are still valid).
     pub error: Option<ParseError>,
     /// A further message begins in the payload but was not read: it starts after
@@ -175,7 +244,7 @@ pub struct SegmentParse {
 
 /// Reads the messages that begin in a segment. `captured` is the copied head of
 /// the payload, `payload_len` the segment's full payload length.
-pub fn parse_segment(captured: &[u8], payload_len: u32, redact_query: bool) -> SegmentParse {
+pub fn parse_segment(captured: &[u8], payload_len: u32, redact_query: bool) -> SegmentParse<'_> {
     let mut messages = Vec::new();
     let end = for_each_message(captured, payload_len, redact_query, |m| messages.push(m));
     SegmentParse {
@@ -194,11 +263,11 @@ pub struct SegmentEnd {
 
 /// [`parse_segment`] without collecting: hands each message to `each` as it is read
 /// (the capture loop's path: no allocation per segment).
-pub fn for_each_message(
-    captured: &[u8],
+pub fn for_each_message<'a>(
+    captured: &'a [u8],
     payload_len: u32,
     redact_query: bool,
-    mut each: impl FnMut(Message),
+    mut each: impl FnMut(Message<'a>),
 ) -> SegmentEnd {
     let mut out = SegmentEnd::default();
     if captured.is_empty() {
@@ -274,14 +343,14 @@ enum Framing {
     ToEndOfSegment,
 }
 
-struct Parsed {
-    head: Head,
+struct Parsed<'a> {
+    head: Head<'a>,
     /// Length of the complete head; `None` when it was cut.
     head_len: Option<usize>,
     framing: Framing,
 }
 
-fn parse_one(buf: &[u8], redact_query: bool) -> Result<Parsed, ParseError> {
+fn parse_one(buf: &[u8], redact_query: bool) -> Result<Parsed<'_>, ParseError> {
     if buf.starts_with(b"HTTP/") {
         parse_response(buf)
     } else {
@@ -298,16 +367,33 @@ fn config() -> ParserConfig {
     cfg
 }
 
-fn parse_request(buf: &[u8], redact_query: bool) -> Result<Parsed, ParseError> {
-    let mut slots = slots();
+fn parse_request(buf: &[u8], redact_query: bool) -> Result<Parsed<'_>, ParseError> {
+    match parse_request_in(buf, redact_query, &mut slots::<FEW_HEADERS>()) {
+        Err(ParseError::TooManyHeaders) => parse_request_many(buf, redact_query),
+        parsed => parsed,
+    }
+}
+
+/// A head with more than `FEW_HEADERS` headers (rare): parsed again with room for all.
+#[cold]
+#[inline(never)]
+fn parse_request_many(buf: &[u8], redact_query: bool) -> Result<Parsed<'_>, ParseError> {
+    parse_request_in(buf, redact_query, &mut slots::<MAX_HEADERS>())
+}
+
+fn parse_request_in<'a>(
+    buf: &'a [u8],
+    redact_query: bool,
+    slots: &mut [MaybeUninit<Header<'a>>],
+) -> Result<Parsed<'a>, ParseError> {
     let mut req = httparse::Request::new(&mut []);
-    let outcome = config().parse_request_with_uninit_headers(&mut req, buf, &mut slots);
+    let outcome = config().parse_request_with_uninit_headers(&mut req, buf, slots);
     let (method, path, version) = (req.method, req.path, req.version);
     match outcome {
         Ok(Status::Complete(len)) => {
-            let headers = keep_headers(req.headers);
+            let headers = keep_headers(req.headers, |v| v);
             let head = RequestHead {
-                method: method.unwrap_or_default().to_owned(),
+                method: method.unwrap_or_default(),
                 path: redact(path.unwrap_or_default(), redact_query),
                 headers,
             };
@@ -330,7 +416,7 @@ fn parse_request(buf: &[u8], redact_query: bool) -> Result<Parsed, ParseError> {
             };
             let framing = request_framing(&headers);
             let head = RequestHead {
-                method: method.to_owned(),
+                method,
                 path: redact(target, redact_query),
                 headers,
             };
@@ -344,16 +430,32 @@ fn parse_request(buf: &[u8], redact_query: bool) -> Result<Parsed, ParseError> {
     }
 }
 
-fn parse_response(buf: &[u8]) -> Result<Parsed, ParseError> {
-    let mut slots = slots();
+fn parse_response(buf: &[u8]) -> Result<Parsed<'_>, ParseError> {
+    match parse_response_in(buf, &mut slots::<FEW_HEADERS>()) {
+        Err(ParseError::TooManyHeaders) => parse_response_many(buf),
+        parsed => parsed,
+    }
+}
+
+/// A head with more than `FEW_HEADERS` headers (rare): parsed again with room for all.
+#[cold]
+#[inline(never)]
+fn parse_response_many(buf: &[u8]) -> Result<Parsed<'_>, ParseError> {
+    parse_response_in(buf, &mut slots::<MAX_HEADERS>())
+}
+
+fn parse_response_in<'a>(
+    buf: &'a [u8],
+    slots: &mut [MaybeUninit<Header<'a>>],
+) -> Result<Parsed<'a>, ParseError> {
     let mut resp = httparse::Response::new(&mut []);
-    let outcome = config().parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+    let outcome = config().parse_response_with_uninit_headers(&mut resp, buf, slots);
     let (code, reason) = (resp.code, resp.reason);
     match outcome {
         Ok(Status::Complete(len)) => {
             let head = ResponseHead {
                 status: code.unwrap_or_default(),
-                headers: keep_headers(resp.headers),
+                headers: keep_headers(resp.headers, |v| v),
             };
             let framing = response_framing(&head);
             Ok(Parsed {
@@ -395,7 +497,7 @@ fn request_error(e: httparse::Error, has_method: bool, has_version: bool) -> Par
 }
 
 /// A request without `Content-Length` or `Transfer-Encoding` has no body (RFC 9112 6.3).
-fn request_framing(h: &KeptHeaders) -> Framing {
+fn request_framing(h: &KeptHeaders<'_>) -> Framing {
     match (h.content_length, h.transfer_encoding) {
         (_, true) => Framing::ToEndOfSegment,
         (Some(n), false) => Framing::Length(n),
@@ -405,7 +507,7 @@ fn request_framing(h: &KeptHeaders) -> Framing {
 
 /// 1xx, 204 and 304 responses never have a body; otherwise the length is given, or
 /// the body is chunked or runs to the connection's close.
-fn response_framing(r: &ResponseHead) -> Framing {
+fn response_framing(r: &ResponseHead<'_>) -> Framing {
     if (100..200).contains(&r.status) || r.status == 204 || r.status == 304 {
         return Framing::None;
     }
@@ -421,10 +523,12 @@ enum Kind {
     Response,
 }
 
-/// The headers of a head whose end was not captured: re-parse it up to its last
-/// complete line, closed by an empty line, so a header cut in the middle is dropped
-/// rather than kept half.
-fn cut_headers(buf: &[u8], kind: Kind) -> KeptHeaders {
+/// The headers of a head whose end was not captured: re-parse a copy of it up to its
+/// last complete line, closed by an empty line, so a header cut in the middle is
+/// dropped rather than kept half. The kept values are borrowed from `buf` at the
+/// offsets where they were found in the copy (the two agree up to that line).
+#[cold]
+fn cut_headers(buf: &[u8], kind: Kind) -> KeptHeaders<'_> {
     let Some(last_nl) = buf.iter().rposition(|&b| b == b'\n') else {
         return KeptHeaders::default();
     };
@@ -434,19 +538,24 @@ fn cut_headers(buf: &[u8], kind: Kind) -> KeptHeaders {
     };
     dst[..=last_nl].copy_from_slice(&buf[..=last_nl]);
     dst[last_nl + 1..].copy_from_slice(b"\r\n");
-    let mut slots = slots();
+    let copy_start = dst.as_ptr() as usize;
+    let in_buf = |v: &[u8]| {
+        let at = (v.as_ptr() as usize).wrapping_sub(copy_start);
+        buf.get(at..at.saturating_add(v.len())).unwrap_or_default()
+    };
+    let mut slots = slots::<MAX_HEADERS>();
     match kind {
         Kind::Request => {
             let mut req = httparse::Request::new(&mut []);
             match config().parse_request_with_uninit_headers(&mut req, dst, &mut slots) {
-                Ok(Status::Complete(_)) => keep_headers(req.headers),
+                Ok(Status::Complete(_)) => keep_headers(req.headers, in_buf),
                 _ => KeptHeaders::default(),
             }
         }
         Kind::Response => {
             let mut resp = httparse::Response::new(&mut []);
             match config().parse_response_with_uninit_headers(&mut resp, dst, &mut slots) {
-                Ok(Status::Complete(_)) => keep_headers(resp.headers),
+                Ok(Status::Complete(_)) => keep_headers(resp.headers, in_buf),
                 _ => KeptHeaders::default(),
             }
         }
@@ -468,52 +577,128 @@ fn cut_request_target(buf: &[u8]) -> &str {
     std::str::from_utf8(&rest[..end]).unwrap_or("")
 }
 
-/// Copies the kept headers; every other value is ignored. The first occurrence wins.
-fn keep_headers(headers: &[Header<'_>]) -> KeptHeaders {
+/// The headers that are looked at; every other one is skipped after a length check
+/// and at most one comparison.
+#[derive(Clone, Copy)]
+enum Kept {
+    Traceparent,
+    Tracestate,
+    Host,
+    RequestId,
+    ContentLength,
+    TransferEncoding,
+}
+
+/// Which kept header `name` is, case-insensitively. The length picks the one candidate
+/// (the kept names all differ in length), so most other headers cost one comparison.
+fn kept_name(name: &str) -> Option<Kept> {
+    let (want, kept) = match name.len() {
+        4 => ("host", Kept::Host),
+        10 => ("tracestate", Kept::Tracestate),
+        11 => ("traceparent", Kept::Traceparent),
+        12 => ("x-request-id", Kept::RequestId),
+        14 => ("content-length", Kept::ContentLength),
+        17 => ("transfer-encoding", Kept::TransferEncoding),
+        _ => return None,
+    };
+    eq_lowercase(name.as_bytes(), want.as_bytes()).then_some(kept)
+}
+
+/// `name` equals `lower`, a lowercase name of letters and `-`, ignoring ASCII case.
+/// Setting bit 5 lowercases a letter and keeps `-`; of the bytes allowed in a header
+/// name (a token, which httparse checks) only the letters map onto a letter and only
+/// `-` onto `-`, so the test is exact. Eight bytes at a time: the kept names are 4 or
+/// 10 to 17 bytes long, compared as their first and last 8 bytes.
+fn eq_lowercase(name: &[u8], lower: &[u8]) -> bool {
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    if name.len() != lower.len() {
+        return false;
+    }
+    match (
+        name.first_chunk::<8>(),
+        name.last_chunk::<8>(),
+        lower.first_chunk::<8>(),
+        lower.last_chunk::<8>(),
+    ) {
+        (Some(n0), Some(n1), Some(l0), Some(l1)) => {
+            u64::from_ne_bytes(*n0) | CASE == u64::from_ne_bytes(*l0)
+                && u64::from_ne_bytes(*n1) | CASE == u64::from_ne_bytes(*l1)
+        }
+        _ => name.iter().zip(lower).all(|(&n, &l)| n | 0x20 == l),
+    }
+}
+
+/// Picks the kept headers; every other value is ignored. The first occurrence wins.
+/// `value` maps a value found by httparse to the bytes the result borrows.
+fn keep_headers<'h, 'a>(
+    headers: &[Header<'h>],
+    value: impl Fn(&'h [u8]) -> &'a [u8],
+) -> KeptHeaders<'a> {
     let mut kept = KeptHeaders::default();
     for h in headers {
-        let name = h.name;
-        if name.eq_ignore_ascii_case("traceparent") {
-            set_once(&mut kept.traceparent, h.value);
-        } else if name.eq_ignore_ascii_case("tracestate") {
-            set_once(&mut kept.tracestate, h.value);
-        } else if name.eq_ignore_ascii_case("host") {
-            set_once(&mut kept.host, h.value);
-        } else if name.eq_ignore_ascii_case("x-request-id") {
-            set_once(&mut kept.request_id, h.value);
-        } else if name.eq_ignore_ascii_case("content-length") {
-            if kept.content_length.is_none() {
-                kept.content_length = parse_length(h.value);
+        let Some(which) = kept_name(h.name) else {
+            continue;
+        };
+        match which {
+            Kept::Traceparent => set_once(&mut kept.traceparent, value(h.value)),
+            Kept::Tracestate => set_once(&mut kept.tracestate, value(h.value)),
+            Kept::Host => set_once(&mut kept.host, value(h.value)),
+            Kept::RequestId => set_once(&mut kept.request_id, value(h.value)),
+            Kept::ContentLength => {
+                if kept.content_length.is_none() {
+                    kept.content_length = parse_length(h.value);
+                }
             }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            kept.transfer_encoding = true;
+            Kept::TransferEncoding => kept.transfer_encoding = true,
         }
     }
     kept
 }
 
-fn set_once(slot: &mut String, value: &[u8]) {
+fn set_once<'a>(slot: &mut Value<'a>, value: &'a [u8]) {
     if slot.is_empty() {
-        *slot = String::from_utf8_lossy(value.trim_ascii()).into_owned();
+        *slot = Value(value.trim_ascii());
     }
 }
 
+/// The bytes as text, invalid UTF-8 replaced (U+FFFD). Header values are nearly always
+/// ASCII: that is checked a word at a time, cheaper than the UTF-8 validator on a
+/// value of a few dozen bytes.
+fn text(bytes: &[u8]) -> String {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(bytes) }.to_owned()
+    } else {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+}
+
+/// A `Content-Length` value: decimal digits only, and no more than fit in a u64.
 fn parse_length(value: &[u8]) -> Option<u64> {
     let v = value.trim_ascii();
-    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() {
         return None;
     }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    v.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// Keeps the path and replaces a non-empty query by [`REDACTED_QUERY`]:
 /// `/a?x=1` → `/a?<redacted>`; `/a?` and `/a` stay as they are.
-pub fn redact(target: &str, redact_query: bool) -> String {
+pub fn redact(target: &str, redact_query: bool) -> Target<'_> {
     match target.split_once('?') {
-        Some((path, query)) if redact_query && !query.is_empty() => {
-            format!("{path}?{REDACTED_QUERY}")
-        }
-        _ => target.to_owned(),
+        Some((path, query)) if redact_query && !query.is_empty() => Target {
+            kept: path,
+            query_redacted: true,
+        },
+        _ => Target {
+            kept: target,
+            query_redacted: false,
+        },
     }
 }
 
@@ -521,21 +706,21 @@ pub fn redact(target: &str, redact_query: bool) -> String {
 mod tests {
     use super::*;
 
-    fn one(bytes: &[u8]) -> Message {
+    fn one(bytes: &[u8]) -> Message<'_> {
         let seg = parse_segment(bytes, bytes.len() as u32, true);
         assert_eq!(seg.error, None, "{seg:?}");
         assert_eq!(seg.messages.len(), 1, "{seg:?}");
         seg.messages.into_iter().next().expect("one message")
     }
 
-    fn request(m: &Message) -> &RequestHead {
+    fn request<'m, 'a>(m: &'m Message<'a>) -> &'m RequestHead<'a> {
         match &m.head {
             Head::Request(r) => r,
             Head::Response(_) => panic!("expected a request: {m:?}"),
         }
     }
 
-    fn response(m: &Message) -> &ResponseHead {
+    fn response<'m, 'a>(m: &'m Message<'a>) -> &'m ResponseHead<'a> {
         match &m.head {
             Head::Response(r) => r,
             Head::Request(_) => panic!("expected a response: {m:?}"),
@@ -550,7 +735,7 @@ tracestate: a=b\r\nx-request-id:  abc \r\nContent-Length: 12\r\nAuthorization: B
 Cookie: id=1\r\nUser-Agent: curl\r\n\r\n",
         );
         let r = request(&m);
-        assert_eq!((r.method.as_str(), r.path.as_str()), ("PUT", "/v1/x"));
+        assert_eq!((r.method, r.path.to_text().as_str()), ("PUT", "/v1/x"));
         let h = &r.headers;
         assert_eq!(h.host, "svc:80");
         assert_eq!(h.traceparent, "00-1-2-01");
@@ -565,12 +750,17 @@ Cookie: id=1\r\nUser-Agent: curl\r\n\r\n",
 
     #[test]
     fn redaction_replaces_only_a_non_empty_query() {
-        assert_eq!(redact("/a?x=1&y=2", true), "/a?<redacted>");
-        assert_eq!(redact("/a?x=1", false), "/a?x=1");
-        assert_eq!(redact("/a?", true), "/a?");
-        assert_eq!(redact("/a", true), "/a");
-        assert_eq!(redact("*", true), "*");
-        assert_eq!(redact("http://h/p?q=1", true), "http://h/p?<redacted>");
+        let text = |t: &str, on: bool| {
+            let kept = redact(t, on);
+            assert_eq!(kept.to_text(), kept.to_string(), "{t}");
+            kept.to_text()
+        };
+        assert_eq!(text("/a?x=1&y=2", true), "/a?<redacted>");
+        assert_eq!(text("/a?x=1", false), "/a?x=1");
+        assert_eq!(text("/a?", true), "/a?");
+        assert_eq!(text("/a", true), "/a");
+        assert_eq!(text("*", true), "*");
+        assert_eq!(text("http://h/p?q=1", true), "http://h/p?<redacted>");
     }
 
     #[test]
@@ -609,7 +799,7 @@ Cookie: id=1\r\nUser-Agent: curl\r\n\r\n",
         let got: Vec<_> = seg
             .messages
             .iter()
-            .map(|m| (request(m).path.clone(), m.offset))
+            .map(|m| (request(m).path.to_text(), m.offset))
             .collect();
         let (la, lb) = (a.len() as u32, b.len() as u32);
         assert_eq!(
@@ -677,7 +867,7 @@ Cookie: id=1\r\nUser-Agent: curl\r\n\r\n",
         );
         // A request line cut in the target.
         let m = &parse_segment(b"GET /very/long?secret=1", 9000, true).messages[0];
-        assert_eq!(request(m).path, "/very/long?<redacted>");
+        assert_eq!(request(m).path.to_text(), "/very/long?<redacted>");
         assert!(m.truncated);
     }
 
@@ -710,8 +900,9 @@ Cookie: id=1\r\nUser-Agent: curl\r\n\r\n",
             for m in &seg.messages {
                 let r = request(m);
                 assert_eq!(r.method, "POST");
+                let path = r.path.to_text();
                 assert!(
-                    "/p?<redacted>".starts_with(&r.path) || r.path == "/p?<redacted>",
+                    "/p?<redacted>".starts_with(&path) || path == "/p?<redacted>",
                     "{n}: {r:?}"
                 );
                 // A header value is complete or absent, never half.

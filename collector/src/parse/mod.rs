@@ -39,12 +39,10 @@ pub mod table;
 #[cfg(test)]
 mod tests;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use weft_ebpf_common::{
-    ConnEvent, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6, TCP_CLOSE, TCP_ESTABLISHED,
-    TCP_SYN_RECV, TCP_SYN_SENT,
+    ConnEvent, DIR_FROM_POD, DIR_TO_POD, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 use weft_proto::v1::{Connection, Endpoint, Exchange, Side, connection};
 
@@ -52,7 +50,7 @@ use crate::capture::Packet;
 
 use http::{Head, RequestHead, ResponseHead};
 pub use http::{ParseError, REDACTED_QUERY};
-use table::{Pending, SockPair, Table};
+use table::{Addr, Pending, RequestFields, SockPair, Table};
 
 /// The TCP ACK flag in `PacketEvent::tcp_flags`.
 const TCP_FLAG_ACK: u8 = 0x10;
@@ -249,8 +247,8 @@ impl Parser {
             _ => return None,
         };
         let (Some(local), Some(remote)) = (
-            socket_addr(ev.family, &ev.saddr, ev.sport),
-            socket_addr(ev.family, &ev.daddr, ev.dport),
+            Addr::from_kernel(ev.family, &ev.saddr, ev.sport),
+            Addr::from_kernel(ev.family, &ev.daddr, ev.dport),
         ) else {
             self.stats.parse_errors.add(ParseError::BadEvent);
             self.log_new_losses();
@@ -341,8 +339,8 @@ impl Parser {
     ) {
         let ev = &pkt.header;
         let (Some(src), Some(dst)) = (
-            socket_addr(ev.family, &ev.saddr, ev.sport),
-            socket_addr(ev.family, &ev.daddr, ev.dport),
+            Addr::from_kernel(ev.family, &ev.saddr, ev.sport),
+            Addr::from_kernel(ev.family, &ev.daddr, ev.dport),
         ) else {
             self.stats.parse_errors.add(ParseError::BadEvent);
             return;
@@ -390,7 +388,7 @@ impl Parser {
         }
     }
 
-    fn on_request(&mut self, seg: SegmentRef, side: Side, req: RequestHead) {
+    fn on_request(&mut self, seg: SegmentRef, side: Side, req: RequestHead<'_>) {
         let pair = SockPair::new(seg.src, seg.dst);
         let (flow, _, evicted) = self.table.flow_or_insert(
             pair,
@@ -435,7 +433,9 @@ impl Parser {
                 start_unix_nanos: seg.wall,
                 side,
                 request_bytes: seg.body_bytes,
-                request: req,
+                // Copied out of the segment only now: a request that is not queued
+                // allocates nothing.
+                request: RequestFields::new(&req),
                 interim_seen: false,
             });
             self.pending_total += 1;
@@ -445,7 +445,7 @@ impl Parser {
     fn on_response(
         &mut self,
         seg: SegmentRef,
-        resp: ResponseHead,
+        resp: ResponseHead<'_>,
         ifname: &str,
         sink: &mut dyn FnMut(Exchange),
     ) {
@@ -505,17 +505,17 @@ impl Parser {
         req: Pending,
         connection_id: u64,
         seg: SegmentRef,
-        resp: ResponseHead,
+        resp: ResponseHead<'_>,
         ifname: &str,
     ) -> Exchange {
         let id = self.next_id;
         self.next_id += 1;
-        let h = req.request.headers;
+        let r = req.request;
         // Proxies often set x-request-id on the response only.
-        let request_id = if h.request_id.is_empty() {
-            resp.headers.request_id
+        let request_id = if r.request_id.is_empty() {
+            resp.headers.request_id.to_text()
         } else {
-            h.request_id
+            r.request_id
         };
         Exchange {
             id,
@@ -529,14 +529,14 @@ impl Parser {
             // The ack check made the response follow its request; only a wall-clock step
             // between the two could order them the other way (the stitcher rejects that).
             end_unix_nanos: seg.wall.max(req.start_unix_nanos),
-            method: req.request.method,
-            path: req.request.path,
+            method: r.method,
+            path: r.path,
             status: u32::from(resp.status),
             request_bytes: req.request_bytes,
             response_bytes: seg.body_bytes,
-            traceparent: h.traceparent,
-            tracestate: h.tracestate,
-            host: h.host,
+            traceparent: r.traceparent,
+            tracestate: r.tracestate,
+            host: r.host,
             request_id,
             ifindex: seg.ifindex,
             interface: ifname.to_owned(),
@@ -562,8 +562,8 @@ impl Parser {
 /// Where and when one message was seen.
 #[derive(Clone, Copy)]
 struct SegmentRef {
-    src: SocketAddr,
-    dst: SocketAddr,
+    src: Addr,
+    dst: Addr,
     ifindex: u32,
     /// TCP seq of the message's first byte.
     seq: u32,
@@ -617,22 +617,9 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-fn socket_addr(family: u8, addr: &[u8; 16], port: u16) -> Option<SocketAddr> {
-    let ip = match family {
-        FAMILY_IPV4 => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
-        FAMILY_IPV6 => IpAddr::V6(Ipv6Addr::from(*addr)),
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
-fn endpoint(addr: SocketAddr) -> Endpoint {
-    let ip = match addr.ip() {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    };
+fn endpoint(addr: Addr) -> Endpoint {
     Endpoint {
-        ip,
+        ip: addr.ip_bytes().to_vec(),
         port: u32::from(addr.port()),
     }
 }

@@ -11,10 +11,13 @@
 //!
 //! One hash lookup per packet: every segment of a saturating load goes through here.
 
+use std::cmp::Ordering;
 use std::collections::hash_map::Entry as Slot;
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use weft_ebpf_common::{FAMILY_IPV4, FAMILY_IPV6};
 use weft_proto::v1::Side;
 
 use super::http::RequestHead;
@@ -23,15 +26,125 @@ use super::http::RequestHead;
 /// so that crafted addresses cannot aim at one bucket.
 type FastState = foldhash::fast::RandomState;
 
+/// A TCP endpoint as the kernel reports it: family, 16 address bytes (an IPv4 address
+/// in the first 4, the rest zero) and port. Fixed-size and flat, so comparing and
+/// hashing it is a few word operations (a `SocketAddr` goes through its enum field by
+/// field), which matters on a path every packet takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addr {
+    ip: [u8; 16],
+    port: u16,
+    family: u8,
+}
+
+impl Addr {
+    /// The endpoint of a kernel event; `None` for an unknown address family.
+    pub fn from_kernel(family: u8, ip: &[u8; 16], port: u16) -> Option<Addr> {
+        let ip = match family {
+            FAMILY_IPV4 => {
+                let mut v4 = [0u8; 16];
+                v4[..4].copy_from_slice(&ip[..4]);
+                v4
+            }
+            FAMILY_IPV6 => *ip,
+            _ => return None,
+        };
+        Some(Addr { ip, port, family })
+    }
+
+    /// The address bytes: 4 for IPv4, 16 for IPv6.
+    pub fn ip_bytes(&self) -> &[u8] {
+        if self.family == FAMILY_IPV4 {
+            &self.ip[..4]
+        } else {
+            &self.ip
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address as a number, for ordering: big-endian, so it orders as the bytes do.
+    fn ip_value(&self) -> u128 {
+        u128::from_be_bytes(self.ip)
+    }
+}
+
+/// Orders as `SocketAddr` does (IPv4 before IPv6, then address, then port), so that
+/// [`SockPair`]'s canonical order, and with it [`SockPair::connection_id`], is the one
+/// the collector has always used.
+impl Ord for Addr {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.family != FAMILY_IPV4, self.ip_value(), self.port).cmp(&(
+            other.family != FAMILY_IPV4,
+            other.ip_value(),
+            other.port,
+        ))
+    }
+}
+
+impl PartialOrd for Addr {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl From<SocketAddr> for Addr {
+    fn from(a: SocketAddr) -> Addr {
+        match a.ip() {
+            IpAddr::V4(v4) => {
+                let mut ip = [0u8; 16];
+                ip[..4].copy_from_slice(&v4.octets());
+                Addr {
+                    ip,
+                    port: a.port(),
+                    family: FAMILY_IPV4,
+                }
+            }
+            IpAddr::V6(v6) => Addr {
+                ip: v6.octets(),
+                port: a.port(),
+                family: FAMILY_IPV6,
+            },
+        }
+    }
+}
+
+impl From<Addr> for SocketAddr {
+    fn from(a: Addr) -> SocketAddr {
+        let ip = if a.family == FAMILY_IPV4 {
+            IpAddr::V4(Ipv4Addr::new(a.ip[0], a.ip[1], a.ip[2], a.ip[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(a.ip))
+        };
+        SocketAddr::new(ip, a.port)
+    }
+}
+
 /// A connection's endpoints in a canonical order (lower first).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockPair {
-    lo: SocketAddr,
-    hi: SocketAddr,
+    lo: Addr,
+    hi: Addr,
+}
+
+/// Three words into the hasher: both addresses whole, then ports and families together.
+impl Hash for SockPair {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u128(u128::from_ne_bytes(self.lo.ip));
+        state.write_u128(u128::from_ne_bytes(self.hi.ip));
+        state.write_u64(
+            u64::from(self.lo.port)
+                | u64::from(self.hi.port) << 16
+                | u64::from(self.lo.family) << 32
+                | u64::from(self.hi.family) << 40,
+        );
+    }
 }
 
 impl SockPair {
-    pub fn new(a: SocketAddr, b: SocketAddr) -> Self {
+    pub fn new(a: Addr, b: Addr) -> Self {
         if a <= b {
             SockPair { lo: a, hi: b }
         } else {
@@ -51,19 +164,39 @@ impl SockPair {
             }
         };
         for ep in [self.lo, self.hi] {
-            match ep {
-                SocketAddr::V4(a) => {
-                    feed(&[4]);
-                    feed(&a.ip().octets());
-                }
-                SocketAddr::V6(a) => {
-                    feed(&[6]);
-                    feed(&a.ip().octets());
-                }
-            }
-            feed(&ep.port().to_be_bytes());
+            feed(&[if ep.family == FAMILY_IPV4 { 4 } else { 6 }]);
+            feed(ep.ip_bytes());
+            feed(&ep.port.to_be_bytes());
         }
         h.max(1)
+    }
+}
+
+/// What an Exchange takes from its request, copied out of the captured bytes (which
+/// are gone when the response comes). Each string becomes the Exchange's field as is
+/// (moved, not copied again); absent headers are empty and allocate nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestFields {
+    pub method: String,
+    /// Query redacted when configured.
+    pub path: String,
+    pub traceparent: String,
+    pub tracestate: String,
+    pub host: String,
+    pub request_id: String,
+}
+
+impl RequestFields {
+    pub fn new(head: &RequestHead<'_>) -> Self {
+        let h = &head.headers;
+        RequestFields {
+            method: head.method.to_owned(),
+            path: head.path.to_text(),
+            traceparent: h.traceparent.to_text(),
+            tracestate: h.tracestate.to_text(),
+            host: h.host.to_text(),
+            request_id: h.request_id.to_text(),
+        }
     }
 }
 
@@ -77,7 +210,7 @@ pub struct Pending {
     pub ack: Option<u32>,
     pub start_unix_nanos: u64,
     pub side: Side,
-    pub request: RequestHead,
+    pub request: RequestFields,
     pub request_bytes: u64,
     /// An interim (1xx) response was seen for it.
     pub interim_seen: bool,
@@ -86,7 +219,7 @@ pub struct Pending {
 /// One connection as seen on one interface, oriented client → server.
 #[derive(Debug)]
 pub struct Flow {
-    pub client: SocketAddr,
+    pub client: Addr,
     pub ifindex: u32,
     pub pending: VecDeque<Pending>,
     /// Highest request and response seq seen: a segment at or below them is a
@@ -96,7 +229,7 @@ pub struct Flow {
 }
 
 impl Flow {
-    fn new(client: SocketAddr, ifindex: u32) -> Self {
+    fn new(client: Addr, ifindex: u32) -> Self {
         Flow {
             client,
             ifindex,
@@ -134,7 +267,7 @@ impl Entry {
 
     /// The flow seen from `client` on `ifindex`, created if missing (evicting the
     /// oldest beyond `MAX_FLOWS_PER_CONNECTION`, counted in `evicted`).
-    fn flow(&mut self, client: SocketAddr, ifindex: u32, evicted: &mut Evicted) -> &mut Flow {
+    fn flow(&mut self, client: Addr, ifindex: u32, evicted: &mut Evicted) -> &mut Flow {
         let idx = match self
             .flows
             .iter()
@@ -211,7 +344,7 @@ impl Table {
     pub fn flow_or_insert(
         &mut self,
         pair: SockPair,
-        client: SocketAddr,
+        client: Addr,
         ifindex: u32,
         now: u64,
         max_connections: usize,
@@ -318,8 +451,45 @@ impl Entry {
 mod tests {
     use super::*;
 
-    fn sa(s: &str) -> SocketAddr {
-        s.parse().expect("test address")
+    fn sa(s: &str) -> Addr {
+        s.parse::<SocketAddr>().expect("test address").into()
+    }
+
+    #[test]
+    fn addr_orders_and_converts_as_socket_addr_does() {
+        let addrs: Vec<SocketAddr> = [
+            "10.0.0.1:80",
+            "10.0.0.1:81",
+            "10.0.0.2:1",
+            "9.255.255.255:65535",
+            "255.0.0.0:0",
+            "[::1]:80",
+            "[::ffff:10.0.0.1]:80",
+            "[fe80::1]:1",
+            "[2001:db8::1]:443",
+        ]
+        .iter()
+        .map(|s| s.parse().expect("test address"))
+        .collect();
+        for a in &addrs {
+            assert_eq!(SocketAddr::from(Addr::from(*a)), *a);
+            for b in &addrs {
+                assert_eq!(Addr::from(*a).cmp(&Addr::from(*b)), a.cmp(b), "{a} {b}");
+                assert_eq!(Addr::from(*a) == Addr::from(*b), a == b, "{a} {b}");
+            }
+        }
+        let k = Addr::from_kernel(
+            FAMILY_IPV4,
+            &[10, 0, 0, 1, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0],
+            80,
+        );
+        assert_eq!(
+            k,
+            Some(sa("10.0.0.1:80")),
+            "bytes past an IPv4 address are ignored"
+        );
+        assert_eq!(k.map(|a| a.ip_bytes().len()), Some(4));
+        assert_eq!(Addr::from_kernel(9, &[0; 16], 80), None);
     }
 
     #[test]

@@ -199,7 +199,7 @@ fn client_side_exchange_has_every_field() {
     assert_eq!(ex.interface, "veth1");
     assert_eq!(
         ex.connection_id,
-        SockPair::new(sa(POD), sa(SVC)).connection_id()
+        SockPair::new(sa(POD).into(), sa(SVC).into()).connection_id()
     );
     assert_eq!((ex.pid, ex.tid), (0, 0));
     let s = p.stats();
@@ -586,7 +586,7 @@ fn ipv6_exchange() {
     assert_eq!(ex.server.as_ref().map(|e| e.port), Some(80));
     assert_eq!(
         ex.connection_id,
-        SockPair::new(sa(client), sa(server)).connection_id()
+        SockPair::new(sa(client).into(), sa(server).into()).connection_id()
     );
 }
 
@@ -872,7 +872,7 @@ fn connection_events_map_state_changes() {
     assert_eq!(c.unix_nanos, T0);
     assert_eq!(
         c.connection_id,
-        SockPair::new(sa(POD), sa(SVC)).connection_id()
+        SockPair::new(sa(POD).into(), sa(SVC).into()).connection_id()
     );
 
     let a = p
