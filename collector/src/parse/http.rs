@@ -125,6 +125,9 @@ impl Value<'_> {
 
     /// The value as text (bytes that are not UTF-8 become U+FFFD).
     pub fn to_text(&self) -> String {
+        if self.0.is_empty() {
+            return String::new();
+        }
         text(self.0)
     }
 }

@@ -2,6 +2,8 @@
 //! collector's output records out (`Exchange`, `Connection`).
 //!
 //! - [`http`] reads the HTTP/1 messages that begin in a segment's captured head.
+//! - [`repeat`] answers a segment that repeats the one just before (the same bytes
+//!   captured on a second veth) from memory instead of parsing it again.
 //! - [`table`] keeps, per TCP connection and interface, the requests that wait for
 //!   their response, within fixed bounds.
 //! - [`Parser`] ties them together: a request is queued on its connection; a
@@ -34,6 +36,7 @@
 //! [`ParseStats`].
 
 pub mod http;
+pub mod repeat;
 pub mod table;
 
 #[cfg(test)]
@@ -50,6 +53,7 @@ use crate::capture::Packet;
 
 use http::{Head, RequestHead, ResponseHead};
 pub use http::{ParseError, REDACTED_QUERY};
+use repeat::LastSegment;
 use table::{Addr, Pending, RequestFields, SockPair, Table};
 
 /// The TCP ACK flag in `PacketEvent::tcp_flags`.
@@ -168,6 +172,9 @@ pub struct ParseStats {
     /// A further pipelined message in a segment was not read (it began after the
     /// captured bytes, or past the per-segment message limit).
     pub heads_beyond_capture: u64,
+    /// Segments equal to the one just before (the same bytes seen on a second veth),
+    /// whose messages were taken from memory instead of parsed again.
+    pub repeated_segments: u64,
     /// Retransmitted request heads (seq not after the last one seen), ignored.
     pub retransmitted_requests: u64,
     /// Retransmitted response heads, ignored.
@@ -196,6 +203,8 @@ pub struct ParseStats {
 pub struct Parser {
     cfg: ParseConfig,
     table: Table,
+    /// The last segment's messages, for the same segment seen on a second veth.
+    last_segment: LastSegment,
     stats: ParseStats,
     /// Always equal to the sum of the pending queues (kept to avoid a scan per request).
     pending_total: usize,
@@ -211,6 +220,7 @@ impl Parser {
         Parser {
             cfg,
             table: Table::default(),
+            last_segment: LastSegment::default(),
             stats: ParseStats::default(),
             pending_total: 0,
             next_id: 1,
@@ -327,6 +337,7 @@ impl Parser {
         let mut s = self.stats.clone();
         s.tracked_connections = self.table.len() as u64;
         s.pending_requests = self.pending_total as u64;
+        s.repeated_segments = self.last_segment.repeats();
         s
     }
 
@@ -356,7 +367,9 @@ impl Parser {
         let captured = pkt.payload;
         let ack = (ev.tcp_flags & TCP_FLAG_ACK != 0).then_some(ev.ack);
         let redact = self.cfg.redact_query;
-        let end = http::for_each_message(captured, ev.payload_len, redact, |msg| {
+        // Taken out for the call: the closure below needs the rest of `self`.
+        let mut last = std::mem::take(&mut self.last_segment);
+        let end = last.for_each_message(captured, ev.payload_len, redact, |msg| {
             if msg.truncated {
                 self.stats.truncated_heads += 1;
             }
@@ -380,6 +393,7 @@ impl Parser {
                 }
             }
         });
+        self.last_segment = last;
         if let Some(e) = end.error {
             self.stats.parse_errors.add(e);
         }
@@ -469,7 +483,7 @@ impl Parser {
         }
         flow.last_response_seq = Some(seg.seq);
         // Requests whose response came before this one but was not seen.
-        while let [first, second, ..] = flow.pending.make_contiguous()
+        while let (Some(first), Some(second)) = (flow.pending.front(), flow.pending.get(1))
             && response_was_missed(first, second, seg.seq)
         {
             flow.pending.pop_front();

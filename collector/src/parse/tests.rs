@@ -661,6 +661,13 @@ fn the_same_connection_on_two_interfaces_pairs_separately() {
         (a.request_seq, a.response_seq),
         (b.request_seq, b.response_seq)
     );
+    // The second sight of each segment was answered from memory, with the same result.
+    assert_eq!(p.stats().repeated_segments, 2);
+    assert_eq!(
+        (&a.method, &a.path, &a.host, a.status, a.response_bytes),
+        (&b.method, &b.path, &b.host, b.status, b.response_bytes)
+    );
+    assert_eq!(a.path, "/api/items?<redacted>");
 }
 
 #[test]
