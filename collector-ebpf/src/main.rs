@@ -3,10 +3,10 @@
 //! In: packets on a pod's host-side veth (TC ingress = leaving the pod, TC egress = entering
 //! it) and TCP state changes (`sock/inet_sock_set_state`).
 //! Out: packet records (a `PacketHeader` followed by at most `HEAD_LEN` payload bytes, for
-//! segments that begin an HTTP/1 message) on the `PACKETS` ring buffer, `ConnEvent`s on the
-//! `CONNS` ring buffer, and per-CPU `COUNTERS` for every packet seen, emitted, lost or
-//! skipped.
-//!
+//! segments that begin an HTTP/1 message) in the writing CPU's own ring (`WEFT_PACKETS`
+//! slots, `WEFT_RING_CTL` positions: see `RingControl`), `ConnEvent`s on the `CONNS` ring
+//! buffer, and per-CPU `COUNTERS` for every packet seen, emitted, lost or skipped.
+
 //! Only a segment that *begins* an HTTP message is captured, and only its first `HEAD_LEN`
 //! bytes: headers beyond them, or continued in later segments, are not followed. The cut is
 //! counted here (`HeadCut`: payload longer than the head) and by the parser (`truncated_heads`),
@@ -19,37 +19,39 @@
 //! an empty binary so that workspace-wide `cargo clippy`/`cargo fmt` cover this code too.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
-use core::{mem::offset_of, ptr::addr_of_mut};
+use core::{
+    mem::offset_of,
+    ptr::{addr_of_mut, read_volatile, write_volatile},
+    sync::atomic::{Ordering, compiler_fence},
+};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, generated::bpf_skb_load_bytes},
+    bindings::{BPF_F_MMAPABLE, TC_ACT_UNSPEC},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_get_smp_processor_id, bpf_skb_load_bytes},
+    },
     macros::{classifier, map, tracepoint},
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::{TcContext, TracePointContext},
 };
 use weft_ebpf_common::{
     COUNTER_COUNT, ConnEvent, Counter, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6,
-    HEAD_LEN, PACKET_HEADER_LEN, PacketEvent, PacketHeader, TCP_CLOSE, TCP_ESTABLISHED,
-    TCP_SYN_RECV, TCP_SYN_SENT,
+    HEAD_LEN, PacketEvent, PacketHeader, RingControl, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV,
+    TCP_SYN_SENT,
 };
 
-/// Segments that begin HTTP messages. 4 MiB: records are as long as their payload (about
-/// 200 bytes for a request or response without a body), so about 20,000 events, a fifth of
-/// a second at 100k packets/s: a reader starved of CPU on a busy node catches up instead of
-/// losing events. Smaller than the 8 MiB that fixed-size 336-byte events needed, because
-/// every record is written to memory last touched one ring length ago: a shorter cycle
-/// keeps more of it in cache and the TLB (1 MiB cut the classifiers' time by 15 %).
-/// User space counts the pages it read in its RSS.
+/// The slots of every CPU's packet ring (CPU `c` owns `c * slots .. (c + 1) * slots`).
+/// Sized by the collector at load time (`max_entries` = possible CPUs × slots per CPU) and
+/// mapped into its memory, where it reads the records in place.
 #[map(name = "WEFT_PACKETS")]
-static PACKETS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+static PACKETS: Array<PacketEvent> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// Where a record is assembled before it is copied to the ring at its exact length: the
-/// ring's reservations must have a constant size, `bpf_ringbuf_output` takes any. Per CPU,
-/// so it stays in that CPU's cache and needs no lock (a classifier does not migrate).
-#[map(name = "WEFT_SCRATCH")]
-static SCRATCH: PerCpuArray<PacketEvent> = PerCpuArray::with_max_entries(1, 0);
+/// One `RingControl` per possible CPU (sized by the collector at load time, mapped into its
+/// memory).
+#[map(name = "WEFT_RING_CTL")]
+static RING_CTL: Array<RingControl> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// TCP connection opens and closes.
 #[map(name = "WEFT_CONNS")]
@@ -217,56 +219,75 @@ fn begins_http(ctx: &TcContext, off: usize, len: usize) -> bool {
     )
 }
 
-/// Assembles the record in the per-CPU scratch and copies its used prefix to the ring.
+/// Writes the record into this CPU's next ring slot and publishes it.
 #[inline(always)]
 fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
-    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
-        count(Counter::CopyFailed);
+    // A classifier runs start to end on one CPU (migration is disabled), so the ring of
+    // the CPU it started on stays its own.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(ctl) = RING_CTL.get_ptr_mut(cpu) else {
+        count(Counter::NoRing);
         return;
     };
-    let Ok(captured) = copy_head(ctx, seg, ev) else {
-        count(Counter::CopyFailed);
+    // SAFETY (all accesses to `*ctl`): a map value the verifier sized; `head` and `busy`
+    // are written only by this CPU's classifiers, `tail` only by the collector.
+    let slots = unsafe { (*ctl).slots };
+    if slots == 0 || unsafe { (*ctl).busy } != 0 {
+        count(Counter::NoRing);
         return;
-    };
+    }
+    unsafe { (*ctl).busy = 1 };
+    match write_slot(ctx, seg, direction, cpu, ctl, slots) {
+        Ok(()) => count(Counter::Emitted),
+        Err(lost) => count(lost),
+    }
+    unsafe { (*ctl).busy = 0 };
+}
+
+/// Makes the slots before `head` readable by the collector: the slot's bytes must be
+/// visible before the new head. The compiler keeps the stores in program order (fence,
+/// volatile store) and x86-64 keeps them in that order for other CPUs (TSO), so a plain
+/// store is the release store here. Weakly ordered CPUs would need a store-release
+/// instruction (BPF ISA v4, kernel 6.15), which the `generic` CPU these programs are built
+/// for lacks: the build refuses other architectures rather than race.
+#[inline(always)]
+fn publish(ctl: *mut RingControl, head: u64) {
+    compiler_fence(Ordering::Release);
+    // SAFETY: `head` is an aligned u64 inside the map value.
+    unsafe { write_volatile(addr_of_mut!((*ctl).head), head) };
+}
+
+#[cfg(all(target_arch = "bpf", not(bpf_target_arch = "x86_64")))]
+compile_error!(
+    "the per-CPU packet ring publishes with plain stores, which are ordered only on x86-64 (see `publish`)"
+);
+
+/// Fills the slot at `head` (if the collector has read it) and advances `head` past it.
+#[inline(always)]
+fn write_slot(
+    ctx: &TcContext,
+    seg: &Segment,
+    direction: u8,
+    cpu: u32,
+    ctl: *mut RingControl,
+    slots: u64,
+) -> Result<(), Counter> {
+    let head = unsafe { (*ctl).head };
+    // Volatile: the collector moves `tail` behind the compiler's back.
+    let tail = unsafe { read_volatile(addr_of_mut!((*ctl).tail)) };
+    if head.wrapping_sub(tail) >= slots {
+        return Err(Counter::RingFull);
+    }
+    // `slots` is a power of two (the collector sets it so).
+    let index = (cpu as u64) * slots + (head & (slots - 1));
+    let ev = PACKETS.get_ptr_mut(index as u32).ok_or(Counter::NoRing)?;
+    let captured = copy_head(ctx, seg, ev).map_err(|()| Counter::CopyFailed)?;
     fill_header(ctx, seg, direction, captured, ev);
     if seg.payload_len > HEAD_LEN {
         count(Counter::HeadCut);
     }
-    let len = PACKET_HEADER_LEN + captured;
-    // SAFETY: `ev` points at the CPU's scratch value, `len` ≤ its size (captured ≤ HEAD_LEN).
-    let record = unsafe { core::slice::from_raw_parts(ev.cast::<u8>(), len) };
-    match PACKETS.output::<[u8]>(record, wakeup_flags(record_bytes(len))) {
-        Ok(()) => count(Counter::Emitted),
-        Err(_) => count(Counter::RingFull),
-    }
-}
-
-/// Wake the reader only when the ring fills up (each time the unread data crosses a multiple
-/// of `WAKEUP_BYTES`); otherwise the reader drains on its own short timer (see the
-/// collector's capture loop). A wakeup is an `irq_work` self-IPI (a VM exit on virtual
-/// machines) plus a context switch of the reader: at saturation, waking once per 64 KiB
-/// still cost about a quarter of the classifiers' in-kernel time (profiled: `native_write_msr`
-/// under `bpf_ringbuf_submit`). At 1 MiB the timer does nearly all the reading at ordinary
-/// rates, and a wakeup still comes with 3 MiB of headroom left.
-const WAKEUP_BYTES: u64 = 1024 * 1024;
-
-/// Ring space a record of `len` bytes takes: its 8-byte ring header plus the record,
-/// 8-byte aligned.
-#[inline(always)]
-fn record_bytes(len: usize) -> u64 {
-    (len as u64 + 8 + 7) & !7
-}
-
-#[inline(always)]
-fn wakeup_flags(record: u64) -> u64 {
-    // Asked before the record is written: wake when this record makes the unread data
-    // cross a multiple of WAKEUP_BYTES.
-    let avail = PACKETS.query(BPF_RB_AVAIL_DATA as u64);
-    if avail / WAKEUP_BYTES != (avail + record) / WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        BPF_RB_NO_WAKEUP as u64
-    }
+    publish(ctl, head + 1);
+    Ok(())
 }
 
 #[inline(always)]
@@ -294,11 +315,12 @@ fn fill_header(
         _pad: 0,
         captured_len: captured as u32,
     };
-    // SAFETY: `ev` is the CPU's scratch value (a map value the verifier sized).
+    // SAFETY: `ev` is a ring slot (a map value the verifier sized) that only this CPU
+    // writes until it is published.
     unsafe { (*ev).header = header };
 }
 
-/// Copies up to `HEAD_LEN` payload bytes into the scratch record's head and returns how
+/// Copies up to `HEAD_LEN` payload bytes into the slot's head and returns how
 /// many (only the payload's length: user space reads no further than `captured_len`).
 #[inline(always)]
 fn copy_head(ctx: &TcContext, seg: &Segment, ev: *mut PacketEvent) -> Result<usize, ()> {
@@ -412,8 +434,10 @@ fn conn_state(ctx: &TracePointContext) -> Result<(), i32> {
 }
 
 // Keep the layout assumptions the user side relies on next to the code that writes them:
-// the payload follows the header directly, so a record is one prefix of the scratch value.
-const _: () = assert!(offset_of!(PacketEvent, head) == PACKET_HEADER_LEN);
+// the payload follows the header directly in a slot, and a CPU's head and tail never share
+// a cache line.
+const _: () = assert!(offset_of!(PacketEvent, head) == weft_ebpf_common::PACKET_HEADER_LEN);
+const _: () = assert!(offset_of!(RingControl, tail) == weft_ebpf_common::RING_CONTROL_TAIL_OFFSET);
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

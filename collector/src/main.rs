@@ -3,7 +3,6 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use aya::Ebpf;
 use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -13,7 +12,7 @@ use weft_collector::{
         links::{self, InterfaceFilter, LinkEvent, LinkWatcher},
         tracefs,
     },
-    capture::Capture,
+    capture::{Capture, ring::RingLayout},
     cli::Cli,
     metrics::{self, Metrics},
     parse::ParseConfig,
@@ -88,7 +87,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => EBPF_OBJECT.into(),
     };
-    let mut ebpf = Ebpf::load(&object).context("loading the eBPF object")?;
+    let layout = RingLayout::for_this_machine()?;
+    let mut ebpf = layout
+        .loader()
+        .load(&object)
+        .context("loading the eBPF object")?;
     // Kept open for the collector's lifetime: the kernel times programs while any such fd is.
     let _bpf_stats = match cli.bpf_stats {
         true => Some(
@@ -97,7 +100,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         false => None,
     };
-    let mut capture = Capture::new(&mut ebpf)?;
+    let mut capture = Capture::new(&mut ebpf, layout)?;
+    info!(
+        cpus = layout.cpus,
+        slots_per_cpu = layout.slots,
+        "packet rings ready"
+    );
 
     let (conn, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
@@ -139,7 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // The classifiers wake us only when the ring fills up; this reads everything else.
+    // The packet rings wake nobody: this timer reads them.
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(node = %node_name, "running");
@@ -182,15 +190,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     attacher.shutdown().await;
     // Drain what the kernel still holds, then let the shipper deliver.
-    capture.drain_now(|c| pipeline.on_captured(c));
+    capture.drain_all(|c| pipeline.on_captured(c));
     shipper.shutdown().await;
     info!("stopped");
     Ok(())
 }
 
-/// Longest time an event waits in a ring buffer. The packet classifiers wake us only when
-/// the ring fills up (see collector-ebpf `WAKEUP_BYTES`): at ordinary rates this timer does
-/// all the reading, in batches, with one context switch per tick instead of per wakeup.
+/// How often the packet rings are read: in batches, one context switch per tick. An event
+/// waits at most this plus `ring::WATERMARK_MARGIN_NANOS`; a CPU's ring holds far longer
+/// (see `capture::ring`).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(5);
 
 enum Wake {

@@ -118,7 +118,7 @@ impl Metrics {
             );
             r.register(
                 "ring_malformed",
-                "Ring buffer entries of an unexpected size (dropped)",
+                "Ring entries of an unexpected size or announcing more payload than a slot holds (dropped)",
                 m.ring_malformed.clone(),
             );
             r.register(
@@ -128,7 +128,7 @@ impl Metrics {
             );
             r.register(
                 "ring_drops",
-                "Events lost because a ring buffer was full",
+                "Events lost because a ring was full (packets: a CPU's packet ring; conns: the connection ring buffer)",
                 m.ring_drops.clone(),
             );
             r.register(

@@ -119,7 +119,11 @@ impl Pipeline {
         let losses = [
             (
                 Counter::RingFull,
-                "HTTP segments lost: the packet ring buffer was full (the collector reads too slowly)",
+                "HTTP segments lost: a CPU's packet ring was full (the collector reads too slowly)",
+            ),
+            (
+                Counter::NoRing,
+                "HTTP segments lost: no packet ring for the CPU (not set up, or a nested classifier run)",
             ),
             (
                 Counter::ConnRingFull,
@@ -159,6 +163,7 @@ impl Pipeline {
         let k = capture.kernel_counters();
         let mut drops: Vec<(String, u64)> = vec![
             ("ring_full".into(), k[Counter::RingFull as usize]),
+            ("no_ring".into(), k[Counter::NoRing as usize]),
             ("conn_ring_full".into(), k[Counter::ConnRingFull as usize]),
             ("copy_failed".into(), k[Counter::CopyFailed as usize]),
             ("ring_malformed".into(), capture.stats().malformed),

@@ -1,6 +1,6 @@
 //! Events and counters shared by the kernel programs (collector-ebpf) and the
 //! collector in user space. `#[repr(C)]`, fixed size, no pointers: what the kernel
-//! writes into the ring buffer is read back byte for byte.
+//! writes into its maps is read back byte for byte.
 #![no_std]
 
 /// Bytes of TCP payload copied from a segment that begins an HTTP message.
@@ -16,9 +16,8 @@ pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
 
 /// What the kernel knows of a TCP segment whose payload begins an HTTP/1 request line or
-/// status line. A ring record is this header followed by exactly `captured_len` payload
-/// bytes: records are as long as their payload, not as the longest head, so the ring
-/// holds more events and each one touches fewer cache lines on both sides.
+/// status line. A record is this header followed by `captured_len` payload bytes (only
+/// those are written and read: a short head touches few cache lines on both sides).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PacketHeader {
@@ -48,17 +47,49 @@ pub struct PacketHeader {
     pub captured_len: u32,
 }
 
-/// Bytes of a ring record before the payload.
+/// Bytes of a record before the payload.
 pub const PACKET_HEADER_LEN: usize = core::mem::size_of::<PacketHeader>();
 
-/// The kernel's per-CPU scratch space for one record: header and the longest head. Only
-/// the first `PACKET_HEADER_LEN + captured_len` bytes are copied to the ring.
+/// One slot of a CPU's packet ring (`WEFT_PACKETS`): the header and room for the longest
+/// head. Only the first `PACKET_HEADER_LEN + captured_len` bytes are meaningful.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PacketEvent {
     pub header: PacketHeader,
     pub head: [u8; HEAD_LEN],
 }
+
+/// The control block of one CPU's packet ring (`WEFT_RING_CTL` holds one per possible
+/// CPU; both maps are mapped into the collector's memory).
+///
+/// Each CPU has its own single-producer, single-consumer ring of `slots` slots in
+/// `WEFT_PACKETS` (CPU `c` owns slots `c * slots ..= c * slots + slots - 1`): a classifier
+/// writes its CPU's next slot and then publishes it by advancing `head`; the collector
+/// reads the slots between `tail` and `head` and then advances `tail`. No lock, no shared
+/// cache line between CPUs, and no helper call (a shared `BPF_MAP_TYPE_RINGBUF` costs
+/// each record a spinlock and two cache lines written by every CPU).
+///
+/// `head` and `tail` are on separate cache lines: the kernel writes the first once per
+/// record, the collector the second once per read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingControl {
+    /// Records published on this CPU since the ring was created (written by the kernel).
+    pub head: u64,
+    /// Slots of this CPU's ring, a power of two, set by the collector before it attaches
+    /// the classifiers. 0: not set up, nothing is written (counted as `NoRing`).
+    pub slots: u64,
+    /// Non-zero while a classifier writes this CPU's ring (kernel only): a run nested in
+    /// another on the same CPU must not take the same slot.
+    pub busy: u64,
+    pub _pad: [u64; 5],
+    /// Records the collector has read (written by user space).
+    pub tail: u64,
+    pub _pad2: [u64; 7],
+}
+
+/// Byte offset of [`RingControl::tail`]: the start of its own cache line.
+pub const RING_CONTROL_TAIL_OFFSET: usize = 64;
 
 /// TCP states as in the kernel's `enum tcp_state` (TCP_ESTABLISHED = 1, ...).
 pub const TCP_ESTABLISHED: i32 = 1;
@@ -94,7 +125,8 @@ pub enum Counter {
     Packets = 0,
     /// Segments emitted to the ring buffer.
     Emitted = 1,
-    /// Ring buffer reservation failed: an HTTP segment was lost.
+    /// The CPU's packet ring was full (the collector reads too slowly): an HTTP segment
+    /// was lost.
     RingFull = 2,
     /// Headers could not be read (truncated or malformed IP/TCP).
     BadHeader = 3,
@@ -107,6 +139,9 @@ pub enum Counter {
     /// An HTTP segment's payload was longer than `HEAD_LEN`: only the head was copied
     /// (informational: bodies and long headers beyond the head are not needed).
     HeadCut = 7,
+    /// No ring to write for this CPU: not set up by the collector yet, or a classifier
+    /// run nested in another on the same CPU. An HTTP segment was lost.
+    NoRing = 8,
 }
 
 impl Counter {
@@ -120,6 +155,7 @@ impl Counter {
         Counter::ConnRingFull,
         Counter::CopyFailed,
         Counter::HeadCut,
+        Counter::NoRing,
     ];
 
     /// A stable snake_case name for metrics.
@@ -133,12 +169,13 @@ impl Counter {
             Counter::ConnRingFull => "conn_ring_full",
             Counter::CopyFailed => "copy_failed",
             Counter::HeadCut => "head_cut",
+            Counter::NoRing => "no_ring",
         }
     }
 }
 
 /// Number of counters (size of the counter array).
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: u32 = 9;
 
 #[cfg(test)]
 mod tests {
@@ -158,6 +195,16 @@ mod tests {
         // The payload follows the header directly: the kernel copies one prefix.
         assert_eq!(offset_of!(PacketEvent, head), PACKET_HEADER_LEN);
         assert_eq!(size_of::<PacketEvent>(), PACKET_HEADER_LEN + HEAD_LEN);
+    }
+
+    #[test]
+    fn ring_control_keeps_head_and_tail_apart() {
+        assert_eq!(offset_of!(RingControl, head), 0);
+        assert_eq!(offset_of!(RingControl, slots), 8);
+        assert_eq!(offset_of!(RingControl, tail), RING_CONTROL_TAIL_OFFSET);
+        // One entry per CPU, each two whole cache lines: no CPU's head shares a line with
+        // another CPU's or with a tail.
+        assert_eq!(size_of::<RingControl>(), 128);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Capture: reads what the kernel programs wrote.
 //!
-//! In: the `WEFT_PACKETS` and `WEFT_CONNS` ring buffers (woken by tokio `AsyncFd`) and the
-//! per-CPU `WEFT_COUNTERS`. Out: `Captured` events (a [`Packet`]: the kernel's header copied
-//! out of the ring and its payload head borrowed in place; or a `ConnEvent`), with the
-//! monotonic kernel timestamp converted to wall-clock Unix nanoseconds, and the summed kernel
-//! counters.
+//! In: the per-CPU packet rings ([`ring`]: read on the caller's short timer), the
+//! `WEFT_CONNS` ring buffer (woken by tokio `AsyncFd`) and the per-CPU `WEFT_COUNTERS`.
+//! Out: `Captured` events (a [`Packet`]: the kernel's header copied out of its slot and the
+//! payload head borrowed in place; or a `ConnEvent`), with the monotonic kernel timestamp
+//! converted to wall-clock Unix nanoseconds, and the summed kernel counters.
+
+pub mod ring;
 
 use std::mem::size_of;
 
@@ -15,10 +17,12 @@ use aya::{
 };
 use tokio::io::unix::AsyncFd;
 use weft_ebpf_common::{
-    COUNTER_COUNT, ConnEvent, Counter, HEAD_LEN, PACKET_HEADER_LEN, PacketHeader,
+    COUNTER_COUNT, ConnEvent, Counter, HEAD_LEN, PACKET_HEADER_LEN, PacketEvent, PacketHeader,
 };
 
-pub const MAP_PACKETS: &str = "WEFT_PACKETS";
+use ring::{PacketRings, RingLayout};
+
+pub use ring::{MAP_PACKETS, MAP_RING_CTL};
 pub const MAP_CONNS: &str = "WEFT_CONNS";
 pub const MAP_COUNTERS: &str = "WEFT_COUNTERS";
 
@@ -43,7 +47,16 @@ pub struct Packet<'a> {
 }
 
 impl<'a> Packet<'a> {
-    /// Splits a ring record. `None` when it is shorter than its header, or than the
+    /// Reads a ring slot. `None` when it announces more payload than a slot holds.
+    pub fn from_slot(slot: &'a PacketEvent) -> Option<Self> {
+        let payload = slot.head.get(..slot.header.captured_len as usize)?;
+        Some(Packet {
+            header: slot.header,
+            payload,
+        })
+    }
+
+    /// Splits a record laid out as in a slot (header, then payload) in a byte buffer. `None` when it is shorter than its header, or than the
     /// payload the header announces, or announces more than the kernel ever copies.
     pub fn from_record(bytes: &'a [u8]) -> Option<Self> {
         let header: PacketHeader = read_event(bytes)?;
@@ -61,12 +74,13 @@ impl<'a> Packet<'a> {
 pub struct ReadStats {
     pub packets: u64,
     pub conns: u64,
-    /// Ring entries of the wrong size (kernel and user space built from different sources).
+    /// Ring entries of the wrong size or announcing too much payload (kernel and user
+    /// space built from different sources?).
     pub malformed: u64,
 }
 
 pub struct Capture {
-    packets: AsyncFd<RingBuf<MapData>>,
+    packets: PacketRings,
     conns: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     stats: ReadStats,
@@ -74,18 +88,20 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Takes the maps out of `ebpf` (the programs stay there for `attach`).
-    /// Must be called inside a tokio runtime.
-    pub fn new(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+    /// Takes the maps out of `ebpf` (the programs stay there for `attach`), loaded with
+    /// the packet rings sized as `layout` (see [`RingLayout::loader`]). Must be called
+    /// inside a tokio runtime, and before the classifiers are attached.
+    pub fn new(ebpf: &mut Ebpf, layout: RingLayout) -> anyhow::Result<Self> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
-        let packets = RingBuf::try_from(take(MAP_PACKETS)?)?;
+        let packets = PacketRings::open(take(MAP_PACKETS)?, take(MAP_RING_CTL)?, layout)
+            .context("setting up the per-CPU packet rings")?;
         let conns = RingBuf::try_from(take(MAP_CONNS)?)?;
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         Ok(Self {
-            packets: poll(packets).context("polling the packet ring buffer")?,
+            packets,
             conns: poll(conns).context("polling the connection ring buffer")?,
             counters,
             stats: ReadStats::default(),
@@ -97,33 +113,44 @@ impl Capture {
         self.stats
     }
 
-    /// Waits until either ring buffer has data, then hands every available event to `sink`.
-    /// Cancel-safe: nothing is consumed before the wait completes.
+    /// Waits until the connection ring buffer has data, then hands every available event
+    /// to `sink`. Cancel-safe: nothing is consumed before the wait completes.
     ///
-    /// The packet classifiers wake the reader only when the ring fills up (see
-    /// `collector-ebpf`), so the caller must also call [`Capture::drain_now`] on a short timer.
+    /// The packet rings wake nobody (a wakeup per record would cost more than the record):
+    /// the caller must call [`Capture::drain_now`] on a short timer.
     pub async fn drain(&mut self, mut sink: impl FnMut(Captured<'_>)) -> anyhow::Result<()> {
-        tokio::select! {
-            guard = self.packets.readable_mut() => {
-                let mut guard = guard?;
-                let offset = self.clock.refresh();
-                read_packets(guard.get_inner_mut(), &mut self.stats, offset, &mut sink);
-                guard.clear_ready();
-            }
-            guard = self.conns.readable_mut() => {
-                let mut guard = guard?;
-                let offset = self.clock.refresh();
-                read_conns(guard.get_inner_mut(), &mut self.stats, offset, &mut sink);
-                guard.clear_ready();
-            }
-        }
+        let mut guard = self.conns.readable_mut().await?;
+        let offset = self.clock.refresh();
+        read_conns(guard.get_inner_mut(), &mut self.stats, offset, &mut sink);
+        guard.clear_ready();
         Ok(())
     }
 
-    /// Hands every event available now to `sink`, without waiting.
-    pub fn drain_now(&mut self, mut sink: impl FnMut(Captured<'_>)) {
+    /// Hands every event available now to `sink`, without waiting: the packet records
+    /// stamped until shortly before now (see [`ring`]), in time order, then the
+    /// connection events.
+    pub fn drain_now(&mut self, sink: impl FnMut(Captured<'_>)) {
+        let watermark = monotonic_nanos().saturating_sub(ring::WATERMARK_MARGIN_NANOS);
+        self.read(watermark, sink);
+    }
+
+    /// Hands every event the kernel has published to `sink` (at shutdown, after the
+    /// classifiers are detached).
+    pub fn drain_all(&mut self, sink: impl FnMut(Captured<'_>)) {
+        self.read(u64::MAX, sink);
+    }
+
+    fn read(&mut self, watermark: u64, mut sink: impl FnMut(Captured<'_>)) {
         let offset = self.clock.refresh();
-        read_packets(self.packets.get_mut(), &mut self.stats, offset, &mut sink);
+        let read = self.packets.read(watermark, |event| {
+            let wall_unix_nanos = event.header.ts_ns.saturating_add_signed(offset);
+            sink(Captured::Packet {
+                event,
+                wall_unix_nanos,
+            });
+        });
+        self.stats.packets += read.records;
+        self.stats.malformed += read.malformed;
         read_conns(self.conns.get_mut(), &mut self.stats, offset, &mut sink);
     }
 
@@ -136,26 +163,6 @@ impl Capture {
             }
         }
         out
-    }
-}
-
-fn read_packets(
-    ring: &mut RingBuf<MapData>,
-    stats: &mut ReadStats,
-    offset: i64,
-    sink: &mut impl FnMut(Captured<'_>),
-) {
-    while let Some(item) = ring.next() {
-        let Some(event) = Packet::from_record(&item) else {
-            stats.malformed += 1;
-            continue;
-        };
-        stats.packets += 1;
-        let wall_unix_nanos = event.header.ts_ns.saturating_add_signed(offset);
-        sink(Captured::Packet {
-            event,
-            wall_unix_nanos,
-        });
     }
 }
 
@@ -195,6 +202,12 @@ fn read_event<T: Copy>(bytes: &[u8]) -> Option<T> {
     // SAFETY: `T` is a `#[repr(C)]` plain-data struct from weft-ebpf-common (every bit
     // pattern valid), the length was checked, and `read_unaligned` needs no alignment.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// `CLOCK_MONOTONIC` now: the clock of `bpf_ktime_get_ns()`.
+fn monotonic_nanos() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |t| (t.tv_sec() * 1_000_000_000 + t.tv_nsec()) as u64)
 }
 
 /// Converts `bpf_ktime_get_ns()` (monotonic) timestamps to wall-clock Unix nanoseconds.
