@@ -249,7 +249,7 @@ pub struct SegmentParse<'a> {
 /// the payload, `payload_len` the segment's full payload length.
 pub fn parse_segment(captured: &[u8], payload_len: u32, redact_query: bool) -> SegmentParse<'_> {
     let mut messages = Vec::new();
-    let end = for_each_message(captured, payload_len, redact_query, |m| messages.push(m));
+    let end = for_each_message(captured, payload_len, redact_query, |m| messages.push(*m));
     SegmentParse {
         messages,
         error: end.error,
@@ -270,7 +270,7 @@ pub fn for_each_message<'a>(
     captured: &'a [u8],
     payload_len: u32,
     redact_query: bool,
-    mut each: impl FnMut(Message<'a>),
+    mut each: impl FnMut(&Message<'a>),
 ) -> SegmentEnd {
     let mut out = SegmentEnd::default();
     if captured.is_empty() {
@@ -311,7 +311,7 @@ pub fn for_each_message<'a>(
             // The head's end is unknown, so is the body in this segment.
             (Framing::ToEndOfSegment, None) => (0, None),
         };
-        each(Message {
+        each(&Message {
             head: parsed.head,
             offset: offset as u32,
             body_bytes,

@@ -382,7 +382,7 @@ impl Parser {
                 wall,
                 body_bytes: msg.body_bytes,
             };
-            match msg.head {
+            match &msg.head {
                 Head::Request(req) => {
                     self.stats.requests += 1;
                     self.on_request(seg_ref, side, req);
@@ -402,7 +402,7 @@ impl Parser {
         }
     }
 
-    fn on_request(&mut self, seg: SegmentRef, side: Side, req: RequestHead<'_>) {
+    fn on_request(&mut self, seg: SegmentRef, side: Side, req: &RequestHead<'_>) {
         let pair = SockPair::new(seg.src, seg.dst);
         let (flow, _, evicted) = self.table.flow_or_insert(
             pair,
@@ -449,7 +449,7 @@ impl Parser {
                 request_bytes: seg.body_bytes,
                 // Copied out of the segment only now: a request that is not queued
                 // allocates nothing.
-                request: RequestFields::new(&req),
+                request: RequestFields::new(req),
                 interim_seen: false,
             });
             self.pending_total += 1;
@@ -459,7 +459,7 @@ impl Parser {
     fn on_response(
         &mut self,
         seg: SegmentRef,
-        resp: ResponseHead<'_>,
+        resp: &ResponseHead<'_>,
         ifname: &str,
         sink: &mut dyn FnMut(Exchange),
     ) {
@@ -519,7 +519,7 @@ impl Parser {
         req: Pending,
         connection_id: u64,
         seg: SegmentRef,
-        resp: ResponseHead<'_>,
+        resp: &ResponseHead<'_>,
         ifname: &str,
     ) -> Exchange {
         let id = self.next_id;

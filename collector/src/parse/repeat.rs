@@ -39,7 +39,7 @@ impl LastSegment {
         captured: &'a [u8],
         payload_len: u32,
         redact_query: bool,
-        mut each: impl FnMut(Message<'a>),
+        mut each: impl FnMut(&Message<'a>),
     ) -> SegmentEnd {
         if self.valid
             && self.payload_len == payload_len
@@ -48,7 +48,7 @@ impl LastSegment {
         {
             self.repeats += 1;
             for r in &self.messages {
-                each(r.rebuild(captured));
+                each(&r.rebuild(captured));
             }
             return self.end;
         }
@@ -56,7 +56,7 @@ impl LastSegment {
         self.messages.clear();
         let mut all_remembered = true;
         let end = http::for_each_message(captured, payload_len, redact_query, |m| {
-            match Remembered::new(&m, captured) {
+            match Remembered::new(m, captured) {
                 Some(r) => self.messages.push(r),
                 None => all_remembered = false,
             }
@@ -207,9 +207,9 @@ mod tests {
     /// borrowed from the bytes handed in) and end.
     fn assert_same_as_fresh(last: &mut LastSegment, bytes: &[u8], payload_len: u32, redact: bool) {
         let mut fresh = Vec::new();
-        let fresh_end = http::for_each_message(bytes, payload_len, redact, |m| fresh.push(m));
+        let fresh_end = http::for_each_message(bytes, payload_len, redact, |m| fresh.push(*m));
         let mut got = Vec::new();
-        let end = last.for_each_message(bytes, payload_len, redact, |m| got.push(m));
+        let end = last.for_each_message(bytes, payload_len, redact, |m| got.push(*m));
         assert_eq!(got, fresh, "{:?}", String::from_utf8_lossy(bytes));
         assert_eq!(end, fresh_end);
         let range = bytes.as_ptr_range();
