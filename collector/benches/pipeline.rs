@@ -6,10 +6,15 @@
 //! Traffic shape: the overhead benchmark's (h2load `GET /` and `weft-demo-app serve`'s JSON
 //! answer, client and server pods on one node): each request crosses the client's veth
 //! (leaving it, a CLIENT half) and the server's veth (entering it, a SERVER half), and so
-//! does its response: 4 events per request, 2 exchanges.
+//! does its response: 4 events per request, 2 exchanges. The second sight of a segment
+//! repeats the first one's bytes (the parser answers it from memory: `parse::repeat`);
+//! with `WEFT_BENCH_VETHS=1` only the server's veth is traced (a client outside the
+//! node's pods, as in the lead's node → pod measurement): 2 events per request, 1
+//! exchange, no repeats.
 //!
 //! Run: `cargo bench -p weft-collector --bench pipeline`
-//! Knobs: `WEFT_BENCH_EVENTS` (default 4,000,000), `WEFT_BENCH_CONNS` connections (16).
+//! Knobs: `WEFT_BENCH_EVENTS` (default 4,000,000), `WEFT_BENCH_CONNS` connections (16),
+//! `WEFT_BENCH_VETHS` traced veths per request (2, or 1).
 //! Under callgrind: `valgrind --tool=callgrind target/release/deps/pipeline-<hash>` with
 //! `WEFT_BENCH_EVENTS=200000`.
 
@@ -93,6 +98,11 @@ fn main() {
     }
     let events = env_or("WEFT_BENCH_EVENTS", 4_000_000);
     let conns = env_or("WEFT_BENCH_CONNS", 16) as u16;
+    // Which of the 4 records of a request are handed in: all, or the server veth's.
+    let traced: &[usize] = match env_or("WEFT_BENCH_VETHS", 2) {
+        1 => &[1, 2],
+        _ => &[0, 1, 2, 3],
+    };
     let metrics = Arc::new(Metrics::new());
     let shipper = Shipper::spawn(ShipConfig::new(None, "bench"));
     let mut pipeline = Pipeline::new(
@@ -118,7 +128,7 @@ fn main() {
         .collect();
     let wall0 = 1_795_341_600_000_000_000u64;
     let mut ts = 0u64;
-    let requests = events / 4;
+    let requests = events / traced.len() as u64;
     let mut buf: Vec<Vec<u8>> = (0..4).map(|_| Vec::with_capacity(512)).collect();
     let (cpu0, t0) = (thread_cpu_ns(), Instant::now());
     for i in 0..requests {
@@ -173,7 +183,7 @@ fn main() {
             ts + 25,
         );
         seqs[c] = (cseq2, sseq.wrapping_add(RESPONSE.len() as u32));
-        for rec in &buf {
+        for rec in traced.iter().map(|&i| &buf[i]) {
             let Some(event) = Packet::from_record(rec) else {
                 panic!("the bench wrote a malformed record");
             };
@@ -185,7 +195,7 @@ fn main() {
     }
     let cpu = thread_cpu_ns() - cpu0;
     let wall = t0.elapsed();
-    let n = requests * 4;
+    let n = requests * traced.len() as u64;
     // Building the events is part of the loop: measure it alone and subtract it.
     let cpu1 = thread_cpu_ns();
     let mut sink = 0u64;

@@ -6,8 +6,15 @@
 //! one and entering the other, one right after the other (the kernel forwards it in
 //! the same softirq, on the same CPU). Every such request and response comes twice, and
 //! the second parse would repeat the first exactly: parsing is a function of the bytes,
-//! the payload length and the redaction setting only. Remembering the last segment costs
-//! a copy of its captured bytes (at most `HEAD_LEN`) and a comparison per segment.
+//! the payload length and the redaction setting only. Remembering a segment costs a
+//! copy of its captured bytes (at most `HEAD_LEN`) and of its messages' offsets, about a
+//! tenth of parsing it; comparing costs little (most segments differ in length).
+//!
+//! Traffic that never repeats (a client outside the node's pods, seen on one veth only)
+//! should not pay for remembering: after `WARM_MISSES` segments in a row that were not
+//! repeats, only one segment in `PROBE_EVERY` is remembered, until one is repeated again.
+//! Traffic that starts repeating is thus noticed within `PROBE_EVERY` segments, and
+//! repeats that come while cold are parsed again: never a wrong answer, only a slower one.
 //!
 //! The messages are remembered as ranges of the bytes, and rebuilt on the new segment's
 //! equal bytes, so they borrow the segment they are handed out for.
@@ -15,6 +22,14 @@
 use super::http::{
     self, Head, KeptHeaders, Message, RequestHead, ResponseHead, SegmentEnd, Target, Value,
 };
+
+/// Segments in a row without a repeat during which every segment is still remembered.
+const WARM_MISSES: u32 = 8;
+
+/// Once cold, one segment in this many is remembered (see the module doc). Odd, so that
+/// the probe does not keep falling on the same position of a repeating pattern (each
+/// segment followed by its repeat would otherwise always be probed on the repeat).
+const PROBE_EVERY: u32 = 31;
 
 /// The messages of the last segment read (see the module doc).
 #[derive(Debug, Default)]
@@ -29,6 +44,11 @@ pub struct LastSegment {
     end: SegmentEnd,
     /// Segments answered from memory.
     repeats: u64,
+    /// Segments in a row that were not repeats.
+    misses: u32,
+    /// Segments remembered (for the tests of the warm/cold rule).
+    #[cfg(test)]
+    remembered: u64,
 }
 
 impl LastSegment {
@@ -47,12 +67,21 @@ impl LastSegment {
             && self.bytes == captured
         {
             self.repeats += 1;
+            self.misses = 0;
             for r in &self.messages {
                 each(&r.rebuild(captured));
             }
             return self.end;
         }
         self.valid = false;
+        self.misses = self.misses.saturating_add(1);
+        if self.misses > WARM_MISSES && !self.misses.is_multiple_of(PROBE_EVERY) {
+            return http::for_each_message(captured, payload_len, redact_query, each);
+        }
+        #[cfg(test)]
+        {
+            self.remembered += 1;
+        }
         self.messages.clear();
         let mut all_remembered = true;
         let end = http::for_each_message(captured, payload_len, redact_query, |m| {
@@ -306,10 +335,57 @@ tracestate: x=1\r\nx-request-id: r1\r\ncontent-length: 2\r\n\r\nhiGET /b HTTP/1.
             assert_same_as_fresh(&mut last, &bytes, payload_len, redact);
             previous = Some(key);
         }
-        assert_eq!(last.repeats(), expected_repeats);
+        // Runs of 8 and more segments that are not repeats happen here, and cool the
+        // memory down: a few repeats right after them are parsed again.
         assert!(
             expected_repeats > 500,
             "{expected_repeats}: too few repeats to test"
         );
+        assert!(last.repeats() <= expected_repeats);
+        assert!(
+            last.repeats() >= expected_repeats * 8 / 10,
+            "{} of {expected_repeats}",
+            last.repeats()
+        );
+    }
+
+    fn unique(i: u32) -> Vec<u8> {
+        format!("GET /{i} HTTP/1.1\r\nHost: h\r\n\r\n").into_bytes()
+    }
+
+    #[test]
+    fn traffic_without_repeats_is_mostly_not_remembered_and_repeats_warm_it_up() {
+        let mut last = LastSegment::default();
+        // Never repeating: the first WARM_MISSES, then one in PROBE_EVERY.
+        for i in 0..(WARM_MISSES + 10 * PROBE_EVERY) {
+            let bytes = unique(i);
+            assert_same_as_fresh(&mut last, &bytes, bytes.len() as u32, true);
+        }
+        assert_eq!(last.repeats(), 0);
+        assert!(
+            last.remembered <= u64::from(WARM_MISSES + 10),
+            "{} remembered",
+            last.remembered
+        );
+        // Pairs: a probe catches one within PROBE_EVERY pairs, then every pair hits.
+        for i in 0..PROBE_EVERY * 2 {
+            let bytes = unique(1_000 + i);
+            assert_same_as_fresh(&mut last, &bytes, bytes.len() as u32, true);
+            let copy = bytes.clone();
+            assert_same_as_fresh(&mut last, &copy, copy.len() as u32, true);
+        }
+        assert!(
+            last.repeats() >= u64::from(PROBE_EVERY),
+            "{} repeats",
+            last.repeats()
+        );
+        let before = last.repeats();
+        for i in 0..10 {
+            let bytes = unique(2_000 + i);
+            assert_same_as_fresh(&mut last, &bytes, bytes.len() as u32, true);
+            let copy = bytes.clone();
+            assert_same_as_fresh(&mut last, &copy, copy.len() as u32, true);
+        }
+        assert_eq!(last.repeats(), before + 10, "warm: every repeat is caught");
     }
 }
