@@ -574,6 +574,11 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
 
+/// `bpf_probe_read_kernel` and `bpf_ktime_get_ns` are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,8 +633,3 @@ mod tests {
         assert_eq!(be16_of(u32::from_le_bytes([0x1f, 0x90, 0, 0]), false), 8080);
     }
 }
-
-/// `bpf_probe_read_kernel` and `bpf_ktime_get_ns` are GPL-only helpers.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
