@@ -18,6 +18,10 @@
 //!
 //! The messages are remembered as ranges of the bytes, and rebuilt on the new segment's
 //! equal bytes, so they borrow the segment they are handed out for.
+//!
+//! Privacy: the copy holds whole captured heads (an `Authorization` header included)
+//! exactly as the event did; it stays in this struct, is never printed (no `Debug`) nor
+//! handed on, and is overwritten by the next segment remembered.
 
 use super::http::{
     self, Head, KeptHeaders, Message, RequestHead, ResponseHead, SegmentEnd, Target, Value,
@@ -32,7 +36,7 @@ const WARM_MISSES: u32 = 8;
 const PROBE_EVERY: u32 = 31;
 
 /// The messages of the last segment read (see the module doc).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LastSegment {
     /// Whether `bytes` and `messages` describe a segment (false until one was read
     /// whose every part could be remembered).
