@@ -563,7 +563,7 @@ fn conn_state(ctx: &TracePointContext) -> Result<(), i32> {
 const _: () = assert!(offset_of!(PacketEvent, head) == weft_ebpf_common::PACKET_HEADER_LEN);
 const _: () = assert!(offset_of!(RingControl, tail) == weft_ebpf_common::RING_CONTROL_TAIL_OFFSET);
 const _: () =
-    assert!(offset_of!(PacketEvent, head) % 8 == 0 && core::mem::align_of::<PacketEvent>() == 8);
+    assert!(offset_of!(PacketEvent, head) % 8 == 0 && core::mem::align_of::<PacketEvent>() >= 8);
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

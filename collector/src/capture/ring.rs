@@ -271,7 +271,7 @@ struct Region {
 enum Backing {
     Mmap,
     #[cfg(test)]
-    Heap(#[allow(dead_code)] Vec<u64>),
+    Heap(#[allow(dead_code)] Vec<CacheLine>),
 }
 
 impl Region {
@@ -295,17 +295,23 @@ impl Region {
         })
     }
 
+    /// Zeroed heap memory aligned like a map's data (to a cache line, which slots need).
     #[cfg(test)]
     fn heap(len: usize) -> Self {
-        let mut words = vec![0u64; len.div_ceil(8)];
-        let ptr = NonNull::new(words.as_mut_ptr().cast::<u8>()).expect("vec pointer");
+        let mut lines = vec![CacheLine([0; 64]); len.div_ceil(64)];
+        let ptr = NonNull::new(lines.as_mut_ptr().cast::<u8>()).expect("vec pointer");
         Region {
             ptr,
             len,
-            backing: Backing::Heap(words),
+            backing: Backing::Heap(lines),
         }
     }
 }
+
+#[cfg(test)]
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct CacheLine([u8; 64]);
 
 impl Drop for Region {
     fn drop(&mut self) {
