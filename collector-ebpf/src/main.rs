@@ -125,13 +125,18 @@ pub fn weft_tc_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-/// A TCP segment's addresses, TCP header and where its payload is.
-struct Segment {
+/// A packet's IP addresses.
+struct Addrs {
     family: u8,
     /// Source and destination address as two words (IPv4: the first 4 bytes of the
     /// first word): built with word stores, where byte arrays took two `memset` calls.
     saddr: [u64; 2],
     daddr: [u64; 2],
+}
+
+/// A TCP segment's addresses, TCP header and where its payload is.
+struct Segment {
+    addrs: Addrs,
     /// From the TCP header (host order; options are skipped).
     sport: u16,
     dport: u16,
@@ -192,9 +197,7 @@ fn locate_tcp_payload(ctx: &TcContext) -> Result<Option<Segment>, ()> {
         return Err(());
     }
     Ok(Some(Segment {
-        family: ip.family,
-        saddr: ip.saddr,
-        daddr: ip.daddr,
+        addrs: ip.addrs,
         sport: be16_of(tcp[0], false),
         dport: be16_of(tcp[0], true),
         seq: u32::from_be(tcp[1]),
@@ -208,9 +211,7 @@ fn locate_tcp_payload(ctx: &TcContext) -> Result<Option<Segment>, ()> {
 
 /// What the IP header says about the TCP segment it carries.
 struct IpInfo {
-    family: u8,
-    saddr: [u64; 2],
-    daddr: [u64; 2],
+    addrs: Addrs,
     tcp_off: usize,
     /// IP payload bytes: the TCP header and its payload.
     payload_len: usize,
@@ -238,10 +239,12 @@ fn ipv4(ctx: &TcContext) -> Result<Option<IpInfo>, ()> {
         return Err(());
     }
     Ok(Some(IpInfo {
-        family: FAMILY_IPV4,
-        // Memory order kept: the address's 4 bytes first.
-        saddr: [ip[3] as u64, 0],
-        daddr: [ip[4] as u64, 0],
+        addrs: Addrs {
+            family: FAMILY_IPV4,
+            // Memory order kept: the address's 4 bytes first.
+            saddr: [ip[3] as u64, 0],
+            daddr: [ip[4] as u64, 0],
+        },
         tcp_off: ETH_HLEN + ihl,
         payload_len: total - ihl,
     }))
@@ -259,9 +262,11 @@ fn ipv6(ctx: &TcContext) -> Result<Option<IpInfo>, ()> {
     }
     let pair = |lo: u32, hi: u32| (lo as u64) | ((hi as u64) << 32);
     Ok(Some(IpInfo {
-        family: FAMILY_IPV6,
-        saddr: [pair(ip[2], ip[3]), pair(ip[4], ip[5])],
-        daddr: [pair(ip[6], ip[7]), pair(ip[8], ip[9])],
+        addrs: Addrs {
+            family: FAMILY_IPV6,
+            saddr: [pair(ip[2], ip[3]), pair(ip[4], ip[5])],
+            daddr: [pair(ip[6], ip[7]), pair(ip[8], ip[9])],
+        },
         tcp_off: ETH_HLEN + IPV6_HLEN,
         payload_len: be16_of(ip[1], false) as usize,
     }))
@@ -429,11 +434,11 @@ fn fill_header(
         seq: seg.seq,
         ack: seg.ack,
         payload_len: seg.payload_len as u32,
-        saddr: addr_bytes(seg.saddr),
-        daddr: addr_bytes(seg.daddr),
+        saddr: addr_bytes(seg.addrs.saddr),
+        daddr: addr_bytes(seg.addrs.daddr),
         sport: seg.sport,
         dport: seg.dport,
-        family: seg.family,
+        family: seg.addrs.family,
         direction,
         tcp_flags: seg.tcp_flags,
         _pad: 0,

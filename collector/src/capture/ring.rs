@@ -206,13 +206,7 @@ impl PacketRings {
     fn control(&self, cpu: u32) -> *mut RingControl {
         debug_assert!(cpu < self.layout.cpus);
         // In bounds: `cpu` < cpus, and the region holds `cpus` controls.
-        unsafe {
-            self.ctl
-                .ptr
-                .cast::<RingControl>()
-                .as_ptr()
-                .add(cpu as usize)
-        }
+        unsafe { self.ctl.at(cpu as usize) }
     }
 
     fn head(&self, cpu: u32) -> &AtomicU64 {
@@ -241,13 +235,7 @@ impl PacketRings {
     fn slot_ptr(&self, cpu: u32, n: u64) -> *mut PacketEvent {
         let index = u64::from(cpu) * self.layout.slots + (n & (self.layout.slots - 1));
         // SAFETY: index < cpus × slots, the region's length in slots.
-        unsafe {
-            self.slots
-                .ptr
-                .cast::<PacketEvent>()
-                .as_ptr()
-                .add(index as usize)
-        }
+        unsafe { self.slots.at(index as usize) }
     }
 }
 
@@ -275,6 +263,14 @@ enum Backing {
 }
 
 impl Region {
+    /// The `index`th `T` of the region.
+    ///
+    /// # Safety
+    /// The region must hold more than `index` `T`s.
+    unsafe fn at<T>(&self, index: usize) -> *mut T {
+        unsafe { self.ptr.cast::<T>().as_ptr().add(index) }
+    }
+
     /// Maps the data of a `BPF_F_MMAPABLE` array map (page aligned, at offset 0).
     fn map(fd: i32, len: usize, writable: bool) -> std::io::Result<Self> {
         let prot = if writable {
