@@ -354,6 +354,17 @@ mod tests {
         true
     }
 
+    /// Writes (CPU, timestamp, payload) records in the order given.
+    fn write_each(r: &PacketRings, records: &[(u32, u64, &[u8])]) {
+        for &(cpu, ts, payload) in records {
+            assert!(write(r, cpu, ts, payload), "ring of CPU {cpu} full");
+        }
+    }
+
+    fn timestamps(got: &[(u64, Vec<u8>)]) -> Vec<u64> {
+        got.iter().map(|(t, _)| *t).collect()
+    }
+
     fn read_all(r: &mut PacketRings, watermark: u64) -> (Vec<(u64, Vec<u8>)>, RingRead) {
         let mut got = Vec::new();
         let read = r.read(watermark, |p| {
@@ -365,14 +376,18 @@ mod tests {
     #[test]
     fn records_of_all_cpus_come_out_in_timestamp_order() {
         let mut r = rings(3, 8);
-        write(&r, 1, 10, b"GET /a");
-        write(&r, 0, 20, b"HTTP/1.1 200");
-        write(&r, 1, 30, b"GET /b");
-        write(&r, 2, 25, b"GET /c");
-        write(&r, 0, 40, b"HTTP/1.1 404");
+        write_each(
+            &r,
+            &[
+                (1, 10, b"GET /a"),
+                (0, 20, b"HTTP/1.1 200"),
+                (1, 30, b"GET /b"),
+                (2, 25, b"GET /c"),
+                (0, 40, b"HTTP/1.1 404"),
+            ],
+        );
         let (got, read) = read_all(&mut r, u64::MAX);
-        let ts: Vec<u64> = got.iter().map(|(t, _)| *t).collect();
-        assert_eq!(ts, [10, 20, 25, 30, 40]);
+        assert_eq!(timestamps(&got), [10, 20, 25, 30, 40]);
         assert_eq!(got[0].1, b"GET /a");
         assert_eq!(got[4].1, b"HTTP/1.1 404");
         assert_eq!(read.records, 5);
@@ -388,18 +403,20 @@ mod tests {
     #[test]
     fn records_after_the_watermark_wait_for_the_next_read() {
         let mut r = rings(2, 8);
-        write(&r, 0, 10, b"GET /1");
-        write(&r, 1, 50, b"HTTP/1.1 200");
-        write(&r, 0, 60, b"GET /2");
+        write_each(
+            &r,
+            &[
+                (0, 10, b"GET /1"),
+                (1, 50, b"HTTP/1.1 200"),
+                (0, 60, b"GET /2"),
+            ],
+        );
         let (got, _) = read_all(&mut r, 40);
-        assert_eq!(got.iter().map(|(t, _)| *t).collect::<Vec<_>>(), [10]);
+        assert_eq!(timestamps(&got), [10]);
         // A record published late but stamped before the waiting ones still sorts first.
         write(&r, 1, 55, b"GET /late");
         let (got, _) = read_all(&mut r, u64::MAX);
-        assert_eq!(
-            got.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
-            [50, 55, 60]
-        );
+        assert_eq!(timestamps(&got), [50, 55, 60]);
     }
 
     #[test]
