@@ -208,6 +208,7 @@ fn parse_counters(p: &ParseStats) -> Vec<(&'static str, u64)> {
         ("interim_responses", p.interim_responses),
         ("truncated_heads", p.truncated_heads),
         ("heads_beyond_capture", p.heads_beyond_capture),
+        ("repeated_segments", p.repeated_segments),
         ("retransmitted_requests", p.retransmitted_requests),
         ("retransmitted_responses", p.retransmitted_responses),
         ("unmatched_responses", p.unmatched_responses),
