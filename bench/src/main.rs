@@ -76,9 +76,14 @@ struct Cli {
     /// request traced), in the node's network namespace (server half only), or both.
     #[arg(long, value_enum, default_value = "both")]
     overhead_client: overhead::ClientChoice,
-    /// Overhead benchmark: h2load connections (keep-alive).
-    #[arg(long, default_value_t = 16)]
-    overhead_connections: u32,
+    /// Overhead benchmark: h2load threads (default: one per CPU, which saturates the
+    /// machine; 1 measures the slowdown of a single client thread instead).
+    #[arg(long)]
+    overhead_threads: Option<u32>,
+    /// Overhead benchmark: h2load connections over all threads, keep-alive (default: 16 per
+    /// thread).
+    #[arg(long)]
+    overhead_connections: Option<u32>,
     /// Accuracy benchmark: requests per (concurrency, propagation) phase.
     #[arg(long)]
     accuracy_requests: Option<u64>,
@@ -156,20 +161,26 @@ fn main() -> ExitCode {
                 },
                 &mut report,
             ),
-            Bench::Overhead => overhead::run(
-                &settings,
-                &overhead::OverheadArgs {
-                    rounds: cli.overhead_rounds.unwrap_or(if cli.quick { 2 } else { 5 }),
-                    round: cli.overhead_round.unwrap_or(if cli.quick {
-                        Duration::from_secs(5)
-                    } else {
-                        Duration::from_secs(10)
-                    }),
-                    connections: cli.overhead_connections,
-                    placements: cli.overhead_client.placements(),
-                },
-                &mut report,
-            ),
+            Bench::Overhead => {
+                let overhead_threads = cli.overhead_threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+                });
+                overhead::run(
+                    &settings,
+                    &overhead::OverheadArgs {
+                        rounds: cli.overhead_rounds.unwrap_or(if cli.quick { 2 } else { 5 }),
+                        round: cli.overhead_round.unwrap_or(if cli.quick {
+                            Duration::from_secs(5)
+                        } else {
+                            Duration::from_secs(10)
+                        }),
+                        threads: overhead_threads,
+                        connections: cli.overhead_connections.unwrap_or(16 * overhead_threads),
+                        placements: cli.overhead_client.placements(),
+                    },
+                    &mut report,
+                )
+            }
             Bench::Query => query::run(
                 &settings,
                 &query::QueryArgs {

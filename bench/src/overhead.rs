@@ -3,6 +3,13 @@
 //! `weft-collector` attached (same binaries, same topology; the order alternates per round
 //! so drift does not favour one side).
 //!
+//! Saturating: one h2load thread per CPU (16 connections each) keeps every CPU busy, so the
+//! rate is what the machine can serve. With a single h2load thread the CPUs stay 10–20 %
+//! idle and the rate is that of the one client thread, on whose CPU the classifiers of the
+//! packets it sends also run: that measures the slowdown of one thread's critical path,
+//! not of the server (`--overhead-threads 1` still runs it). The machine's busy fraction
+//! during the runs without the collector is reported, so a run shows which it measured.
+//!
 //! In: the release binaries and h2load. Out: figures per client [`Placement`]: throughput
 //! ratio (median of the rounds' rates with / without), p50 and p99 latency ratios,
 //! collector CPU in millicores per 10k requests/s, collector peak RSS, ring-buffer drops,
@@ -11,8 +18,7 @@
 //! Two placements of h2load, each with its own figures (labelled) and verdicts:
 //! - [`Placement::Pod`]: in a client pod on the same node. The collector sees both halves
 //!   of every request (the client pod's veth and the server pod's veth), the most a node
-//!   agent carries per request; every classifier run of the client half also lands on the
-//!   CPU of the single-threaded h2load.
+//!   agent carries per request.
 //! - [`Placement::Node`]: in the node's own network namespace, which reaches the pod over
 //!   the `cni0` bridge. The collector traces only the pods' host-side veths, so it sees the
 //!   server half only: the overhead a traced server shows to an untraced client.
@@ -30,7 +36,7 @@ use weft_harness::{Cluster, ClusterSpec, NodeSpec, PodSpec, Proc};
 
 use crate::Settings;
 use crate::child;
-use crate::procfs::Sample;
+use crate::procfs::{MachineCpu, Sample};
 use crate::prom;
 use crate::report::{self, Figure, Report, Target};
 use crate::stats;
@@ -96,6 +102,9 @@ impl ClientChoice {
 pub struct OverheadArgs {
     pub rounds: u32,
     pub round: Duration,
+    /// h2load threads.
+    pub threads: u32,
+    /// h2load connections, over all threads.
     pub connections: u32,
     pub placements: Vec<Placement>,
 }
@@ -108,6 +117,8 @@ pub struct LoadResult {
     pub failed: u64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// The machine's busy fraction during the run (all CPUs).
+    pub cpu_busy: Option<f64>,
 }
 
 /// What the collector did during one "with" round.
@@ -300,8 +311,9 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
     let rps_without = med(without, |l| Some(l.rps));
     let failed: u64 = with.iter().chain(without).map(|l| l.failed).sum();
     let cmd = format!(
-        "h2load --h1 -t 1 -c {} -D {}s from the {}, {} rounds × (without, with), \
+        "h2load --h1 -t {} -c {} -D {}s from the {}, {} rounds × (without, with), \
          weft-demo-app serve in a pod on the same node",
+        args.threads,
         args.connections,
         args.round.as_secs(),
         match placement {
@@ -325,6 +337,19 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
         rps_with,
         "/s",
     ));
+    let busy = med(without, |l| l.cpu_busy.map(|b| b * 100.0));
+    report.add(
+        Figure::new(
+            BENCH,
+            &name("CPU busy without collector (median)"),
+            busy,
+            "%",
+        )
+        .note(
+            "all CPUs of the machine during the runs without the collector: near 100 % the \
+             load saturates the machine; well below, one client thread limits the rate",
+        ),
+    );
     // Paired by round (the two runs of a round are adjacent in time, so they share the
     // machine's background load), then the median over rounds.
     let paired: Vec<f64> = with
@@ -625,12 +650,14 @@ fn h2load_run(
     let proc = setup.cluster.spawn(
         client_ns,
         Command::new(&setup.h2load)
-            .args(["--h1", "-t", "1", "-c", &args.connections.to_string()])
+            .args(["--h1", "-t", &args.threads.to_string()])
+            .args(["-c", &args.connections.to_string()])
             .args(["-D", &args.round.as_secs().max(1).to_string()])
             // No warm-up phase: h2load would not count its requests, the collector would.
             .arg(format!("--log-file={}", log.display()))
             .arg(&setup.url),
     )?;
+    let cpu_before = MachineCpu::read().ok();
     let limit = args.round + Duration::from_secs(30);
     let status = proc
         .wait_timeout(limit)?
@@ -642,8 +669,12 @@ fn h2load_run(
             tail(&(out + &proc.stderr_text()))
         );
     }
+    let cpu_busy = cpu_before
+        .zip(MachineCpu::read().ok())
+        .and_then(|(before, after)| after.busy_since(&before));
     let mut result =
         parse_h2load(&out).with_context(|| format!("unexpected h2load output: {}", tail(&out)))?;
+    result.cpu_busy = cpu_busy;
     let latencies = parse_h2load_log(&std::fs::read_to_string(&log).unwrap_or_default());
     result.p50_ms = stats::percentile(&latencies, 0.50);
     result.p99_ms = stats::percentile(&latencies, 0.99);
@@ -674,6 +705,7 @@ pub fn parse_h2load(out: &str) -> Option<LoadResult> {
         failed: field("failed")?,
         p50_ms: None,
         p99_ms: None,
+        cpu_busy: None,
     })
 }
 

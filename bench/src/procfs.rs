@@ -1,7 +1,8 @@
 //! Resource use of a process from `/proc/<pid>`: CPU time (`stat` utime + stime) and
-//! memory (`status` VmRSS, VmHWM).
+//! memory (`status` VmRSS, VmHWM); and of the whole machine from `/proc/stat`.
 //!
-//! In: a PID. Out: a [`Sample`]; the difference of two samples over wall time gives cores.
+//! In: a PID (or nothing, for the machine). Out: a [`Sample`] (a [`MachineCpu`]); the
+//! difference of two samples over wall time gives cores (the busy fraction).
 
 use std::time::Instant;
 
@@ -47,6 +48,46 @@ impl Sample {
     }
 }
 
+/// The machine's CPU time so far, all CPUs together (the `cpu` line of `/proc/stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineCpu {
+    pub total_ticks: u64,
+    /// idle + iowait.
+    pub idle_ticks: u64,
+}
+
+impl MachineCpu {
+    pub fn read() -> Result<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        parse_machine_cpu(&stat).context("no cpu line in /proc/stat")
+    }
+
+    /// The fraction of CPU time that was busy between `earlier` and `self` (1.0: every CPU
+    /// busy all the time).
+    pub fn busy_since(&self, earlier: &MachineCpu) -> Option<f64> {
+        let total = self.total_ticks.checked_sub(earlier.total_ticks)?;
+        let idle = self.idle_ticks.checked_sub(earlier.idle_ticks)?;
+        (total > 0).then(|| total.saturating_sub(idle) as f64 / total as f64)
+    }
+}
+
+/// The first line of `/proc/stat`: `cpu  user nice system idle iowait irq softirq steal ...`.
+pub fn parse_machine_cpu(stat: &str) -> Option<MachineCpu> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // Guest time is already counted in user time.
+    let counted = &ticks[..ticks.len().min(8)];
+    Some(MachineCpu {
+        total_ticks: counted.iter().sum(),
+        idle_ticks: ticks.get(3)? + ticks.get(4).copied().unwrap_or(0),
+    })
+}
+
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -75,6 +116,18 @@ pub fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_busy_fraction_counts_everything_but_idle_and_iowait() {
+        let before = parse_machine_cpu("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n").unwrap();
+        // +300 busy (user 200, system 60, softirq 40), +100 idle: 75 % busy.
+        let after = parse_machine_cpu("cpu  300 0 110 900 50 0 40 0 0 0\n").unwrap();
+        assert_eq!(after.busy_since(&before), Some(0.75));
+        // A counter that went back (another boot) gives nothing rather than nonsense.
+        assert_eq!(before.busy_since(&after), None);
+        assert_eq!(parse_machine_cpu("cpu0 1 2 3\n"), None);
+        assert_eq!(parse_machine_cpu("cpu  1 x 3 4\n"), None);
+    }
 
     #[test]
     fn cpu_ticks_count_fields_after_the_command_name() {
