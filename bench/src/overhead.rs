@@ -559,7 +559,7 @@ fn with_collector(
     // With --bpf-stats the program totals are taken on the collector's one-second tick:
     // let one pass before each scrape so that it has them.
     let settle = || {
-        if !extra.is_empty() {
+        if extra.contains(&"--bpf-stats") {
             std::thread::sleep(Duration::from_millis(1100));
         }
     };
@@ -647,6 +647,7 @@ fn h2load_run(
     label: &str,
 ) -> Result<LoadResult> {
     let log = setup.work.join(format!("{label}.h2load.log"));
+    let cpu_before = MachineCpu::read().ok();
     let proc = setup.cluster.spawn(
         client_ns,
         Command::new(&setup.h2load)
@@ -657,7 +658,6 @@ fn h2load_run(
             .arg(format!("--log-file={}", log.display()))
             .arg(&setup.url),
     )?;
-    let cpu_before = MachineCpu::read().ok();
     let limit = args.round + Duration::from_secs(30);
     let status = proc
         .wait_timeout(limit)?

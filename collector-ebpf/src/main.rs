@@ -6,7 +6,7 @@
 //! segments that begin an HTTP/1 message) in the writing CPU's own ring (`WEFT_PACKETS`
 //! slots, `WEFT_RING_CTL` positions: see `RingControl`), `ConnEvent`s on the `CONNS` ring
 //! buffer, and per-CPU `COUNTERS` for every packet seen, emitted, lost or skipped.
-
+//!
 //! Only a segment that *begins* an HTTP message is captured, and only its first `HEAD_LEN`
 //! bytes: headers beyond them, or continued in later segments, are not followed. The cut is
 //! counted here (`HeadCut`: payload longer than the head) and by the parser (`truncated_heads`),

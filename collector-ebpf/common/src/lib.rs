@@ -127,7 +127,7 @@ pub struct ConnEvent {
 pub enum Counter {
     /// Packets the classifiers looked at.
     Packets = 0,
-    /// Segments emitted to the ring buffer.
+    /// Segments published to the CPU's packet ring.
     Emitted = 1,
     /// The CPU's packet ring was full (the collector reads too slowly): an HTTP segment
     /// was lost.

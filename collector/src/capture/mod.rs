@@ -56,8 +56,9 @@ impl<'a> Packet<'a> {
         })
     }
 
-    /// Splits a record laid out as in a slot (header, then payload) in a byte buffer. `None` when it is shorter than its header, or than the
-    /// payload the header announces, or announces more than the kernel ever copies.
+    /// Splits a record laid out as in a slot (header, then payload) in a byte buffer.
+    /// `None` when it is shorter than its header, or than the payload the header
+    /// announces, or announces more than the kernel ever copies.
     pub fn from_record(bytes: &'a [u8]) -> Option<Self> {
         let header: PacketHeader = read_event(bytes)?;
         let captured = header.captured_len as usize;
@@ -204,10 +205,14 @@ fn read_event<T: Copy>(bytes: &[u8]) -> Option<T> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
+/// `clock` now, in nanoseconds (0 if it cannot be read).
+fn clock_nanos(clock: nix::time::ClockId) -> i64 {
+    nix::time::clock_gettime(clock).map_or(0, |t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
+}
+
 /// `CLOCK_MONOTONIC` now: the clock of `bpf_ktime_get_ns()`.
 fn monotonic_nanos() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map_or(0, |t| (t.tv_sec() * 1_000_000_000 + t.tv_nsec()) as u64)
+    clock_nanos(nix::time::ClockId::CLOCK_MONOTONIC) as u64
 }
 
 /// Converts `bpf_ktime_get_ns()` (monotonic) timestamps to wall-clock Unix nanoseconds.
@@ -253,16 +258,11 @@ impl Default for WallClock {
 /// bracketed samples (monotonic, realtime, monotonic), so preemption inside one sample
 /// does not skew it.
 pub fn mono_to_wall_offset() -> i64 {
-    let now = |clock| {
-        nix::time::clock_gettime(clock)
-            .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
-            .unwrap_or(0)
-    };
     let mut best: Option<(i64, i64)> = None; // (bracket width, offset)
     for _ in 0..3 {
-        let before = now(nix::time::ClockId::CLOCK_MONOTONIC);
-        let real = now(nix::time::ClockId::CLOCK_REALTIME);
-        let after = now(nix::time::ClockId::CLOCK_MONOTONIC);
+        let before = clock_nanos(nix::time::ClockId::CLOCK_MONOTONIC);
+        let real = clock_nanos(nix::time::ClockId::CLOCK_REALTIME);
+        let after = clock_nanos(nix::time::ClockId::CLOCK_MONOTONIC);
         let width = after - before;
         let offset = real - (before + width / 2);
         if best.is_none_or(|(w, _)| width < w) {

@@ -140,6 +140,11 @@ impl PacketRings {
                 layout.slots
             );
         }
+        let aligned = slots.ptr.cast::<PacketEvent>().is_aligned()
+            && ctl.ptr.cast::<RingControl>().is_aligned();
+        if !aligned {
+            bail!("ring memory is not aligned for its slots and control blocks");
+        }
         let mut rings = PacketRings {
             ctl,
             slots,
@@ -159,10 +164,6 @@ impl PacketRings {
                 .store(layout.slots, Ordering::Release);
         }
         Ok(rings)
-    }
-
-    pub fn layout(&self) -> RingLayout {
-        self.layout
     }
 
     /// Hands every record stamped up to `watermark` (monotonic ns) to `sink`, oldest first
@@ -329,7 +330,7 @@ mod tests {
         let layout = RingLayout { cpus, slots };
         let ctl = Region::heap(cpus as usize * size_of::<RingControl>());
         let data = Region::heap(layout.total_slots() as usize * size_of::<PacketEvent>());
-        // SAFETY: regions sized from the layout; u64-aligned heap memory.
+        // SAFETY: regions sized from the layout; cache-line-aligned heap memory.
         unsafe { PacketRings::from_regions(ctl, data, layout) }.expect("rings")
     }
 
@@ -455,6 +456,17 @@ mod tests {
                 malformed: 1
             }
         );
+    }
+
+    #[test]
+    fn misaligned_memory_is_refused() {
+        let layout = RingLayout { cpus: 1, slots: 4 };
+        let ctl = Region::heap(size_of::<RingControl>());
+        let mut data = Region::heap(5 * size_of::<PacketEvent>());
+        // One word into a cache line: aligned for a u64, not for a slot.
+        data.ptr = NonNull::new(unsafe { data.ptr.as_ptr().add(8) }).expect("pointer");
+        let refused = unsafe { PacketRings::from_regions(ctl, data, layout) };
+        assert!(refused.is_err());
     }
 
     #[test]
