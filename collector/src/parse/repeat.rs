@@ -78,7 +78,9 @@ impl LastSegment {
             return self.end;
         }
         self.valid = false;
-        self.misses = self.misses.saturating_add(1);
+        // Past u32::MAX back to the first cold count, not stuck there: u32::MAX is no
+        // multiple of PROBE_EVERY, so a stuck counter would never probe again.
+        self.misses = self.misses.checked_add(1).unwrap_or(WARM_MISSES + 1);
         if self.misses > WARM_MISSES && !self.misses.is_multiple_of(PROBE_EVERY) {
             return http::for_each_message(captured, payload_len, redact_query, each);
         }
@@ -391,5 +393,21 @@ tracestate: x=1\r\nx-request-id: r1\r\ncontent-length: 2\r\n\r\nhiGET /b HTTP/1.
             assert_same_as_fresh(&mut last, &copy, copy.len() as u32, true);
         }
         assert_eq!(last.repeats(), before + 10, "warm: every repeat is caught");
+    }
+
+    #[test]
+    fn probing_goes_on_after_the_miss_counter_wraps() {
+        let mut last = LastSegment {
+            misses: u32::MAX - 2,
+            ..LastSegment::default()
+        };
+        // Billions of misses later, repeating traffic is still noticed by a probe.
+        for i in 0..PROBE_EVERY * 2 {
+            let bytes = unique(i);
+            assert_same_as_fresh(&mut last, &bytes, bytes.len() as u32, true);
+            let copy = bytes.clone();
+            assert_same_as_fresh(&mut last, &copy, copy.len() as u32, true);
+        }
+        assert!(last.repeats() > 0, "no probe after the counter's end");
     }
 }
