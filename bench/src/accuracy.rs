@@ -19,16 +19,14 @@ use anyhow::{Context, Result, bail};
 use weft_harness::{Cluster, ClusterSpec, NodeSpec, PodSpec, Proc, ServiceSpec};
 
 use crate::Settings;
-use crate::child::{self, Child};
+use crate::child;
+use crate::harness_stitcher;
 use crate::overhead::wait_running;
 use crate::report::{Figure, Report, Target};
 use crate::score::{self, Hop, Span};
 use crate::stats;
 
 const PORT: u16 = 8080;
-const STITCHER_PORT: u16 = 9400;
-/// Inside the control namespace: a fixed port cannot collide.
-const STITCHER_METRICS: &str = "127.0.0.1:9402";
 const COLLECTOR_METRICS: &str = "127.0.0.1:9401";
 /// (pod, node, service) of the chain, in call order.
 const CHAIN: [(&str, &str); 4] = [
@@ -53,7 +51,6 @@ type Lines = Arc<Mutex<Vec<(u64, String)>>>;
 pub fn run(settings: &Settings, args: &AccuracyArgs, report: &mut Report) -> Result<()> {
     let demo_app = child::sibling_binary("weft-demo-app")?;
     let collector_bin = child::sibling_binary("weft-collector")?;
-    let stitcher_bin = child::sibling_binary("weft-stitcher")?;
     let work = settings.work_dir.join("accuracy");
     std::fs::create_dir_all(&work)?;
 
@@ -83,28 +80,15 @@ pub fn run(settings: &Settings, args: &AccuracyArgs, report: &mut Report) -> Res
             })
             .collect(),
     })?;
-    let inventory = work.join("inventory.yaml");
-    std::fs::write(&inventory, cluster.inventory_yaml())?;
-
     // The stitcher, its stdout read line by line and timestamped as it arrives.
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", cluster.control_netns()])
-        .arg(&stitcher_bin)
-        .args(["--listen", &format!("0.0.0.0:{STITCHER_PORT}")])
-        .args(["--metrics-listen", STITCHER_METRICS])
-        .args(["--kubernetes", "off", "--print", "json"])
-        .arg("--inventory")
-        .arg(&inventory)
-        .args([
-            "--trace-idle",
-            &humantime::format_duration(args.trace_idle).to_string(),
-        ])
-        .env("WEFT_LOG", "info");
-    let mut stitcher = Child::spawn(
-        "weft-stitcher",
-        &mut cmd,
-        Stdio::piped(),
-        Some(&work.join("stitcher.stderr")),
+    let mut stitcher = harness_stitcher::start(
+        &cluster,
+        &work,
+        harness_stitcher::Options {
+            print: "json",
+            trace_idle: Some(args.trace_idle),
+            stdout: Stdio::piped(),
+        },
     )?;
     let lines: Lines = Arc::default();
     let stdout = stitcher.take_stdout().context("stitcher stdout")?;
@@ -121,9 +105,8 @@ pub fn run(settings: &Settings, args: &AccuracyArgs, report: &mut Report) -> Res
             }
         })
     };
-    wait_healthy_in(&cluster, &mut stitcher)?;
 
-    let stitcher_url = format!("http://{}:{STITCHER_PORT}", cluster.control_ip());
+    let stitcher_url = harness_stitcher::url(&cluster);
     let mut collectors = Vec::new();
     for (_, node) in CHAIN {
         let proc = cluster.spawn(
@@ -211,27 +194,6 @@ fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-}
-
-fn wait_healthy_in(cluster: &Cluster, stitcher: &mut Child) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr: SocketAddr = STITCHER_METRICS.parse()?;
-    loop {
-        stitcher.ensure_running()?;
-        let ok = cluster.try_run_in(cluster.control_netns(), move || {
-            child::http_get(addr, "/healthz").is_ok()
-        })?;
-        if ok {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "weft-stitcher not healthy after 20 s: {}",
-                stitcher.stderr_tail()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The path template of the call made by chain member `i` (to member `i + 1`).
@@ -385,10 +347,7 @@ fn score_phase(spans: &[Span], logs: &[Vec<score::Served>], mode: &str, c: u32) 
 
 /// Exchanges the stitcher ingested so far (for saying why nothing was printed).
 fn stitcher_ingested(cluster: &Cluster) -> Result<f64> {
-    let addr: SocketAddr = STITCHER_METRICS.parse()?;
-    let text = cluster.try_run_in(cluster.control_netns(), move || {
-        child::http_get(addr, "/metrics")
-    })??;
+    let text = harness_stitcher::scrape(cluster)?;
     Ok(crate::prom::sum(&text, "weft_stitcher_ingest_exchanges", &[]).unwrap_or(0.0))
 }
 

@@ -17,6 +17,7 @@
 
 mod accuracy;
 mod child;
+mod harness_stitcher;
 mod overhead;
 mod procfs;
 mod prom;

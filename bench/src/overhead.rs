@@ -24,10 +24,21 @@
 //!   server half only: the overhead a traced server shows to an untraced client.
 //!
 //! The exchanges-per-request figure confirms the placement (≈ 2 for pod, ≈ 1 for node).
-//! The collector runs local-only (no `--stitcher`): the figure is the node agent's own cost.
+//!
+//! Which runs ship: in the ratio rounds (and the `--bpf-stats` run) the collector runs
+//! local-only (no `--stitcher`): each Exchange is built and discarded, so protobuf encoding
+//! and the gRPC stream are not in those figures. A stitcher there would have to run on the
+//! same 2 CPUs as the load and the server (in production it runs on another node) and
+//! would lower the "with" rate for a reason that is not the collector's. Instead each
+//! placement gets one extra run, outside the ratio, in which the collector ships to a real
+//! `weft-stitcher` in the cluster's control namespace ([`crate::harness_stitcher`], no
+//! printing, no OTLP export): its CPU per 10k req/s is the collector's production cost;
+//! the stitcher's CPU, that run's rate and whether every event was acknowledged (the
+//! collector's `ship` counters, read once the shipper has flushed) go in its note.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -35,7 +46,8 @@ use clap::ValueEnum;
 use weft_harness::{Cluster, ClusterSpec, NodeSpec, PodSpec, Proc};
 
 use crate::Settings;
-use crate::child;
+use crate::child::{self, Child};
+use crate::harness_stitcher;
 use crate::procfs::{MachineCpu, Sample};
 use crate::prom;
 use crate::report::{self, Figure, Report, Target};
@@ -134,6 +146,111 @@ struct CollectorRound {
     /// the collector ran with `--bpf-stats`.
     classifier_seconds: [f64; 2],
     classifier_runs: [f64; 2],
+    /// Only when the collector shipped to a stitcher.
+    shipping: Option<ShipRound>,
+}
+
+/// What shipping did during one run: the stitcher's side and the collector's ship counters.
+#[derive(Debug, Clone, Default)]
+struct ShipRound {
+    /// The stitcher's CPU over the load, in cores.
+    stitcher_cores: f64,
+    /// Exchanges the stitcher ingested from the start of the load to the end of the flush.
+    stitcher_exchanges: f64,
+    /// The collector's totals once the shipper had flushed (or the wait ended).
+    counters: ShipCounters,
+    /// How long after the load the shipper took to flush (or how long we waited).
+    flush_wait: Duration,
+}
+
+/// The shipper's running totals, from the collector's `/metrics`: the `stage="ship"`
+/// samples of `weft_collector_stage_events` (see the collector's `pipeline::tick`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShipCounters {
+    /// Events put on a stream, retransmissions included.
+    pub sent_events: f64,
+    /// Events the stitcher acknowledged (each batch once).
+    pub acked_events: f64,
+    pub retransmitted_batches: f64,
+    pub reconnects: f64,
+    /// Events given up, by reason (every other kind of the stage).
+    pub drops: BTreeMap<String, f64>,
+}
+
+impl ShipCounters {
+    /// The ship counters in a collector's `/metrics` text (all zero when it has none).
+    pub fn parse(metrics: &str) -> ShipCounters {
+        let mut c = ShipCounters::default();
+        let samples = prom::samples(metrics, "weft_collector_stage_events_total")
+            .chain(prom::samples(metrics, "weft_collector_stage_events"));
+        for (labels, value) in samples {
+            let label = |key: &str| {
+                labels
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.as_str())
+            };
+            if label("stage") != Some("ship") {
+                continue;
+            }
+            let Some(kind) = label("kind") else { continue };
+            let slot = match kind {
+                "sent_events" => &mut c.sent_events,
+                "acked_events" => &mut c.acked_events,
+                "retransmitted_batches" => &mut c.retransmitted_batches,
+                "reconnects" => &mut c.reconnects,
+                reason => c.drops.entry(reason.to_owned()).or_default(),
+            };
+            *slot += value;
+        }
+        c
+    }
+
+    pub fn dropped(&self) -> f64 {
+        self.drops.values().sum()
+    }
+
+    /// Everything sent was acknowledged and nothing was given up.
+    pub fn delivered(&self) -> bool {
+        self.dropped() == 0.0 && self.acked_events >= self.sent_events
+    }
+
+    /// What the note says about delivery: the counts, and what is wrong if anything is.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "events sent {}, acknowledged {}, ship drops {}",
+            report::number(self.sent_events),
+            report::number(self.acked_events),
+            report::number(self.dropped()),
+        );
+        if self.acked_events < self.sent_events {
+            s += &format!(
+                "; NOT ALL ACKNOWLEDGED: {} unacknowledged ({} retransmitted batches count twice in sent)",
+                report::number(self.sent_events - self.acked_events),
+                report::number(self.retransmitted_batches),
+            );
+        }
+        if self.dropped() > 0.0 {
+            s += &format!(
+                "; EVENTS DROPPED by reason: {}",
+                self.drops
+                    .iter()
+                    .filter(|(_, n)| **n > 0.0)
+                    .map(|(r, n)| format!("{r} {}", report::number(*n)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if self.reconnects > 0.0 {
+            s += &format!("; {} reconnects", report::number(self.reconnects));
+        }
+        s
+    }
+}
+
+/// The collector's CPU (in cores) per 10k requests/s, in millicores; `None` without load.
+pub fn millicores_per_10k_rps(cores: f64, rps: f64) -> Option<f64> {
+    (rps > 0.0).then(|| cores * 1000.0 / (rps / 10_000.0))
 }
 
 /// The collector's kernel programs whose cost lands on the packets' path.
@@ -148,6 +265,9 @@ struct Runs {
     /// One extra run with `--bpf-stats` (not in the ratio: the kernel's timing costs two
     /// clock reads per run): the classifiers' own time per run and per request.
     timed: Option<(LoadResult, CollectorRound)>,
+    /// One extra run shipping to a stitcher (not in the ratio: the stitcher would take the
+    /// load's CPUs): the collector's cost with encoding and the gRPC stream.
+    shipped: Option<(LoadResult, CollectorRound)>,
 }
 
 /// Where the load comes from and goes to.
@@ -229,14 +349,38 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
         let client_ns = setup.client_ns(placement);
         let label = format!("{}-timed", placement.tag());
         let load = || h2load_run(&setup, &client_ns, args, &label);
-        runs.timed = Some(with_collector(
-            setup.cluster,
-            &setup.node_ns,
-            &setup.collector_bin,
-            &["--bpf-stats"],
-            load,
-        )?);
+        runs.timed = Some(with_collector(&setup, &["--bpf-stats"], None, load)?);
     }
+    // Started only now, so that it takes no CPU in the runs above. Prints nothing (no pipe
+    // to fill) and exports nothing: ingest and the stitch path only.
+    let mut stitcher = harness_stitcher::start(
+        &cluster,
+        &setup.work,
+        harness_stitcher::Options {
+            print: "off",
+            trace_idle: None,
+            stdout: Stdio::null(),
+        },
+    )?;
+    let ship_to = ShipTo {
+        stitcher: &stitcher,
+        url: harness_stitcher::url(&cluster),
+    };
+    for (&placement, runs) in args.placements.iter().zip(&mut runs) {
+        let client_ns = setup.client_ns(placement);
+        let label = format!("{}-shipping", placement.tag());
+        let load = || h2load_run(&setup, &client_ns, args, &label);
+        let (load, c) = with_collector(&setup, &[], Some(&ship_to), load)?;
+        eprintln!(
+            "weft-bench: overhead {label}: {:.0} req/s, {}",
+            load.rps,
+            c.shipping
+                .as_ref()
+                .map_or(String::new(), |s| s.counters.describe())
+        );
+        runs.shipped = Some((load, c));
+    }
+    stitcher.stop(Duration::from_secs(3));
     for (&placement, runs) in args.placements.iter().zip(&runs) {
         report_placement(report, placement, runs, args);
     }
@@ -266,13 +410,7 @@ fn run_round(
         );
         let load = || h2load_run(setup, &client_ns, args, &label);
         let rps = if attached {
-            let (load, c) = with_collector(
-                setup.cluster,
-                &setup.node_ns,
-                &setup.collector_bin,
-                &[],
-                load,
-            )?;
+            let (load, c) = with_collector(setup, &[], None, load)?;
             runs.collector.push(c);
             runs.with.push(load);
             runs.with.last()
@@ -300,9 +438,13 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
         with,
         collector: collector_rounds,
         timed,
+        shipped,
     } = runs;
     if let Some((load, c)) = timed {
         report_classifier_time(report, &name, load, c, args);
+    }
+    if let Some((load, c)) = shipped {
+        report_shipping(report, &name, load, c, args);
     }
     let med = |xs: &[LoadResult], f: fn(&LoadResult) -> Option<f64>| {
         stats::median(&xs.iter().filter_map(f).collect::<Vec<_>>())
@@ -398,8 +540,7 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
     let per_10k: Vec<f64> = collector_rounds
         .iter()
         .zip(with)
-        .filter(|(_, l)| l.rps > 0.0)
-        .map(|(c, l)| c.cores * 1000.0 / (l.rps / 10_000.0))
+        .filter_map(|(c, l)| millicores_per_10k_rps(c.cores, l.rps))
         .collect();
     report.add(
         Figure::new(
@@ -534,27 +675,97 @@ fn report_classifier_time(
     );
 }
 
-/// Starts the collector in the node (with `extra` flags), waits until it runs, runs `load`,
-/// measures the collector over the load, stops it.
+/// The collector's CPU when it ships: from the one run of `placement` that shipped to a
+/// stitcher, with the stitcher's side and the delivery counts in the note.
+fn report_shipping(
+    report: &mut Report,
+    name: &dyn Fn(&str) -> String,
+    load: &LoadResult,
+    c: &CollectorRound,
+    args: &OverheadArgs,
+) {
+    let mut f = Figure::new(
+        BENCH,
+        &name("collector CPU per 10k req/s, shipping to a stitcher"),
+        millicores_per_10k_rps(c.cores, load.rps),
+        "millicores",
+    )
+    .target(Target::at_most(100.0))
+    .note(format!(
+        "one extra {} s run outside the ratio, the collector with --stitcher to a \
+         weft-stitcher in the control namespace: collector process at {:.0} millicores, \
+         {:.0} req/s",
+        args.round.as_secs(),
+        c.cores * 1000.0,
+        load.rps,
+    ));
+    if let Some(ship) = &c.shipping {
+        f = f
+            .note(format!(
+                "stitcher at {:.0} millicores, informational: the same machine here, another \
+                 node in production; it ingested {} exchanges",
+                ship.stitcher_cores * 1000.0,
+                report::number(ship.stitcher_exchanges),
+            ))
+            .note(ship.counters.describe())
+            .note(if ship.counters.delivered() {
+                format!(
+                    "all delivered ({:.1} s after the load)",
+                    ship.flush_wait.as_secs_f64()
+                )
+            } else {
+                format!(
+                    "NOT all delivered {:.1} s after the load",
+                    ship.flush_wait.as_secs_f64()
+                )
+            });
+    }
+    if load.failed > 0 {
+        f = f.note(format!("{} requests failed", load.failed));
+    }
+    report.add(f);
+}
+
+/// Where the collector ships to, in the shipping runs.
+struct ShipTo<'a> {
+    stitcher: &'a Child,
+    url: String,
+}
+
+/// Starts the collector in the node (with `extra` flags, and shipping to `ship_to` if
+/// given), waits until it runs, runs `load`, measures the collector (and the stitcher) over
+/// the load, lets the shipper flush, stops it.
 fn with_collector(
-    cluster: &Cluster,
-    node_ns: &str,
-    collector_bin: &std::path::Path,
+    setup: &Setup,
     extra: &[&str],
+    ship_to: Option<&ShipTo>,
     load: impl FnOnce() -> Result<LoadResult>,
 ) -> Result<(LoadResult, CollectorRound)> {
-    let proc = cluster.spawn(
-        node_ns,
-        Command::new(collector_bin)
-            .args(["--node-name", "a", "--metrics-listen", COLLECTOR_METRICS])
-            .args(["--print", "off", "--log", "info"])
-            .args(extra)
-            .env_remove("WEFT_STITCHER"),
-    )?;
+    let (cluster, node_ns) = (setup.cluster, setup.node_ns.as_str());
+    let mut cmd = Command::new(&setup.collector_bin);
+    cmd.args(["--node-name", "a", "--metrics-listen", COLLECTOR_METRICS])
+        .args(["--print", "off", "--log", "info"])
+        .args(extra);
+    match ship_to {
+        Some(to) => cmd.args(["--stitcher", &to.url]),
+        None => cmd.env_remove("WEFT_STITCHER"),
+    };
+    let proc = cluster.spawn(node_ns, &mut cmd)?;
     wait_running(&proc)?;
     let scrape = || -> Result<String> {
         let addr: SocketAddr = COLLECTOR_METRICS.parse()?;
         cluster.try_run_in(node_ns, move || child::http_get(addr, "/metrics"))?
+    };
+    let stitcher_sample = || {
+        ship_to
+            .map(|to| Sample::read(to.stitcher.pid()))
+            .transpose()
+    };
+    let stitcher_exchanges = || -> Result<f64> {
+        let text = harness_stitcher::scrape(cluster)?;
+        Ok(prom::sum(&text, "weft_stitcher_ingest_exchanges", &[])
+            .or_else(|| prom::sum(&text, "weft_stitcher_ingest_exchanges_total", &[]))
+            .unwrap_or(0.0))
     };
     // With --bpf-stats the program totals are taken on the collector's one-second tick:
     // let one pass before each scrape so that it has them.
@@ -565,11 +776,27 @@ fn with_collector(
     };
     settle();
     let m0 = scrape()?;
+    let ingested0 = ship_to.map(|_| stitcher_exchanges()).transpose()?;
+    let st0 = stitcher_sample()?;
     let s0 = Sample::read(proc.pid())?;
     let result = load()?;
     let s1 = Sample::read(proc.pid())?;
+    let st1 = stitcher_sample()?;
     settle();
     let m1 = scrape()?;
+    let shipping = match (st0, st1, ingested0) {
+        (Some(st0), Some(st1), Some(ingested0)) => {
+            let after_load = Instant::now();
+            let counters = wait_flushed(ShipCounters::parse(&m1), &scrape)?;
+            Some(ShipRound {
+                stitcher_cores: st1.cores_since(&st0),
+                stitcher_exchanges: stitcher_exchanges()? - ingested0,
+                counters,
+                flush_wait: after_load.elapsed(),
+            })
+        }
+        _ => None,
+    };
     proc.stop(Duration::from_secs(3))?;
     let delta = |name: &str, labels: &[(&str, &str)]| {
         let v = |t: &str| {
@@ -592,8 +819,42 @@ fn with_collector(
                 .map(|p| delta("weft_collector_program_run_seconds", &[("program", p)])),
             classifier_runs: CLASSIFIERS
                 .map(|p| delta("weft_collector_program_runs", &[("program", p)])),
+            shipping,
         },
     ))
+}
+
+/// Scrapes the collector once per metrics tick (its counters are published on its
+/// one-second tick) until the ship counters are final: unchanged over a tick with every
+/// event acknowledged and none dropped, or unchanged over [`STUCK_TICKS`] ticks (the
+/// shipper is stuck, the note says what is missing), or [`FLUSH_LIMIT`] passed.
+/// Returns the last counters.
+fn wait_flushed(
+    mut last: ShipCounters,
+    scrape: &dyn Fn() -> Result<String>,
+) -> Result<ShipCounters> {
+    let deadline = Instant::now() + FLUSH_LIMIT;
+    let mut unchanged = 0;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1100));
+        let now = ShipCounters::parse(&scrape()?);
+        unchanged = if now == last { unchanged + 1 } else { 0 };
+        last = now;
+        if flushed(&last, unchanged) {
+            break;
+        }
+    }
+    Ok(last)
+}
+
+/// Longest wait for the shipper to flush after the load.
+const FLUSH_LIMIT: Duration = Duration::from_secs(15);
+/// Ticks without any change after which an incomplete delivery is taken as final.
+const STUCK_TICKS: u32 = 3;
+
+/// Whether counters that stayed the same over `unchanged` ticks are final.
+pub fn flushed(counters: &ShipCounters, unchanged: u32) -> bool {
+    (unchanged >= 1 && counters.delivered()) || unchanged >= STUCK_TICKS
 }
 
 pub fn wait_running(proc: &Proc) -> Result<()> {
@@ -755,6 +1016,99 @@ mod tests {
         let log = "1700000000000000\t200\t1500\n1700000000000100\t500\t9000\nbad line\n\
                    1700000000000200\t204\t250\n";
         assert_eq!(parse_h2load_log(log), vec![1.5, 0.25]);
+    }
+
+    /// The collector's `/metrics` as prometheus_client writes the ship stage (with the
+    /// parse stage's samples of the same family around it).
+    const SHIP_METRICS: &str = "# HELP weft_collector_stage_events Counters of the parse and ship stages.\n\
+        # TYPE weft_collector_stage_events counter\n\
+        weft_collector_stage_events_total{stage=\"parse\",kind=\"sent_events\"} 999\n\
+        weft_collector_stage_events_total{stage=\"ship\",kind=\"sent_events\"} 1200\n\
+        weft_collector_stage_events_total{stage=\"ship\",kind=\"acked_events\"} 1100\n\
+        weft_collector_stage_events_total{stage=\"ship\",kind=\"retransmitted_batches\"} 1\n\
+        weft_collector_stage_events_total{stage=\"ship\",kind=\"reconnects\"} 2\n\
+        weft_collector_stage_events_total{stage=\"ship\",kind=\"queue_full\"} 30\n\
+        weft_collector_stage_events_total{stage=\"ship\",kind=\"rejected_invalid\"} 0\n\
+        weft_collector_exchanges_total 1180\n";
+
+    #[test]
+    fn ship_counters_come_from_the_ship_stage_only() {
+        let c = ShipCounters::parse(SHIP_METRICS);
+        assert_eq!(c.sent_events, 1200.0);
+        assert_eq!(c.acked_events, 1100.0);
+        assert_eq!(c.retransmitted_batches, 1.0);
+        assert_eq!(c.reconnects, 2.0);
+        assert_eq!(
+            c.drops,
+            BTreeMap::from([
+                ("queue_full".to_owned(), 30.0),
+                ("rejected_invalid".to_owned(), 0.0)
+            ])
+        );
+        assert_eq!(c.dropped(), 30.0);
+        let none = ShipCounters::parse("weft_collector_exchanges_total 5\n");
+        assert_eq!(none, ShipCounters::default());
+    }
+
+    #[test]
+    fn delivery_needs_every_event_acknowledged_and_no_drop() {
+        let ok = ShipCounters {
+            sent_events: 500.0,
+            acked_events: 500.0,
+            drops: BTreeMap::from([("queue_full".to_owned(), 0.0)]),
+            ..ShipCounters::default()
+        };
+        assert!(ok.delivered());
+        assert!(!ok.describe().contains("NOT"), "{}", ok.describe());
+        assert!(!ok.describe().contains("DROPPED"), "{}", ok.describe());
+
+        let unacked = ShipCounters {
+            acked_events: 480.0,
+            ..ok.clone()
+        };
+        assert!(!unacked.delivered());
+        assert!(
+            unacked
+                .describe()
+                .contains("NOT ALL ACKNOWLEDGED: 20 unacknowledged"),
+            "{}",
+            unacked.describe()
+        );
+
+        let dropped = ShipCounters::parse(SHIP_METRICS);
+        assert!(!dropped.delivered());
+        let text = dropped.describe();
+        assert!(
+            text.contains("EVENTS DROPPED by reason: queue_full 30"),
+            "{text}"
+        );
+        assert!(!text.contains("rejected_invalid"), "{text}");
+        assert!(text.contains("2 reconnects"), "{text}");
+    }
+
+    #[test]
+    fn flush_wait_ends_when_counters_are_final() {
+        let done = ShipCounters {
+            sent_events: 10.0,
+            acked_events: 10.0,
+            ..ShipCounters::default()
+        };
+        let pending = ShipCounters {
+            acked_events: 8.0,
+            ..done.clone()
+        };
+        assert!(!flushed(&done, 0), "still moving");
+        assert!(flushed(&done, 1));
+        assert!(!flushed(&pending, 1), "an ack may still come");
+        assert!(!flushed(&pending, STUCK_TICKS - 1));
+        assert!(flushed(&pending, STUCK_TICKS));
+    }
+
+    #[test]
+    fn cpu_per_10k_requests_per_second() {
+        // 0.05 cores at 20k req/s: 25 millicores per 10k req/s.
+        assert_eq!(millicores_per_10k_rps(0.05, 20_000.0), Some(25.0));
+        assert_eq!(millicores_per_10k_rps(0.05, 0.0), None);
     }
 
     #[test]

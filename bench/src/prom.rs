@@ -6,33 +6,37 @@
 /// Sum of `name{...}` samples whose label set contains every `(key, value)` of `labels`;
 /// `None` when no sample matched.
 pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines() {
+    samples(text, name)
+        .filter(|(pairs, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| pairs.iter().any(|(pk, pv)| pk == k && pv == v))
+        })
+        .map(|(_, v)| v)
+        .reduce(|a, b| a + b)
+}
+
+/// Every `name{...}` sample: its labels and its value (lines whose value does not parse
+/// are skipped).
+pub fn samples<'a>(
+    text: &'a str,
+    name: &'a str,
+) -> impl Iterator<Item = (Vec<(String, String)>, f64)> + 'a {
+    text.lines().filter_map(move |line| {
         if line.starts_with('#') {
-            continue;
+            return None;
         }
-        let Some((series, value)) = line.trim().rsplit_once(' ') else {
-            continue;
-        };
+        let (series, value) = line.trim().rsplit_once(' ')?;
         let (metric, label_text) = match series.split_once('{') {
             Some((m, rest)) => (m, rest.trim_end_matches('}')),
             None => (series, ""),
         };
         if metric != name {
-            continue;
+            return None;
         }
-        let pairs = parse_labels(label_text);
-        let matches = labels
-            .iter()
-            .all(|(k, v)| pairs.iter().any(|(pk, pv)| pk == k && pv == v));
-        if !matches {
-            continue;
-        }
-        if let Ok(v) = value.parse::<f64>() {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    found
+        let value = value.parse::<f64>().ok()?;
+        Some((parse_labels(label_text), value))
+    })
 }
 
 fn parse_labels(text: &str) -> Vec<(String, String)> {
@@ -108,6 +112,14 @@ mod tests {
             None
         );
         assert_eq!(sum("", "x", &[]), None);
+    }
+
+    #[test]
+    fn samples_carry_their_labels() {
+        let got: Vec<_> = samples(TEXT, "weft_collector_ring_drops_total").collect();
+        let ring = |v: &str| vec![("ring".to_owned(), v.to_owned())];
+        assert_eq!(got, vec![(ring("packets"), 7.0), (ring("conns"), 2.0)]);
+        assert_eq!(samples(TEXT, "weft_absent").count(), 0);
     }
 
     #[test]
