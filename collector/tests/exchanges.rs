@@ -1,12 +1,15 @@
 //! Acceptance test 1 of issue 3: every HTTP/1.1 request from a pod on node A to a ClusterIP
 //! backed by a pod on node B is reported once as CLIENT by node A's collector and once as
 //! SERVER by node B's, with the right method, path and status and the same TCP seqs on both
-//! sides (Service DNAT rewrites addresses, not sequence numbers). Needs root.
+//! sides (Service DNAT rewrites addresses, not sequence numbers); and the same for IPv6
+//! between two pods of one node. Needs root.
 
 mod common;
 
 use std::{
     collections::HashMap,
+    net::{Ipv6Addr, SocketAddr},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -146,4 +149,103 @@ fn thousand_requests_through_a_cluster_ip_are_seen_on_both_nodes_with_the_same_s
     assert!(conns >= (REQUESTS / 2) as u64, "connection events: {conns}");
     a.stop(Duration::from_secs(5)).unwrap();
     b.stop(Duration::from_secs(5)).unwrap();
+}
+
+/// Runs `ip` with `args`, failing the test with its message if it fails.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// IPv6 end to end: the classifiers parse the IPv6 header (addresses, payload length) and
+/// the parser keys connections by 16-byte addresses. The harness cluster is IPv4 only, so
+/// this test turns IPv6 on in two pods of one node and gives their `eth0` addresses of one
+/// /64: they talk over the node's bridge, through both traced veths (CLIENT on the client
+/// pod's, SERVER on the server pod's).
+#[test]
+fn ipv6_requests_between_pods_are_seen_on_both_veths_with_their_addresses_and_seqs() {
+    const N: usize = 40;
+    let cluster = one_node();
+    let node = cluster.node("a").netns().to_owned();
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let client_ip: Ipv6Addr = "fd00:77::1".parse().unwrap();
+    let server_ip: Ipv6Addr = "fd00:77::2".parse().unwrap();
+    for (ns, addr) in [(client.netns(), client_ip), (server.netns(), server_ip)] {
+        ip(&[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.eth0.disable_ipv6=0",
+        ]);
+        // nodad: usable at once, no duplicate-address probe on the veths.
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+    }
+    let collector = start_collector(&cluster, &node, &["--print", "json"]);
+    let listen = SocketAddr::from((Ipv6Addr::UNSPECIFIED, SERVER_PORT));
+    let _srv = start_http_server_at(server.netns(), listen);
+    let addr = SocketAddr::from((server_ip, SERVER_PORT));
+
+    let paths: Vec<String> = (0..N).map(|i| format!("/v6/{i}?secret={i}")).collect();
+    let mut statuses = http_requests(&cluster, client.netns(), addr, &paths[..N / 2], true);
+    statuses.extend(http_requests(
+        &cluster,
+        client.netns(),
+        addr,
+        &paths[N / 2..],
+        false,
+    ));
+    assert_eq!(statuses, vec![200; N]);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while collector.stdout_text().lines().count() < 2 * N && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let by_path = exchanges_by_path(&collector.stdout_text());
+    assert_eq!(
+        by_path.values().map(Vec::len).sum::<usize>(),
+        2 * N,
+        "{}",
+        collector.stderr_text()
+    );
+    for i in 0..N {
+        // The query string is redacted by default, IPv6 or not.
+        let path = format!("/v6/{i}?<redacted>");
+        let seen = by_path
+            .get(&path)
+            .unwrap_or_else(|| panic!("{path} not seen"));
+        let side = |s: &str| {
+            let mut of_side = seen.iter().filter(|e| e["side"] == s);
+            let ex = of_side.next().unwrap_or_else(|| panic!("{path}: no {s}"));
+            assert!(of_side.next().is_none(), "{path}: {s} twice");
+            ex
+        };
+        let (c, s) = (side("CLIENT"), side("SERVER"));
+        for ex in [c, s] {
+            assert_eq!(ex["method"], "GET", "{ex}");
+            assert_eq!(ex["status"], 200, "{ex}");
+            assert_eq!(ex["server"], addr.to_string(), "{ex}");
+            let client_end: SocketAddr = ex["client"].as_str().unwrap().parse().unwrap();
+            assert_eq!(client_end.ip(), client_ip, "{ex}");
+        }
+        assert_eq!(c["client"], s["client"], "{path}");
+        assert_eq!(c["request_seq"], s["request_seq"], "{path}: {c} vs {s}");
+        assert_eq!(c["response_seq"], s["response_seq"], "{path}: {c} vs {s}");
+    }
+    collector.stop(Duration::from_secs(5)).unwrap();
 }

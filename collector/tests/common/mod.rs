@@ -141,13 +141,18 @@ impl Drop for HttpServer {
 }
 
 pub fn start_http_server(netns: &str) -> HttpServer {
+    start_http_server_at(netns, server_addr(Ipv4Addr::UNSPECIFIED, SERVER_PORT))
+}
+
+/// The test server of [`start_http_server`], listening on `listen` (an IPv6 address, say).
+pub fn start_http_server_at(netns: &str, listen: SocketAddr) -> HttpServer {
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let netns = netns.to_owned();
     let stop2 = stop.clone();
     let thread = std::thread::spawn(move || {
         enter_netns(&netns);
-        let l = TcpListener::bind(("0.0.0.0", SERVER_PORT)).expect("bind server");
+        let l = TcpListener::bind(listen).expect("bind server");
         l.set_nonblocking(true).unwrap();
         ready_tx.send(()).unwrap();
         let mut workers = Vec::new();
