@@ -1,14 +1,15 @@
 //! Acceptance test 1 of issue 3: every HTTP/1.1 request from a pod on node A to a ClusterIP
 //! backed by a pod on node B is reported once as CLIENT by node A's collector and once as
 //! SERVER by node B's, with the right method, path and status and the same TCP seqs on both
-//! sides (Service DNAT rewrites addresses, not sequence numbers); and the same for IPv6
-//! between two pods of one node. Needs root.
+//! sides (Service DNAT rewrites addresses, not sequence numbers); the same for IPv6 between
+//! two pods of one node; and pipelined requests pair with their own responses. Needs root.
 
 mod common;
 
 use std::{
     collections::HashMap,
-    net::{Ipv6Addr, SocketAddr},
+    io::{BufReader, Write as _},
+    net::{Ipv6Addr, SocketAddr, TcpStream},
     process::Command,
     time::{Duration, Instant},
 };
@@ -246,6 +247,89 @@ fn ipv6_requests_between_pods_are_seen_on_both_veths_with_their_addresses_and_se
         assert_eq!(c["client"], s["client"], "{path}");
         assert_eq!(c["request_seq"], s["request_seq"], "{path}: {c} vs {s}");
         assert_eq!(c["response_seq"], s["response_seq"], "{path}: {c} vs {s}");
+    }
+    collector.stop(Duration::from_secs(5)).unwrap();
+}
+
+/// Pipelining with real packets: each batch of requests is one write (one segment holding
+/// several requests), the server answers them in order (its responses may coalesce into
+/// one segment too). Every request must pair with its own response: the test server's
+/// body is `hello <path>` and the paths differ in length, so a pairing shifted by one
+/// shows as a wrong `response_bytes`.
+#[test]
+fn pipelined_requests_in_one_segment_pair_with_their_own_responses() {
+    const BATCHES: usize = 10;
+    const DEPTH: usize = 3;
+    let cluster = one_node();
+    let node = cluster.node("a").netns().to_owned();
+    let server = cluster.pod("server");
+    let collector = start_collector(&cluster, &node, &["--print", "json"]);
+    let _srv = start_http_server(server.netns());
+    let addr = server_addr(server.ip(), SERVER_PORT);
+    let batches: Vec<Vec<String>> = (0..BATCHES)
+        .map(|b| {
+            (0..DEPTH)
+                .map(|i| format!("/pipe/{b}/{}", "x".repeat(i * 7)))
+                .collect()
+        })
+        .collect();
+    let sent = batches.clone();
+    let statuses = cluster.run_in(cluster.pod("client").netns(), move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut statuses = Vec::new();
+        for batch in &sent {
+            let all: String = batch
+                .iter()
+                .map(|p| format!("GET {p} HTTP/1.1\r\nHost: backend\r\n\r\n"))
+                .collect();
+            s.write_all(all.as_bytes()).unwrap();
+            statuses.extend(batch.iter().map(|_| read_response(&mut r)));
+        }
+        statuses
+    });
+    assert_eq!(statuses, vec![200; BATCHES * DEPTH]);
+
+    let expected = 2 * BATCHES * DEPTH;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while collector.stdout_text().lines().count() < expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let by_path = exchanges_by_path(&collector.stdout_text());
+    let diag = || format!("{}\n{}", collector.stdout_text(), collector.stderr_text());
+    assert_eq!(
+        by_path.values().map(Vec::len).sum::<usize>(),
+        expected,
+        "{}",
+        diag()
+    );
+    for path in batches.iter().flatten() {
+        let seen = by_path
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} not seen\n{}", diag()));
+        let mut sides: Vec<&str> = seen.iter().filter_map(|e| e["side"].as_str()).collect();
+        sides.sort_unstable();
+        assert_eq!(sides, ["CLIENT", "SERVER"], "{path}");
+        for ex in seen {
+            assert_eq!(ex["status"], 200, "{ex}");
+            // The body is "hello <path>": its length names the response this one paired with.
+            assert_eq!(ex["response_bytes"], 6 + path.len(), "{path}: {ex}");
+        }
+    }
+    // Within a batch the requests follow each other in one segment: each one's seq is the
+    // previous one's plus its length.
+    for batch in &batches {
+        let seq = |p: &String| by_path[p][0]["request_seq"].as_u64().unwrap() as u32;
+        for pair in batch.windows(2) {
+            let len = format!("GET {} HTTP/1.1\r\nHost: backend\r\n\r\n", pair[0]).len();
+            assert_eq!(
+                seq(&pair[1]),
+                seq(&pair[0]).wrapping_add(len as u32),
+                "{pair:?}"
+            );
+        }
     }
     collector.stop(Duration::from_secs(5)).unwrap();
 }

@@ -261,7 +261,8 @@ pub fn http_requests(
     })
 }
 
-fn read_response(r: &mut BufReader<TcpStream>) -> u16 {
+/// Reads one response (head and `Content-Length` body) and returns its status.
+pub fn read_response(r: &mut BufReader<TcpStream>) -> u16 {
     let mut line = String::new();
     r.read_line(&mut line).expect("status line");
     let status = line
