@@ -151,16 +151,33 @@ struct CollectorRound {
 }
 
 /// What shipping did during one run: the stitcher's side and the collector's ship counters.
+/// The shipper may still be sending when the load stops, so CPU is counted from the start
+/// of the load until the flush ended.
 #[derive(Debug, Clone, Default)]
 struct ShipRound {
-    /// The stitcher's CPU over the load, in cores.
-    stitcher_cores: f64,
+    /// The collector's CPU seconds from the end of the load until the flush ended.
+    collector_cpu_after_load: f64,
+    /// The stitcher's CPU seconds from the start of the load until the flush ended.
+    stitcher_cpu_seconds: f64,
     /// Exchanges the stitcher ingested from the start of the load to the end of the flush.
     stitcher_exchanges: f64,
+    /// Events sent by the end of the load (as of the collector's last tick before it).
+    sent_at_load_end: f64,
     /// The collector's totals once the shipper had flushed (or the wait ended).
     counters: ShipCounters,
-    /// How long after the load the shipper took to flush (or how long we waited).
+    /// How long after the load the flush ended (or the wait gave up).
     flush_wait: Duration,
+}
+
+impl ShipRound {
+    /// The collector's CPU for this run in cores: everything it spent from the start of
+    /// the load until it had shipped the load's events, over the load's `load_seconds`.
+    fn collector_cores(&self, cores_during_load: f64, load_seconds: f64) -> f64 {
+        if load_seconds <= 0.0 {
+            return cores_during_load;
+        }
+        cores_during_load + self.collector_cpu_after_load / load_seconds
+    }
 }
 
 /// The shipper's running totals, from the collector's `/metrics`: the `stage="ship"`
@@ -207,7 +224,8 @@ impl ShipCounters {
     }
 
     pub fn dropped(&self) -> f64 {
-        self.drops.values().sum()
+        // Not `sum()`: an empty f64 sum is -0.0, printed "-0".
+        self.drops.values().fold(0.0, |a, b| a + b)
     }
 
     /// Everything sent was acknowledged and nothing was given up.
@@ -374,9 +392,11 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
         eprintln!(
             "weft-bench: overhead {label}: {:.0} req/s, {}",
             load.rps,
-            c.shipping
-                .as_ref()
-                .map_or(String::new(), |s| s.counters.describe())
+            c.shipping.as_ref().map_or(String::new(), |s| format!(
+                "{}; flush ended {:.1} s after the load",
+                s.counters.describe(),
+                s.flush_wait.as_secs_f64()
+            ))
         );
         runs.shipped = Some((load, c));
     }
@@ -684,42 +704,51 @@ fn report_shipping(
     c: &CollectorRound,
     args: &OverheadArgs,
 ) {
+    let Some(ship) = &c.shipping else {
+        return;
+    };
+    let cores = ship.collector_cores(c.cores, c.seconds);
+    let wait = ship.flush_wait.as_secs_f64();
     let mut f = Figure::new(
         BENCH,
         &name("collector CPU per 10k req/s, shipping to a stitcher"),
-        millicores_per_10k_rps(c.cores, load.rps),
+        millicores_per_10k_rps(cores, load.rps),
         "millicores",
     )
     .target(Target::at_most(100.0))
     .note(format!(
         "one extra {} s run outside the ratio, the collector with --stitcher to a \
-         weft-stitcher in the control namespace: collector process at {:.0} millicores, \
-         {:.0} req/s",
+         weft-stitcher in the control namespace, {:.0} req/s; collector process at {:.0} \
+         millicores: its CPU from the start of the load until the shipper had flushed \
+         ({wait:.1} s after the load, {:.0} millicores during the load), over the load's {:.1} s",
         args.round.as_secs(),
-        c.cores * 1000.0,
         load.rps,
+        cores * 1000.0,
+        c.cores * 1000.0,
+        c.seconds,
+    ))
+    .note(format!(
+        "stitcher at {:.0} millicores on the same basis, informational (the same machine \
+         here, another node in production); it ingested {} exchanges",
+        if c.seconds > 0.0 {
+            ship.stitcher_cpu_seconds * 1000.0 / c.seconds
+        } else {
+            0.0
+        },
+        report::number(ship.stitcher_exchanges),
+    ))
+    .note(ship.counters.describe())
+    .note(format!(
+        "{} events sent after the load ended",
+        report::number((ship.counters.sent_events - ship.sent_at_load_end).max(0.0))
     ));
-    if let Some(ship) = &c.shipping {
-        f = f
-            .note(format!(
-                "stitcher at {:.0} millicores, informational: the same machine here, another \
-                 node in production; it ingested {} exchanges",
-                ship.stitcher_cores * 1000.0,
-                report::number(ship.stitcher_exchanges),
-            ))
-            .note(ship.counters.describe())
-            .note(if ship.counters.delivered() {
-                format!(
-                    "all delivered ({:.1} s after the load)",
-                    ship.flush_wait.as_secs_f64()
-                )
-            } else {
-                format!(
-                    "NOT all delivered {:.1} s after the load",
-                    ship.flush_wait.as_secs_f64()
-                )
-            });
-    }
+    f = f.note(if ship.counters.delivered() {
+        "all delivered".to_owned()
+    } else if ship.flush_wait >= FLUSH_LIMIT {
+        format!("NOT all delivered when the wait ended ({wait:.1} s after the load)")
+    } else {
+        format!("NOT all delivered: nothing moved for {STUCK_TICKS} s ({wait:.1} s after the load)")
+    });
     if load.failed > 0 {
         f = f.note(format!("{} requests failed", load.failed));
     }
@@ -781,18 +810,22 @@ fn with_collector(
     let s0 = Sample::read(proc.pid())?;
     let result = load()?;
     let s1 = Sample::read(proc.pid())?;
-    let st1 = stitcher_sample()?;
     settle();
     let m1 = scrape()?;
-    let shipping = match (st0, st1, ingested0) {
-        (Some(st0), Some(st1), Some(ingested0)) => {
-            let after_load = Instant::now();
-            let counters = wait_flushed(ShipCounters::parse(&m1), &scrape)?;
+    let shipping = match (st0, ingested0) {
+        (Some(st0), Some(ingested0)) => {
+            let at_load_end = ShipCounters::parse(&m1);
+            let counters = wait_flushed(at_load_end.clone(), &scrape)?;
+            let flush_wait = s1.at.elapsed();
+            let s2 = Sample::read(proc.pid())?;
+            let st2 = stitcher_sample()?.unwrap_or(st0);
             Some(ShipRound {
-                stitcher_cores: st1.cores_since(&st0),
+                collector_cpu_after_load: s2.cpu_seconds_since(&s1),
+                stitcher_cpu_seconds: st2.cpu_seconds_since(&st0),
                 stitcher_exchanges: stitcher_exchanges()? - ingested0,
+                sent_at_load_end: at_load_end.sent_events,
                 counters,
-                flush_wait: after_load.elapsed(),
+                flush_wait,
             })
         }
         _ => None,
@@ -1059,6 +1092,16 @@ mod tests {
             ..ShipCounters::default()
         };
         assert!(ok.delivered());
+        let no_drop_kinds = ShipCounters {
+            drops: BTreeMap::new(),
+            ..ok.clone()
+        };
+        assert!(no_drop_kinds.delivered());
+        assert!(
+            no_drop_kinds.describe().ends_with("ship drops 0"),
+            "{}",
+            no_drop_kinds.describe()
+        );
         assert!(!ok.describe().contains("NOT"), "{}", ok.describe());
         assert!(!ok.describe().contains("DROPPED"), "{}", ok.describe());
 
@@ -1102,6 +1145,17 @@ mod tests {
         assert!(!flushed(&pending, 1), "an ack may still come");
         assert!(!flushed(&pending, STUCK_TICKS - 1));
         assert!(flushed(&pending, STUCK_TICKS));
+    }
+
+    #[test]
+    fn shipping_cpu_counts_the_flush_after_the_load() {
+        let ship = ShipRound {
+            collector_cpu_after_load: 0.5,
+            ..ShipRound::default()
+        };
+        // 0.1 cores over a 10 s load, plus 0.5 CPU seconds of flushing: 0.15 cores.
+        assert!((ship.collector_cores(0.1, 10.0) - 0.15).abs() < 1e-12);
+        assert_eq!(ship.collector_cores(0.1, 0.0), 0.1);
     }
 
     #[test]
