@@ -747,7 +747,9 @@ fn report_shipping(
     } else if ship.flush_wait >= FLUSH_LIMIT {
         format!("NOT all delivered when the wait ended ({wait:.1} s after the load)")
     } else {
-        format!("NOT all delivered: nothing moved for {STUCK_TICKS} s ({wait:.1} s after the load)")
+        format!(
+            "NOT all delivered: no acknowledgement for {STUCK_TICKS} s ({wait:.1} s after the load)"
+        )
     });
     if load.failed > 0 {
         f = f.note(format!("{} requests failed", load.failed));
@@ -815,7 +817,11 @@ fn with_collector(
     let shipping = match (st0, ingested0) {
         (Some(st0), Some(ingested0)) => {
             let at_load_end = ShipCounters::parse(&m1);
-            let counters = wait_flushed(at_load_end.clone(), &scrape)?;
+            let quiet = quiet_events(
+                at_load_end.sent_events - ShipCounters::parse(&m0).sent_events,
+                s1.at.duration_since(s0.at).as_secs_f64(),
+            );
+            let counters = wait_flushed(at_load_end.clone(), quiet, &scrape)?;
             let flush_wait = s1.at.elapsed();
             let s2 = Sample::read(proc.pid())?;
             let st2 = stitcher_sample()?.unwrap_or(st0);
@@ -858,22 +864,22 @@ fn with_collector(
 }
 
 /// Scrapes the collector once per metrics tick (its counters are published on its
-/// one-second tick) until the ship counters are final: unchanged over a tick with every
-/// event acknowledged and none dropped, or unchanged over [`STUCK_TICKS`] ticks (the
-/// shipper is stuck, the note says what is missing), or [`FLUSH_LIMIT`] passed.
-/// Returns the last counters.
+/// one-second tick) until the shipper has caught up ([`Flush::Done`]), is stuck
+/// ([`Flush::Stuck`]) or [`FLUSH_LIMIT`] passed. `quiet` is the trickle of events still
+/// sent per tick that counts as caught up (see [`Flush::after`]). Returns the last counters.
 fn wait_flushed(
     mut last: ShipCounters,
+    quiet: f64,
     scrape: &dyn Fn() -> Result<String>,
 ) -> Result<ShipCounters> {
     let deadline = Instant::now() + FLUSH_LIMIT;
-    let mut unchanged = 0;
+    let mut stalled = 0;
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1100));
         let now = ShipCounters::parse(&scrape()?);
-        unchanged = if now == last { unchanged + 1 } else { 0 };
+        let state = Flush::after(&last, &now, quiet, &mut stalled);
         last = now;
-        if flushed(&last, unchanged) {
+        if state != Flush::Going {
             break;
         }
     }
@@ -882,12 +888,47 @@ fn wait_flushed(
 
 /// Longest wait for the shipper to flush after the load.
 const FLUSH_LIMIT: Duration = Duration::from_secs(15);
-/// Ticks without any change after which an incomplete delivery is taken as final.
+/// Ticks without a new acknowledgement after which an incomplete delivery is final.
 const STUCK_TICKS: u32 = 3;
 
-/// Whether counters that stayed the same over `unchanged` ticks are final.
-pub fn flushed(counters: &ShipCounters, unchanged: u32) -> bool {
-    (unchanged >= 1 && counters.delivered()) || unchanged >= STUCK_TICKS
+/// Where the shipper is, from two scrapes one tick apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// Every event sent is acknowledged, none dropped, and at most `quiet` events were sent
+    /// in the tick: caught up. Not "nothing sent": events keep trickling after the load
+    /// (connection events of the bench's own scrapes, the parser's timeouts), so waiting
+    /// for silence would mostly measure the collector idling.
+    Done,
+    /// Not all acknowledged and no new acknowledgement for [`STUCK_TICKS`] ticks.
+    Stuck,
+    Going,
+}
+
+impl Flush {
+    /// `stalled` counts the ticks in a row without a new acknowledgement.
+    pub fn after(prev: &ShipCounters, now: &ShipCounters, quiet: f64, stalled: &mut u32) -> Flush {
+        *stalled = if now.acked_events > prev.acked_events {
+            0
+        } else {
+            *stalled + 1
+        };
+        if now.delivered() && now.sent_events - prev.sent_events <= quiet {
+            Flush::Done
+        } else if !now.delivered() && *stalled >= STUCK_TICKS {
+            Flush::Stuck
+        } else {
+            Flush::Going
+        }
+    }
+}
+
+/// The events per tick that count as a trickle: 1 % of the rate shipped during the load
+/// (at least 10).
+fn quiet_events(sent_during_load: f64, load_seconds: f64) -> f64 {
+    if load_seconds <= 0.0 {
+        return 10.0;
+    }
+    (sent_during_load / load_seconds * 0.01).max(10.0)
 }
 
 pub fn wait_running(proc: &Proc) -> Result<()> {
@@ -1130,21 +1171,50 @@ mod tests {
     }
 
     #[test]
-    fn flush_wait_ends_when_counters_are_final() {
-        let done = ShipCounters {
-            sent_events: 10.0,
-            acked_events: 10.0,
+    fn flush_is_done_when_caught_up_and_stuck_without_acks() {
+        let at = |sent: f64, acked: f64| ShipCounters {
+            sent_events: sent,
+            acked_events: acked,
             ..ShipCounters::default()
         };
-        let pending = ShipCounters {
-            acked_events: 8.0,
-            ..done.clone()
-        };
-        assert!(!flushed(&done, 0), "still moving");
-        assert!(flushed(&done, 1));
-        assert!(!flushed(&pending, 1), "an ack may still come");
-        assert!(!flushed(&pending, STUCK_TICKS - 1));
-        assert!(flushed(&pending, STUCK_TICKS));
+        let mut stalled = 0;
+        // Still catching up: more than the trickle sent in the tick.
+        assert_eq!(
+            Flush::after(&at(1000.0, 900.0), &at(2000.0, 2000.0), 50.0, &mut stalled),
+            Flush::Going
+        );
+        // A trickle, all acknowledged: done.
+        assert_eq!(
+            Flush::after(&at(2000.0, 2000.0), &at(2004.0, 2004.0), 50.0, &mut stalled),
+            Flush::Done
+        );
+        // All acknowledged but something dropped: not done, and no new ack counts as stalled.
+        let mut dropped = at(2004.0, 2004.0);
+        dropped.drops.insert("queue_full".into(), 3.0);
+        stalled = 0;
+        let states: Vec<Flush> = (0..STUCK_TICKS)
+            .map(|_| Flush::after(&dropped, &dropped, 50.0, &mut stalled))
+            .collect();
+        assert_eq!(states.last(), Some(&Flush::Stuck));
+        assert!(
+            states[..states.len() - 1]
+                .iter()
+                .all(|s| *s == Flush::Going)
+        );
+        // Acks arriving reset the stall count.
+        stalled = STUCK_TICKS;
+        assert_eq!(
+            Flush::after(&at(3000.0, 2000.0), &at(3000.0, 2500.0), 50.0, &mut stalled),
+            Flush::Going
+        );
+        assert_eq!(stalled, 0);
+    }
+
+    #[test]
+    fn trickle_is_one_percent_of_the_load_rate() {
+        assert_eq!(quiet_events(1_000_000.0, 10.0), 1000.0);
+        assert_eq!(quiet_events(100.0, 10.0), 10.0);
+        assert_eq!(quiet_events(100.0, 0.0), 10.0);
     }
 
     #[test]
