@@ -24,6 +24,7 @@ mod prom;
 mod query;
 mod report;
 mod score;
+mod ship;
 mod stats;
 mod stitch;
 
