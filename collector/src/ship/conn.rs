@@ -14,9 +14,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::codec::CompressionEncoding;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 use weft_proto::v1;
 
+use super::wire::WireBatch;
 use super::{Compression, Shared};
 
 /// Reconnect delays: doubled per failure from `min` up to `max`, each drawn uniformly from
@@ -126,13 +128,29 @@ fn endpoint(shared: &Shared, url: &str) -> Result<Endpoint, tonic::transport::Er
         .initial_connection_window_size(Some(8 << 20)))
 }
 
-fn client(shared: &Shared, channel: Channel) -> v1::ingest_client::IngestClient<Channel> {
-    let c = v1::ingest_client::IngestClient::new(channel);
-    match shared.cfg.compression {
-        Compression::None => c,
-        Compression::Gzip => c.send_compressed(CompressionEncoding::Gzip),
-        Compression::Zstd => c.send_compressed(CompressionEncoding::Zstd),
-    }
+/// Opens `weft.v1.Ingest/Stream` as the generated client would, but with batches sent as
+/// [`WireBatch`]es (encoded from the queue's shared events, see `wire`).
+async fn open_stream(
+    shared: &Shared,
+    channel: Channel,
+    batches: mpsc::Receiver<WireBatch>,
+) -> Result<tonic::Streaming<v1::Ack>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc = match shared.cfg.compression {
+        Compression::None => grpc,
+        Compression::Gzip => grpc.send_compressed(CompressionEncoding::Gzip),
+        Compression::Zstd => grpc.send_compressed(CompressionEncoding::Zstd),
+    };
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
+    let mut request = tonic::Request::new(ReceiverStream::new(batches));
+    request
+        .extensions_mut()
+        .insert(tonic::GrpcMethod::new("weft.v1.Ingest", "Stream"));
+    let path = PathAndQuery::from_static("/weft.v1.Ingest/Stream");
+    let codec = tonic_prost::ProstCodec::<WireBatch, v1::Ack>::default();
+    Ok(grpc.streaming(request, path, codec).await?.into_inner())
 }
 
 /// Counts whatever is still queued as dropped once the shutdown deadline has passed.
@@ -163,12 +181,9 @@ async fn stream_once(shared: &Arc<Shared>, endpoint: &Endpoint) -> Ended {
             return Ended::Shutdown;
         }
     };
-    let (tx, rx) = mpsc::channel::<v1::EventBatch>(2);
-    let mut acks = match client(shared, channel)
-        .stream(ReceiverStream::new(rx))
-        .await
-    {
-        Ok(r) => r.into_inner(),
+    let (tx, rx) = mpsc::channel::<WireBatch>(2);
+    let mut acks = match open_stream(shared, channel, rx).await {
+        Ok(acks) => acks,
         Err(status) => return broken(format!("open stream: {status}")),
     };
     shared.connected.store(true, Ordering::Relaxed);
@@ -206,7 +221,7 @@ async fn stream_once(shared: &Arc<Shared>, endpoint: &Endpoint) -> Ended {
                 let outgoing = shared.outbox.lock().next_to_send(max_in_flight, Instant::now());
                 if let Some(o) = outgoing {
                     // Encoded outside the lock: the capture loop keeps pushing meanwhile.
-                    permit.send(o.to_message(&cfg.node_name, &shared.instance_id, shared.info()));
+                    permit.send(o.to_wire(&cfg.node_name, &shared.instance_id, shared.info()));
                 }
             }
             msg = acks.message() => match msg {

@@ -20,6 +20,7 @@
 
 mod conn;
 pub mod queue;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -24,6 +24,7 @@ use std::time::Instant;
 use weft_proto::v1;
 
 use super::Event;
+use super::wire::WireBatch;
 
 /// A sealed batch. Its message is immutable and shared with the sender while it is encoded;
 /// events pushed out by the bound are skipped from the front (`skip_*`), never removed.
@@ -85,20 +86,16 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// The message to put on the wire (only the events still queued).
-    pub fn to_message(
-        &self,
-        node: &str,
-        instance: &str,
-        info: v1::CollectorInfo,
-    ) -> v1::EventBatch {
-        v1::EventBatch {
+    /// What to put on the wire: the events still queued, shared, not copied.
+    pub fn to_wire(&self, node: &str, instance: &str, info: v1::CollectorInfo) -> WireBatch {
+        WireBatch {
             node_name: node.to_string(),
             instance_id: instance.to_string(),
             seq: self.seq,
-            exchanges: self.msg.exchanges[self.skip_exchanges..].to_vec(),
-            connections: self.msg.connections[self.skip_connections..].to_vec(),
-            info: Some(info),
+            events: self.msg.clone(),
+            skip_exchanges: self.skip_exchanges,
+            skip_connections: self.skip_connections,
+            info,
             low_water_seq: self.low_water_seq,
         }
     }
