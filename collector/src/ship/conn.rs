@@ -18,7 +18,7 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 use weft_proto::v1;
 
-use super::wire::WireBatch;
+use super::wire::{WireBatch, WireCodec};
 use super::{Compression, Shared};
 
 /// Reconnect delays: doubled per failure from `min` up to `max`, each drawn uniformly from
@@ -149,8 +149,7 @@ async fn open_stream(
         .extensions_mut()
         .insert(tonic::GrpcMethod::new("weft.v1.Ingest", "Stream"));
     let path = PathAndQuery::from_static("/weft.v1.Ingest/Stream");
-    let codec = tonic_prost::ProstCodec::<WireBatch, v1::Ack>::default();
-    Ok(grpc.streaming(request, path, codec).await?.into_inner())
+    Ok(grpc.streaming(request, path, WireCodec).await?.into_inner())
 }
 
 /// Counts whatever is still queued as dropped once the shutdown deadline has passed.

@@ -206,9 +206,12 @@ impl Outbox {
         if self.pending_exchanges.is_empty() && self.pending_connections.is_empty() {
             return false;
         }
+        // The next batch starts with room for as many exchanges as this one had: a full
+        // batch then fills without growing (each growth copied every exchange).
+        let room = self.pending_exchanges.len().min(self.batch_max);
         let msg = v1::EventBatch {
             seq: self.next_seq,
-            exchanges: std::mem::take(&mut self.pending_exchanges),
+            exchanges: std::mem::replace(&mut self.pending_exchanges, Vec::with_capacity(room)),
             connections: std::mem::take(&mut self.pending_connections),
             ..Default::default()
         };

@@ -12,6 +12,9 @@ use std::sync::Arc;
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::{DecodeError, Message};
+use tonic::Status;
+use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+use tonic_prost::{ProstCodec, ProstDecoder};
 use weft_proto::v1;
 
 // Field numbers of `weft.v1.EventBatch` (proto/weft/v1/events.proto).
@@ -54,10 +57,26 @@ impl WireBatch {
     }
 }
 
-/// Encodes as the `EventBatch` would (proto3: fields at their default value are left out;
-/// `info` is always present). Never decoded: the collector only sends batches.
-impl Message for WireBatch {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
+impl WireBatch {
+    /// The same bytes as [`Message::encode_raw`], each exchange's length computed once
+    /// (`encode_raw` computes it for the whole's length and again for the exchange's
+    /// length prefix), with room for all of them reserved first (a batch is hundreds of
+    /// KiB: the buffer would otherwise grow, copying what it holds, several times).
+    fn encode_into(&self, dst: &mut impl Reserve) {
+        let lens: Vec<usize> = self.exchanges().iter().map(Message::encoded_len).collect();
+        let exchanges: usize = lens.iter().map(|&len| delimited_len(EXCHANGES, len)).sum();
+        dst.reserve(self.len_without_exchanges() + exchanges);
+        self.encode_head(dst);
+        for (e, len) in self.exchanges().iter().zip(lens) {
+            encoding::encode_key(EXCHANGES, WireType::LengthDelimited, dst);
+            encoding::encode_varint(len as u64, dst);
+            e.encode_raw(dst);
+        }
+        self.encode_tail(dst);
+    }
+
+    /// The fields before the exchanges: node, instance, seq.
+    fn encode_head(&self, buf: &mut impl BufMut) {
         if !self.node_name.is_empty() {
             encoding::string::encode(NODE_NAME, &self.node_name, buf);
         }
@@ -67,9 +86,10 @@ impl Message for WireBatch {
         if self.seq != 0 {
             encoding::uint64::encode(SEQ, &self.seq, buf);
         }
-        for e in self.exchanges() {
-            encoding::message::encode(EXCHANGES, e, buf);
-        }
+    }
+
+    /// The fields after the exchanges: connections, info, low-water seq.
+    fn encode_tail(&self, buf: &mut impl BufMut) {
         for c in self.connections() {
             encoding::message::encode(CONNECTIONS, c, buf);
         }
@@ -77,6 +97,89 @@ impl Message for WireBatch {
         if self.low_water_seq != 0 {
             encoding::uint64::encode(LOW_WATER_SEQ, &self.low_water_seq, buf);
         }
+    }
+
+    fn len_without_exchanges(&self) -> usize {
+        let string = |tag, s: &String| match s.is_empty() {
+            true => 0,
+            false => encoding::string::encoded_len(tag, s),
+        };
+        let uint64 = |tag, v: &u64| match *v {
+            0 => 0,
+            _ => encoding::uint64::encoded_len(tag, v),
+        };
+        string(NODE_NAME, &self.node_name)
+            + string(INSTANCE_ID, &self.instance_id)
+            + uint64(SEQ, &self.seq)
+            + encoding::message::encoded_len_repeated(CONNECTIONS, self.connections())
+            + encoding::message::encoded_len(INFO, &self.info)
+            + uint64(LOW_WATER_SEQ, &self.low_water_seq)
+    }
+}
+
+/// A buffer that can make room ahead of writes.
+trait Reserve: BufMut {
+    fn reserve(&mut self, additional: usize);
+}
+
+impl Reserve for EncodeBuf<'_> {
+    fn reserve(&mut self, additional: usize) {
+        EncodeBuf::reserve(self, additional);
+    }
+}
+
+impl Reserve for Vec<u8> {
+    fn reserve(&mut self, additional: usize) {
+        Vec::reserve(self, additional);
+    }
+}
+
+/// A length-delimited field of `len` bytes with its key and length prefix.
+fn delimited_len(tag: u32, len: usize) -> usize {
+    encoding::key_len(tag) + encoding::encoded_len_varint(len as u64) + len
+}
+
+/// The stream's codec: batches go out as [`WireBatch`]es, acks come in as prost decodes them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WireCodec;
+
+impl Codec for WireCodec {
+    type Encode = WireBatch;
+    type Decode = v1::Ack;
+    type Encoder = WireEncoder;
+    type Decoder = ProstDecoder<v1::Ack>;
+
+    fn encoder(&mut self) -> WireEncoder {
+        WireEncoder
+    }
+
+    fn decoder(&mut self) -> ProstDecoder<v1::Ack> {
+        ProstCodec::<WireBatch, v1::Ack>::raw_decoder(BufferSettings::default())
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WireEncoder;
+
+impl Encoder for WireEncoder {
+    type Item = WireBatch;
+    type Error = Status;
+
+    fn encode(&mut self, item: WireBatch, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode_into(dst);
+        Ok(())
+    }
+}
+
+/// Encodes as the `EventBatch` would (proto3: fields at their default value are left out;
+/// `info` is always present). Never decoded: the collector only sends batches.
+impl Message for WireBatch {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.encode_head(buf);
+        for e in self.exchanges() {
+            encoding::message::encode(EXCHANGES, e, buf);
+        }
+        self.encode_tail(buf);
     }
 
     fn merge_field(
@@ -91,21 +194,8 @@ impl Message for WireBatch {
     }
 
     fn encoded_len(&self) -> usize {
-        let string = |tag, s: &String| match s.is_empty() {
-            true => 0,
-            false => encoding::string::encoded_len(tag, s),
-        };
-        let uint64 = |tag, v: &u64| match *v {
-            0 => 0,
-            _ => encoding::uint64::encoded_len(tag, v),
-        };
-        string(NODE_NAME, &self.node_name)
-            + string(INSTANCE_ID, &self.instance_id)
-            + uint64(SEQ, &self.seq)
+        self.len_without_exchanges()
             + encoding::message::encoded_len_repeated(EXCHANGES, self.exchanges())
-            + encoding::message::encoded_len_repeated(CONNECTIONS, self.connections())
-            + encoding::message::encoded_len(INFO, &self.info)
-            + uint64(LOW_WATER_SEQ, &self.low_water_seq)
     }
 
     fn clear(&mut self) {
@@ -171,6 +261,13 @@ mod tests {
         }
     }
 
+    /// What the stream's encoder writes for `w`.
+    fn by_codec(w: WireBatch) -> Vec<u8> {
+        let mut buf = Vec::new();
+        w.encode_into(&mut buf);
+        buf
+    }
+
     /// The `EventBatch` a send stood for before: the remaining events cloned.
     fn cloned(w: &WireBatch) -> v1::EventBatch {
         v1::EventBatch {
@@ -197,6 +294,10 @@ mod tests {
                 let expected = cloned(&w);
                 assert_eq!(w.encoded_len(), expected.encoded_len(), "{skips:?}");
                 assert_eq!(w.encode_to_vec(), expected.encode_to_vec(), "{skips:?}");
+                assert_eq!(
+                    by_codec(wire(&events, skips, header)),
+                    expected.encode_to_vec()
+                );
                 let back = v1::EventBatch::decode(w.encode_to_vec().as_slice()).unwrap();
                 assert_eq!(back, expected);
                 assert_eq!(back.exchanges.len(), 5 - skips.0);
