@@ -132,7 +132,10 @@ pub struct ShipArgs {
     /// unsent events are dropped and counted.
     #[arg(long, env = "WEFT_QUEUE_MAX_EVENTS", default_value_t = 100_000)]
     pub queue_max_events: usize,
-    /// Compression of batches on the wire.
+    /// Compression of batches on the wire. zstd shrinks them for the network at about
+    /// 0.35 µs of collector CPU per exchange shipped (1.5 against 1.15 µs per exchange in
+    /// all, capture to wire, at 80k exchanges/s); `none` where a node's CPU is scarcer than
+    /// the bytes to the stitcher.
     #[arg(
         long,
         env = "WEFT_SHIP_COMPRESSION",
