@@ -260,12 +260,8 @@ fn ipv6_requests_between_pods_are_seen_on_both_veths_with_their_addresses_and_se
 fn pipelined_requests_in_one_segment_pair_with_their_own_responses() {
     const BATCHES: usize = 10;
     const DEPTH: usize = 3;
-    let cluster = one_node();
-    let node = cluster.node("a").netns().to_owned();
-    let server = cluster.pod("server");
-    let collector = start_collector(&cluster, &node, &["--print", "json"]);
-    let _srv = start_http_server(server.netns());
-    let addr = server_addr(server.ip(), SERVER_PORT);
+    let t = traced_node(&["--print", "json"]);
+    let (cluster, collector, addr) = (&t.cluster, &t.collector, t.server);
     let batches: Vec<Vec<String>> = (0..BATCHES)
         .map(|b| {
             (0..DEPTH)

@@ -309,12 +309,8 @@ fn a_pod_created_later_is_traced_within_one_second() {
 
 #[test]
 fn garbage_truncated_and_other_protocols_are_counted_without_panic() {
-    let cluster = one_node();
-    let node = cluster.node("a").netns().to_owned();
-    let server = cluster.pod("server");
-    let collector = start_collector(&cluster, &node, &["--print", "json"]);
-    let _srv = start_http_server(server.netns());
-    let addr = server_addr(server.ip(), SERVER_PORT);
+    let t = traced_node(&["--print", "json"]);
+    let (cluster, node, collector, addr) = (&t.cluster, &t.node, &t.collector, t.server);
     let chunks: Vec<Vec<u8>> = vec![
         (0..=255u8).cycle().take(3000).collect(),
         b"GET /trunc".to_vec(),
@@ -332,14 +328,14 @@ fn garbage_truncated_and_other_protocols_are_counted_without_panic() {
         b"GET".to_vec(),
         vec![0u8; 1],
     ];
-    send_raw(&cluster, cluster.pod("client").netns(), addr, &chunks);
+    send_raw(cluster, cluster.pod("client").netns(), addr, &chunks);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
         collector.try_wait().unwrap().is_none(),
         "collector died: {}",
         collector.stderr_text()
     );
-    let text = scrape(&cluster, &node);
+    let text = scrape(cluster, node);
     let not_http = metric(
         &text,
         r#"weft_collector_kernel_events_total{counter="not_http"}"#,
@@ -366,16 +362,12 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
     // 4 records per request, far beyond what the rings hold (16 MiB of 640-byte slots).
     const REQUESTS: usize = 12_000;
     const RECORDS_PER_REQUEST: u64 = 4;
-    let cluster = one_node();
-    let node = cluster.node("a").netns().to_owned();
-    let server = cluster.pod("server");
+    let t = traced_node(&[]);
+    let (cluster, node, collector, addr) = (&t.cluster, &t.node, &t.collector, t.server);
     let client = cluster.pod("client").netns().to_owned();
-    let collector = start_collector(&cluster, &node, &[]);
-    let _srv = start_http_server(server.netns());
-    let addr = server_addr(server.ip(), SERVER_PORT);
     let kernel = |counter: &str| {
         metric(
-            &scrape(&cluster, &node),
+            &scrape(cluster, node),
             &format!(r#"weft_collector_kernel_events_total{{counter="{counter}"}}"#),
         )
     };
@@ -385,7 +377,7 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
     let sent = std::panic::catch_unwind(|| {
         paths
             .chunks(REQUESTS / 4)
-            .flat_map(|chunk| http_requests(&cluster, &client, addr, chunk, true))
+            .flat_map(|chunk| http_requests(cluster, &client, addr, chunk, true))
             .count()
     });
     // Resumed before anything can fail, so that the collector is never left stopped.
@@ -403,7 +395,7 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
         kernel("ring_full"),
         kernel("no_ring")
     );
-    let text = scrape(&cluster, &node);
+    let text = scrape(cluster, node);
     let (emitted, full) = (kernel("emitted"), kernel("ring_full"));
     // `no_ring` (a nested classifier run) is a loss too, if unlikely here.
     let no_ring = metric(
@@ -420,11 +412,11 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
     // Every published record is read once the reader runs again.
     assert!(
         wait_for(Duration::from_secs(3), || metric(
-            &scrape(&cluster, &node),
+            &scrape(cluster, node),
             r#"weft_collector_events_read_total{ring="packets"}"#
         ) == emitted),
         "{}",
-        scrape(&cluster, &node)
+        scrape(cluster, node)
     );
     // Logged by the periodic tick right after it publishes the counters: wait for it, then
     // for one more tick, which must not log it again.
@@ -448,13 +440,10 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
     );
 
     // Tracing again: new requests become exchanges.
-    let exchanges = || metric(&scrape(&cluster, &node), "weft_collector_exchanges_total");
+    let exchanges = || metric(&scrape(cluster, node), "weft_collector_exchanges_total");
     let before = exchanges();
     let more: Vec<String> = (0..50).map(|i| format!("/after/{i}")).collect();
-    assert_eq!(
-        http_requests(&cluster, &client, addr, &more, true).len(),
-        50
-    );
+    assert_eq!(http_requests(cluster, &client, addr, &more, true).len(), 50);
     assert!(
         wait_for(Duration::from_secs(3), || exchanges() >= before + 100),
         "{} exchanges after resuming, {before} before",

@@ -68,6 +68,36 @@ pub fn two_nodes() -> Cluster {
     .expect("cluster up")
 }
 
+/// A one-node cluster ([`one_node`]) with its collector running and the test server
+/// listening in pod `server`. Fields drop in order: the server, the collector, the cluster.
+pub struct TracedNode {
+    _server: HttpServer,
+    pub collector: Proc,
+    /// The node's network namespace (where the collector and its metrics are).
+    pub node: String,
+    /// The test server's address in pod `server`.
+    pub server: SocketAddr,
+    pub cluster: Cluster,
+}
+
+/// Starts [`TracedNode`]: the collector with `args` (after `--node-name` and the rest that
+/// [`start_collector`] passes).
+pub fn traced_node(args: &[&str]) -> TracedNode {
+    let cluster = one_node();
+    let node = cluster.node("a").netns().to_owned();
+    let pod = cluster.pod("server");
+    let collector = start_collector(&cluster, &node, args);
+    let _server = start_http_server(pod.netns());
+    let server = server_addr(pod.ip(), SERVER_PORT);
+    TracedNode {
+        _server,
+        collector,
+        node,
+        server,
+        cluster,
+    }
+}
+
 /// Starts the collector in `netns` and waits until it runs (or exits).
 pub fn start_collector(cluster: &Cluster, netns: &str, args: &[&str]) -> Proc {
     let proc = spawn_collector(cluster, netns, args);
