@@ -39,8 +39,12 @@ fn main() -> std::process::ExitCode {
         Ok(false) => {}
         Err(e) => warn!("tracefs unavailable, the connection tracepoint will fail: {e:#}"),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for everything (capture, parse, ship, metrics): the work is one sequential
+    // pipeline, and on one thread an Exchange is allocated and freed by the same thread and
+    // no task wakes another thread. With two worker threads the collector used about 10 %
+    // more CPU when shipping (1,441 against 1,294 ns per request, 3 alternating pairs) and
+    // more memory; a second core would only matter far beyond a node's rates.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -50,9 +54,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    // The data path runs as a task on a worker thread, not in `block_on` on this thread:
-    // the worker that the ring timer or wakeup rouses then runs it itself, instead of
-    // rousing this thread in turn (one context switch per drain instead of two).
+    // Spawned rather than run by `block_on` directly: a panic then ends it as an error.
     let outcome = runtime.block_on(async {
         tokio::spawn(run(cli))
             .await
