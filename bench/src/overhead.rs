@@ -442,7 +442,12 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
     )
     .target(Target::at_least(0.97))
     .note(format!(
-        "median of per-round ratios; rates without {:?}, with {:?}",
+        "median of per-round ratios {}; rates without {:?}, with {:?}",
+        paired
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         without.iter().map(|l| l.rps.round()).collect::<Vec<_>>(),
         with.iter().map(|l| l.rps.round()).collect::<Vec<_>>()
     ));
