@@ -56,6 +56,7 @@ pub struct Metrics {
     exchanges: Counter,
     connections: Counter,
     stages: Family<Labels, Counter>,
+    ship_queue: Gauge,
     program_run_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     program_runs: Family<Labels, Counter>,
     /// When the capture loop last finished its periodic work (Unix seconds; 0 = not yet).
@@ -95,6 +96,7 @@ impl Metrics {
             exchanges: Counter::default(),
             connections: Counter::default(),
             stages: Family::default(),
+            ship_queue: Gauge::default(),
             program_run_seconds: Family::default(),
             program_runs: Family::default(),
             last_tick: Default::default(),
@@ -110,6 +112,11 @@ impl Metrics {
                 "interface_state",
                 "Attach state per traced interface (1 = in this state)",
                 m.interfaces.clone(),
+            );
+            r.register(
+                "ship_queue_events",
+                "Events held for the stitcher now: sent and not yet acknowledged, waiting to be sent, not yet batched (bounded by --queue-max-events)",
+                m.ship_queue.clone(),
             );
             r.register(
                 "events_read",
@@ -248,6 +255,12 @@ impl Metrics {
             ];
             raise_to(&self.stages.get_or_create(&labels), *total);
         }
+    }
+
+    /// The shipper's queue depth now (a gauge, unlike the stage totals).
+    pub fn record_ship_queue(&self, events: usize) {
+        self.ship_queue
+            .set(i64::try_from(events).unwrap_or(i64::MAX));
     }
 
     /// Running totals of the kernel programs' run time and runs (from BPF run-time stats).
@@ -395,6 +408,15 @@ mod tests {
         );
         m.remove_iface("veth1");
         assert!(!m.encode().contains("veth1"));
+    }
+
+    #[test]
+    fn ship_queue_is_a_gauge_that_goes_down_too() {
+        let m = Metrics::new();
+        m.record_ship_queue(1500);
+        assert!(m.encode().contains("weft_collector_ship_queue_events 1500\n"));
+        m.record_ship_queue(3);
+        assert!(m.encode().contains("weft_collector_ship_queue_events 3\n"));
     }
 
     #[test]

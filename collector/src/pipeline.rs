@@ -106,6 +106,7 @@ impl Pipeline {
         ];
         ship_counters.extend(ship.dropped.iter().map(|(k, v)| (k.as_str(), *v)));
         self.metrics.record_stage("ship", &ship_counters);
+        self.metrics.record_ship_queue(ship.queue_depth);
         self.metrics.heartbeat();
     }
 
