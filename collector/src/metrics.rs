@@ -414,7 +414,10 @@ mod tests {
     fn ship_queue_is_a_gauge_that_goes_down_too() {
         let m = Metrics::new();
         m.record_ship_queue(1500);
-        assert!(m.encode().contains("weft_collector_ship_queue_events 1500\n"));
+        assert!(
+            m.encode()
+                .contains("weft_collector_ship_queue_events 1500\n")
+        );
         m.record_ship_queue(3);
         assert!(m.encode().contains("weft_collector_ship_queue_events 3\n"));
     }

@@ -210,8 +210,9 @@ impl PacketRings {
 
     /// Starts loading the first lines of `cpu`'s record `n` (its header and the start of
     /// its head) while the records before it are handled. Another CPU wrote them, so each
-    /// line is a cache miss: reading them was most of the reader's own time. About 4 %
-    /// less collector CPU per request (rig, saturating load).
+    /// line is a cache miss: reading them was most of the reader's own time. The collector
+    /// used less CPU per request in 4 of 4 alternating pairs (a few percent, about the
+    /// run-to-run spread).
     fn prefetch(&self, cpu: u32, n: u64) {
         #[cfg(target_arch = "x86_64")]
         {

@@ -9,12 +9,12 @@
 
 use std::sync::Arc;
 
-use prost::bytes::{Buf, BufMut};
-use prost::encoding::{self, DecodeContext, WireType};
-use prost::{DecodeError, Message};
+use prost::Message;
+use prost::bytes::BufMut;
+use prost::encoding::{self, WireType};
 use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
-use tonic_prost::{ProstCodec, ProstDecoder};
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic_prost::ProstDecoder;
 use weft_proto::v1;
 
 // Field numbers of `weft.v1.EventBatch` (proto/weft/v1/events.proto).
@@ -55,13 +55,11 @@ impl WireBatch {
             .get(self.skip_connections..)
             .unwrap_or_default()
     }
-}
 
-impl WireBatch {
-    /// The same bytes as [`Message::encode_raw`], each exchange's length computed once
-    /// (`encode_raw` computes it for the whole's length and again for the exchange's
-    /// length prefix), with room for all of them reserved first (a batch is hundreds of
-    /// KiB: the buffer would otherwise grow, copying what it holds, several times).
+    /// Writes the `EventBatch` encoding: fields in number order, proto3 defaults left out,
+    /// `info` always present. Each exchange's length is computed once, and room for the
+    /// whole batch is reserved first (a batch is hundreds of KiB: the buffer would
+    /// otherwise grow, copying what it holds, several times).
     fn encode_into(&self, dst: &mut impl Reserve) {
         let lens: Vec<usize> = self.exchanges().iter().map(Message::encoded_len).collect();
         let exchanges: usize = lens.iter().map(|&len| delimited_len(EXCHANGES, len)).sum();
@@ -154,7 +152,7 @@ impl Codec for WireCodec {
     }
 
     fn decoder(&mut self) -> ProstDecoder<v1::Ack> {
-        ProstCodec::<WireBatch, v1::Ack>::raw_decoder(BufferSettings::default())
+        ProstDecoder::default()
     }
 }
 
@@ -168,44 +166,6 @@ impl Encoder for WireEncoder {
     fn encode(&mut self, item: WireBatch, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         item.encode_into(dst);
         Ok(())
-    }
-}
-
-/// Encodes as the `EventBatch` would (proto3: fields at their default value are left out;
-/// `info` is always present). Never decoded: the collector only sends batches.
-impl Message for WireBatch {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        self.encode_head(buf);
-        for e in self.exchanges() {
-            encoding::message::encode(EXCHANGES, e, buf);
-        }
-        self.encode_tail(buf);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        // Encode-only: what a decoder would read is skipped.
-        encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.len_without_exchanges()
-            + encoding::message::encoded_len_repeated(EXCHANGES, self.exchanges())
-    }
-
-    fn clear(&mut self) {
-        self.node_name.clear();
-        self.instance_id.clear();
-        self.seq = 0;
-        self.skip_exchanges = self.events.exchanges.len();
-        self.skip_connections = self.events.connections.len();
-        self.info = v1::CollectorInfo::default();
-        self.low_water_seq = 0;
     }
 }
 
@@ -281,57 +241,63 @@ mod tests {
         }
     }
 
+    /// An exchange whose encoding exceeds 127 bytes: its length prefix takes two bytes.
+    fn long_exchange(id: u64) -> v1::Exchange {
+        v1::Exchange {
+            host: "a-rather-long-host-name.demo.svc.cluster.local".into(),
+            tracestate: "vendor=opaque-value-that-is-long-enough".into(),
+            ..exchange(id)
+        }
+    }
+
     #[test]
     fn encodes_byte_for_byte_as_the_event_batch_it_stands_for() {
+        assert!(long_exchange(1).encoded_len() > 127);
         let events = Arc::new(v1::EventBatch {
-            exchanges: (1..=5).map(exchange).collect(),
+            exchanges: vec![
+                exchange(1),
+                long_exchange(2),
+                exchange(3),
+                long_exchange(4),
+                exchange(5),
+            ],
             connections: (1..=3).map(connection).collect(),
             ..Default::default()
         });
-        for skips in [(0, 0), (2, 0), (5, 1), (5, 3), (0, 3)] {
-            for header in [true, false] {
-                let w = wire(&events, skips, header);
+        // Header fields on, off, and mixed (each proto3 default left out on its own).
+        let headers: [(&str, &str, u64, u64); 4] = [
+            ("node-a", "inst", 7, 3),
+            ("", "", 0, 0),
+            ("", "inst", 0, 9),
+            ("node-a", "", 12, 0),
+        ];
+        for skips in [(0, 0), (2, 0), (5, 1), (5, 3), (0, 3), (9, 9)] {
+            for (node, instance, seq, low_water) in headers {
+                let w = WireBatch {
+                    node_name: node.into(),
+                    instance_id: instance.into(),
+                    seq,
+                    low_water_seq: low_water,
+                    ..wire(&events, skips, true)
+                };
                 let expected = cloned(&w);
-                assert_eq!(w.encoded_len(), expected.encoded_len(), "{skips:?}");
-                assert_eq!(w.encode_to_vec(), expected.encode_to_vec(), "{skips:?}");
-                assert_eq!(
-                    by_codec(wire(&events, skips, header)),
-                    expected.encode_to_vec()
-                );
-                let back = v1::EventBatch::decode(w.encode_to_vec().as_slice()).unwrap();
+                let bytes = by_codec(w);
+                assert_eq!(bytes, expected.encode_to_vec(), "{skips:?} {node:?} {seq}");
+                let back = v1::EventBatch::decode(bytes.as_slice()).unwrap();
                 assert_eq!(back, expected);
-                assert_eq!(back.exchanges.len(), 5 - skips.0);
+                assert_eq!(back.exchanges.len(), 5usize.saturating_sub(skips.0));
+                assert_eq!(back.connections.len(), 3usize.saturating_sub(skips.1));
             }
         }
     }
 
     #[test]
-    fn skips_beyond_the_events_send_none() {
-        let events = Arc::new(v1::EventBatch {
-            exchanges: vec![exchange(1)],
-            ..Default::default()
-        });
-        let w = wire(&events, (9, 9), true);
-        let back = v1::EventBatch::decode(w.encode_to_vec().as_slice()).unwrap();
-        assert!(back.exchanges.is_empty() && back.connections.is_empty());
-        assert_eq!(back.seq, 7);
-    }
-
-    #[test]
-    fn decoding_into_it_changes_nothing_and_clear_leaves_the_empty_info() {
-        let events = Arc::new(v1::EventBatch {
-            exchanges: vec![exchange(1)],
-            ..Default::default()
-        });
-        let mut w = wire(&events, (0, 0), true);
-        let before = w.encode_to_vec();
-        w.merge(cloned(&w).encode_to_vec().as_slice()).unwrap();
-        assert_eq!(w.encode_to_vec(), before);
-        w.clear();
-        let empty = v1::EventBatch {
-            info: Some(v1::CollectorInfo::default()),
-            ..Default::default()
-        };
-        assert_eq!(w.encode_to_vec(), empty.encode_to_vec());
+    fn an_empty_batch_still_says_who_sends_it() {
+        let events = Arc::new(v1::EventBatch::default());
+        let w = wire(&events, (0, 0), true);
+        let expected = cloned(&w);
+        let back = v1::EventBatch::decode(by_codec(w).as_slice()).unwrap();
+        assert_eq!(back, expected);
+        assert_eq!((back.seq, back.node_name.as_str()), (7, "node-a"));
     }
 }
