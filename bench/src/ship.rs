@@ -3,8 +3,9 @@
 //! on the collector's one-second tick, see its `pipeline::tick`), and the wait, after a
 //! load, until it has delivered what the load produced.
 //!
-//! In: `/metrics` texts. Out: [`ShipCounters`] (sent, acknowledged, dropped by reason) and
-//! what they say about delivery; [`wait_flushed`] returns the counters once final.
+//! In: `/metrics` texts. Out: [`ShipCounters`] (sent, acknowledged, dropped by reason, and
+//! the queue depth, `weft_collector_ship_queue_events`) and what they say about delivery;
+//! [`wait_flushed`] returns the counters once final, with how the wait ended.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -26,6 +27,9 @@ pub struct ShipCounters {
     pub reconnects: f64,
     /// Events given up, by reason (every other kind of the stage).
     pub drops: BTreeMap<String, f64>,
+    /// Events the shipper still holds (sent and unacknowledged, unsent, not yet batched):
+    /// `sent - acked` is no measure of that, as a retransmitted batch counts twice in sent.
+    pub queued_events: f64,
 }
 
 impl ShipCounters {
@@ -54,6 +58,8 @@ impl ShipCounters {
             };
             *slot += value;
         }
+        c.queued_events =
+            prom::sum(metrics, "weft_collector_ship_queue_events", &[]).unwrap_or(0.0);
         c
     }
 
@@ -62,24 +68,25 @@ impl ShipCounters {
         self.drops.values().fold(0.0, |a, b| a + b)
     }
 
-    /// Everything sent was acknowledged and nothing was given up.
+    /// Nothing given up and at most [`QUEUE_QUIET`] events still held: what the load
+    /// produced was delivered (what trickles in after it keeps the queue from staying empty).
     pub fn delivered(&self) -> bool {
-        self.dropped() == 0.0 && self.acked_events >= self.sent_events
+        self.dropped() == 0.0 && self.queued_events <= QUEUE_QUIET
     }
 
     /// What the note says about delivery: the counts, and what is wrong if anything is.
     pub fn describe(&self) -> String {
         let mut s = format!(
-            "events sent {}, acknowledged {}, ship drops {}",
+            "events sent {}, acknowledged {}, still queued {}, ship drops {}",
             report::number(self.sent_events),
             report::number(self.acked_events),
+            report::number(self.queued_events),
             report::number(self.dropped()),
         );
-        if self.acked_events < self.sent_events {
+        if self.retransmitted_batches > 0.0 {
             s += &format!(
-                "; NOT ALL ACKNOWLEDGED: {} unacknowledged ({} retransmitted batches count twice in sent)",
-                report::number(self.sent_events - self.acked_events),
-                report::number(self.retransmitted_batches),
+                "; {} retransmitted batches (counted again in sent)",
+                report::number(self.retransmitted_batches)
             );
         }
         if self.dropped() > 0.0 {
@@ -102,56 +109,60 @@ impl ShipCounters {
 
 /// Scrapes the collector once per metrics tick (its counters are published on its
 /// one-second tick) until the shipper has caught up ([`Flush::Done`]), is stuck
-/// ([`Flush::Stuck`]) or [`FLUSH_LIMIT`] passed. `quiet` is the trickle of events still
-/// sent per tick that counts as caught up (see [`Flush::after`]). Returns the last counters.
+/// ([`Flush::Stuck`]) or [`FLUSH_LIMIT`] passed. Returns the last counters and how the
+/// wait ended ([`Flush::Going`]: at the limit).
 pub fn wait_flushed(
     mut last: ShipCounters,
-    quiet: f64,
     scrape: &dyn Fn() -> Result<String>,
-) -> Result<ShipCounters> {
+) -> Result<(ShipCounters, Flush)> {
     let deadline = Instant::now() + FLUSH_LIMIT;
     let mut stalled = 0;
+    let mut state = Flush::Going;
     while Instant::now() < deadline {
+        // At least one tick: the counters at the load's end may predate its last second.
         std::thread::sleep(Duration::from_millis(1100));
         let now = ShipCounters::parse(&scrape()?);
-        let state = Flush::after(&last, &now, quiet, &mut stalled);
+        state = Flush::after(&last, &now, &mut stalled);
         last = now;
         if state != Flush::Going {
             break;
         }
     }
-    Ok(last)
+    Ok((last, state))
 }
 
 /// Longest wait for the shipper to flush after the load.
 pub const FLUSH_LIMIT: Duration = Duration::from_secs(15);
-/// Ticks without a new acknowledgement after which an incomplete delivery is final.
+/// Ticks without the queue shrinking after which an incomplete delivery is final.
 pub const STUCK_TICKS: u32 = 3;
 
 /// Where the shipper is, from two scrapes one tick apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Flush {
-    /// Every event sent is acknowledged, none dropped, and at most `quiet` events were sent
-    /// in the tick: caught up. Not "nothing sent": events keep trickling after the load
-    /// (connection events of the bench's own scrapes, the parser's timeouts), so waiting
-    /// for silence would mostly measure the collector idling.
+    /// At most [`QUEUE_QUIET`] events still queued: caught up. Not "nothing queued": events keep
+    /// trickling in after the load (connection events of the bench's own scrapes, the
+    /// parser's timeouts), so waiting for an empty queue would mostly measure the collector
+    /// idling. Drops do not hold it up: they are final, and reported.
     Done,
-    /// Not all acknowledged and no new acknowledgement for [`STUCK_TICKS`] ticks.
+    /// More than [`QUEUE_QUIET`] queued, and the queue did not shrink for [`STUCK_TICKS`] ticks.
     Stuck,
+    #[default]
     Going,
 }
 
 impl Flush {
-    /// `stalled` counts the ticks in a row without a new acknowledgement.
-    pub fn after(prev: &ShipCounters, now: &ShipCounters, quiet: f64, stalled: &mut u32) -> Flush {
-        *stalled = if now.acked_events > prev.acked_events {
+    /// `stalled` counts the ticks in a row in which the queue did not shrink.
+    pub fn after(prev: &ShipCounters, now: &ShipCounters, stalled: &mut u32) -> Flush {
+        if now.queued_events <= QUEUE_QUIET {
+            *stalled = 0;
+            return Flush::Done;
+        }
+        *stalled = if now.queued_events < prev.queued_events {
             0
         } else {
             *stalled + 1
         };
-        if now.delivered() && now.sent_events - prev.sent_events <= quiet {
-            Flush::Done
-        } else if !now.delivered() && *stalled >= STUCK_TICKS {
+        if *stalled >= STUCK_TICKS {
             Flush::Stuck
         } else {
             Flush::Going
@@ -159,14 +170,9 @@ impl Flush {
     }
 }
 
-/// The events per tick that count as a trickle: 1 % of the rate shipped during the load
-/// (at least 10).
-pub fn quiet_events(sent_during_load: f64, load_seconds: f64) -> f64 {
-    if load_seconds <= 0.0 {
-        return 10.0;
-    }
-    (sent_during_load / load_seconds * 0.01).max(10.0)
-}
+/// Events still queued that count as caught up: what trickles in after the load (a few
+/// events a second) waits in a batch for up to the collector's `--batch-max-delay`.
+pub const QUEUE_QUIET: f64 = 100.0;
 
 #[cfg(test)]
 mod tests {
@@ -205,39 +211,34 @@ mod tests {
     }
 
     #[test]
-    fn delivery_needs_every_event_acknowledged_and_no_drop() {
+    fn queue_depth_comes_from_its_gauge() {
+        let text = format!("{SHIP_METRICS}weft_collector_ship_queue_events 734\n");
+        assert_eq!(ShipCounters::parse(&text).queued_events, 734.0);
+        assert_eq!(ShipCounters::parse(SHIP_METRICS).queued_events, 0.0);
+    }
+
+    #[test]
+    fn delivery_needs_the_queue_drained_and_no_drop() {
         let ok = ShipCounters {
-            sent_events: 500.0,
+            sent_events: 1500.0,
             acked_events: 500.0,
+            retransmitted_batches: 1.0,
+            queued_events: 4.0,
             drops: BTreeMap::from([("queue_full".to_owned(), 0.0)]),
             ..ShipCounters::default()
         };
+        // A retransmitted batch counts twice in sent: sent - acked is not what is missing.
         assert!(ok.delivered());
-        let no_drop_kinds = ShipCounters {
-            drops: BTreeMap::new(),
-            ..ok.clone()
-        };
-        assert!(no_drop_kinds.delivered());
-        assert!(
-            no_drop_kinds.describe().ends_with("ship drops 0"),
-            "{}",
-            no_drop_kinds.describe()
-        );
-        assert!(!ok.describe().contains("NOT"), "{}", ok.describe());
-        assert!(!ok.describe().contains("DROPPED"), "{}", ok.describe());
+        let text = ok.describe();
+        assert!(text.contains("still queued 4, ship drops 0"), "{text}");
+        assert!(text.contains("1 retransmitted batches"), "{text}");
+        assert!(!text.contains("DROPPED"), "{text}");
 
-        let unacked = ShipCounters {
-            acked_events: 480.0,
+        let queued = ShipCounters {
+            queued_events: QUEUE_QUIET + 1.0,
             ..ok.clone()
         };
-        assert!(!unacked.delivered());
-        assert!(
-            unacked
-                .describe()
-                .contains("NOT ALL ACKNOWLEDGED: 20 unacknowledged"),
-            "{}",
-            unacked.describe()
-        );
+        assert!(!queued.delivered());
 
         let dropped = ShipCounters::parse(SHIP_METRICS);
         assert!(!dropped.delivered());
@@ -251,29 +252,28 @@ mod tests {
     }
 
     #[test]
-    fn flush_is_done_when_caught_up_and_stuck_without_acks() {
-        let at = |sent: f64, acked: f64| ShipCounters {
-            sent_events: sent,
-            acked_events: acked,
+    fn flush_is_done_when_the_queue_drained_and_stuck_when_it_stops_shrinking() {
+        let queued = |n: f64| ShipCounters {
+            queued_events: n,
             ..ShipCounters::default()
         };
         let mut stalled = 0;
-        // Still catching up: more than the trickle sent in the tick.
         assert_eq!(
-            Flush::after(&at(1000.0, 900.0), &at(2000.0, 2000.0), 50.0, &mut stalled),
+            Flush::after(&queued(5000.0), &queued(2000.0), &mut stalled),
             Flush::Going
         );
-        // A trickle, all acknowledged: done.
         assert_eq!(
-            Flush::after(&at(2000.0, 2000.0), &at(2004.0, 2004.0), 50.0, &mut stalled),
+            Flush::after(&queued(2000.0), &queued(QUEUE_QUIET), &mut stalled),
             Flush::Done
         );
-        // All acknowledged but something dropped: not done, and no new ack counts as stalled.
-        let mut dropped = at(2004.0, 2004.0);
+        // Drops are final and do not hold the wait up.
+        let mut dropped = queued(3.0);
         dropped.drops.insert("queue_full".into(), 3.0);
+        assert_eq!(Flush::after(&dropped, &dropped, &mut stalled), Flush::Done);
+        // A queue that stays put: stuck after STUCK_TICKS ticks.
         stalled = 0;
         let states: Vec<Flush> = (0..STUCK_TICKS)
-            .map(|_| Flush::after(&dropped, &dropped, 50.0, &mut stalled))
+            .map(|_| Flush::after(&queued(800.0), &queued(800.0), &mut stalled))
             .collect();
         assert_eq!(states.last(), Some(&Flush::Stuck));
         assert!(
@@ -281,19 +281,11 @@ mod tests {
                 .iter()
                 .all(|s| *s == Flush::Going)
         );
-        // Acks arriving reset the stall count.
-        stalled = STUCK_TICKS;
+        // Shrinking again resets the count.
         assert_eq!(
-            Flush::after(&at(3000.0, 2000.0), &at(3000.0, 2500.0), 50.0, &mut stalled),
+            Flush::after(&queued(800.0), &queued(700.0), &mut stalled),
             Flush::Going
         );
         assert_eq!(stalled, 0);
-    }
-
-    #[test]
-    fn trickle_is_one_percent_of_the_load_rate() {
-        assert_eq!(quiet_events(1_000_000.0, 10.0), 1000.0);
-        assert_eq!(quiet_events(100.0, 10.0), 10.0);
-        assert_eq!(quiet_events(100.0, 0.0), 10.0);
     }
 }
