@@ -33,8 +33,9 @@
 //! placement gets one extra run, outside the ratio, in which the collector ships to a real
 //! `weft-stitcher` in the cluster's control namespace ([`crate::harness_stitcher`], no
 //! printing, no OTLP export): its CPU per 10k req/s is the collector's production cost;
-//! the stitcher's CPU, that run's rate and whether every event was acknowledged (the
-//! collector's `ship` counters, read once the shipper has flushed) go in its note.
+//! the stitcher's CPU, that run's rate and whether everything was delivered (the
+//! collector's `ship` counters and queue gauge, read once the shipper has flushed) go in
+//! its note.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};

@@ -566,7 +566,7 @@ fn conn_state(ctx: &TracePointContext) -> Result<(), i32> {
 // the payload follows the header directly in a slot, and a CPU's head and tail never share
 // a cache line.
 const _: () = assert!(offset_of!(PacketEvent, head) == weft_ebpf_common::PACKET_HEADER_LEN);
-const _: () = assert!(offset_of!(RingControl, tail) == weft_ebpf_common::RING_CONTROL_TAIL_OFFSET);
+const _: () = assert!(offset_of!(RingControl, tail) == 64);
 const _: () =
     assert!(offset_of!(PacketEvent, head) % 8 == 0 && core::mem::align_of::<PacketEvent>() >= 8);
 

@@ -365,19 +365,20 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
     let t = traced_node(&[]);
     let (cluster, node, collector, addr) = (&t.cluster, &t.node, &t.collector, t.server);
     let client = cluster.pod("client").netns().to_owned();
-    let kernel = |counter: &str| {
+    let kernel = |text: &str, counter: &str| {
         metric(
-            &scrape(cluster, node),
+            text,
             &format!(r#"weft_collector_kernel_events_total{{counter="{counter}"}}"#),
         )
     };
     // Every HTTP segment the classifiers saw: emitted, or lost and counted by reason.
-    let accounted = || {
+    let accounted_in = |text: &str| {
         ["emitted", "ring_full", "no_ring", "copy_failed"]
             .iter()
-            .map(|c| kernel(c))
+            .map(|c| kernel(text, c))
             .sum::<u64>()
     };
+    let accounted = || accounted_in(&scrape(cluster, node));
     let pods = [client.clone(), cluster.pod("server").netns().to_owned()];
     let retransmitted = || {
         pods.iter()
@@ -406,10 +407,10 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
         accounted() - accounted_before
     );
     let text = scrape(cluster, node);
-    let (emitted, full) = (kernel("emitted"), kernel("ring_full"));
+    let (emitted, full) = (kernel(&text, "emitted"), kernel(&text, "ring_full"));
     // Exact, unless TCP retransmitted a segment (seen again on both veths): then at most
     // two more per retransmission.
-    let seen = accounted() - accounted_before;
+    let seen = accounted_in(&text) - accounted_before;
     let retransmissions = retransmitted() - retransmitted_before;
     assert!(
         seen >= total && seen <= total + 2 * retransmissions,
