@@ -26,7 +26,7 @@ use core::{
 };
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext as _, Global,
     bindings::{BPF_F_MMAPABLE, TC_ACT_UNSPEC},
     helpers::{
         bpf_ktime_get_ns,
@@ -60,6 +60,17 @@ static CONNS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// Indexed by `Counter`; user space sums the CPUs.
 #[map(name = "WEFT_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// 1 when the kernel exposes `__sk_buff.tstamp_type` (5.18+): records then take their time
+/// from the segment (see `packet_time`). Set by the collector at load time. A read-only
+/// global, so the verifier knows its value and never checks the branch not taken: an older
+/// kernel, which refuses that field, loads the programs with 0.
+#[unsafe(no_mangle)]
+static SKB_SEND_TIME: Global<u8> = Global::new(0);
+
+/// `__sk_buff.tstamp_type` of a delivery time on the monotonic clock (uapi
+/// `BPF_SKB_CLOCK_MONOTONIC`, `BPF_SKB_TSTAMP_DELIVERY_MONO` before 6.11).
+const SKB_CLOCK_MONOTONIC: u8 = 1;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -429,7 +440,7 @@ fn fill_header(
     ev: *mut PacketEvent,
 ) {
     let header = PacketHeader {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ts_ns: packet_time(ctx),
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         seq: seg.seq,
         ack: seg.ack,
@@ -447,6 +458,34 @@ fn fill_header(
     // SAFETY: `ev` is a ring slot (a map value the verifier sized) that only this CPU
     // writes until it is published.
     unsafe { (*ev).header = header };
+}
+
+/// The record's time (monotonic ns): when the sender's TCP transmitted the segment, if the
+/// skb carries that time, else now.
+///
+/// TCP stamps every segment it sends with its departure time on the monotonic clock (the
+/// skb's delivery time), and the kernel keeps it across veths and bridges: every segment a
+/// pod or the node sends arrives here with it, microseconds before this classifier runs.
+/// Reading it instead of the clock saves a helper call on every record: 35 of the ~200 ns
+/// a classifier run took here. Segments without it (forwarded from
+/// another node, say, or with a receive timestamp on the real-time clock) read the clock,
+/// counted as `ClockTime`.
+///
+/// A departure time lies in the future only where the sender paces with an fq qdisc that
+/// comes after this hook (not a pod's: its qdisc holds segments until their time). It is
+/// not checked here (a clock read to check it costs half of what is saved); the reader
+/// does not wait for such a time (`capture::ring`).
+#[inline(always)]
+fn packet_time(ctx: &TcContext) -> u64 {
+    if SKB_SEND_TIME.load() != 0 {
+        // SAFETY: the context's own fields, read as the verifier allows (whole fields).
+        let (kind, sent) = unsafe { ((*ctx.skb.skb).tstamp_type, (*ctx.skb.skb).tstamp) };
+        if kind == SKB_CLOCK_MONOTONIC && sent != 0 {
+            return sent;
+        }
+    }
+    count(Counter::ClockTime);
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Copies up to `HEAD_LEN` payload bytes into the slot's head and returns how

@@ -2,7 +2,8 @@
 //! backed by a pod on node B is reported once as CLIENT by node A's collector and once as
 //! SERVER by node B's, with the right method, path and status and the same TCP seqs on both
 //! sides (Service DNAT rewrites addresses, not sequence numbers); the same for IPv6 between
-//! two pods of one node; and pipelined requests pair with their own responses. Needs root.
+//! two pods of one node; pipelined requests pair with their own responses; and exchange
+//! times are those of the segments. Needs root.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::{
     io::{BufReader, Write as _},
     net::{Ipv6Addr, SocketAddr, TcpStream},
     process::Command,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use common::*;
@@ -327,5 +328,90 @@ fn pipelined_requests_in_one_segment_pair_with_their_own_responses() {
             );
         }
     }
+    collector.stop(Duration::from_secs(5)).unwrap();
+}
+
+fn unix_nanos_now() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as i128
+}
+
+/// A record's time is its segment's send time, which TCP stamps on every segment a pod
+/// sends, not a clock read per record. Every exchange, on both sides, must start after the
+/// client began its write and end before it had read the response, and span the server's
+/// delay; and between two pods of one node no record may have read the clock.
+#[test]
+fn exchange_times_are_the_segments_send_times_and_bracket_each_request() {
+    const REQUESTS: usize = 20;
+    // The collector's wall/monotonic offset is sampled, within WallClock::STEP_NANOS (1 ms).
+    const SLACK_NANOS: i128 = 2_000_000;
+    let t = traced_node(&["--print", "json"]);
+    let (cluster, collector, addr) = (&t.cluster, &t.collector, t.server);
+    let seen = cluster.run_in(cluster.pod("client").netns(), move || {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        (0..REQUESTS)
+            .map(|i| {
+                let path = format!("/slow/{i}");
+                let before = unix_nanos_now();
+                w.write_all(format!("GET {path} HTTP/1.1\r\nHost: backend\r\n\r\n").as_bytes())
+                    .unwrap();
+                assert_eq!(read_response(&mut r), 200);
+                (path, before, unix_nanos_now())
+            })
+            .collect::<Vec<_>>()
+    });
+
+    let expected = 2 * REQUESTS;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while collector.stdout_text().lines().count() < expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let by_path = exchanges_by_path(&collector.stdout_text());
+    let delay = SLOW_RESPONSE.as_nanos() as i128;
+    for (path, before, after) in &seen {
+        let exchanges = by_path
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} not seen\n{}", collector.stdout_text()));
+        assert_eq!(exchanges.len(), 2, "{path}: {exchanges:?}");
+        for ex in exchanges {
+            let time = |field: &str| ex[field].as_u64().expect(field) as i128;
+            let (start, end) = (time("start_unix_nanos"), time("end_unix_nanos"));
+            assert!(
+                start >= before - SLACK_NANOS,
+                "{path}: starts before its write: {ex}"
+            );
+            assert!(
+                end <= after + SLACK_NANOS,
+                "{path}: ends after its read: {ex}"
+            );
+            assert!(
+                end - start >= delay - SLACK_NANOS,
+                "{path}: shorter than the server's delay: {ex}"
+            );
+        }
+    }
+    // The kernel counters reach /metrics on the collector's next tick.
+    let kernel = |metrics: &str, c: &str| {
+        metric(
+            metrics,
+            &format!("weft_collector_kernel_events_total{{counter=\"{c}\"}}"),
+        )
+    };
+    let mut metrics = String::new();
+    let all_counted = wait_for(Duration::from_secs(5), || {
+        metrics = scrape(cluster, &t.node);
+        kernel(&metrics, "emitted") >= 4 * REQUESTS as u64
+    });
+    assert!(all_counted, "{metrics}");
+    assert_eq!(
+        kernel(&metrics, "clock_time"),
+        0,
+        "a pod's segment came without its send time"
+    );
     collector.stop(Duration::from_secs(5)).unwrap();
 }

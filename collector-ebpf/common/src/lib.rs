@@ -21,7 +21,9 @@ pub const FAMILY_IPV6: u8 = 6;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PacketHeader {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC); user space converts to wall clock.
+    /// CLOCK_MONOTONIC ns: when the segment was sent (the skb's TCP departure time) or,
+    /// without one, `bpf_ktime_get_ns()` when the classifier ran. User space converts it
+    /// to wall clock.
     pub ts_ns: u64,
     pub ifindex: u32,
     /// TCP sequence number of the first payload byte (host order).
@@ -143,6 +145,9 @@ pub enum Counter {
     /// No ring to write for this CPU: not set up by the collector yet, or a classifier
     /// run nested in another on the same CPU. An HTTP segment was lost.
     NoRing = 8,
+    /// Records timed by reading the clock because their segment carried no send time
+    /// (informational: see the classifiers' `packet_time`).
+    ClockTime = 9,
 }
 
 impl Counter {
@@ -157,6 +162,7 @@ impl Counter {
         Counter::CopyFailed,
         Counter::HeadCut,
         Counter::NoRing,
+        Counter::ClockTime,
     ];
 
     /// A stable snake_case name for metrics.
@@ -171,12 +177,13 @@ impl Counter {
             Counter::CopyFailed => "copy_failed",
             Counter::HeadCut => "head_cut",
             Counter::NoRing => "no_ring",
+            Counter::ClockTime => "clock_time",
         }
     }
 }
 
 /// Number of counters (size of the counter array).
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 10;
 
 #[cfg(test)]
 mod tests {

@@ -8,11 +8,14 @@
 //! lines that every CPU writes; here a classifier only touches its own CPU's slot and
 //! `head`, with no helper call.
 //!
-//! Order: one CPU's records are in timestamp order, but a request written on one CPU and
-//! its response on another must still reach the parser in that order. A read therefore
-//! merges the CPUs by timestamp and stops at a watermark a little before the time the read
-//! started: anything stamped earlier has been published by then (a classifier runs a few
-//! microseconds, not preempted), so nothing read later can sort before what was read now.
+//! Order: a request written on one CPU and its response on another must reach the parser
+//! in that order. A read therefore merges the CPUs by timestamp and stops at a watermark a
+//! little before the time the read started. A record's time is when its segment was sent,
+//! or when the classifier ran (see the classifiers' `packet_time`): either way before it
+//! was published, and a response is sent only after its request passed a classifier, so
+//! a response never sorts before its request. A time later than the read itself is a
+//! pacing sender's departure time: such a record is read at once, as if stamped at the
+//! watermark, rather than holding up its CPU's ring until then.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -28,6 +31,8 @@ use super::Packet;
 
 pub const MAP_PACKETS: &str = "WEFT_PACKETS";
 pub const MAP_RING_CTL: &str = "WEFT_RING_CTL";
+/// The classifiers' switch for taking a record's time from its segment.
+const GLOBAL_SKB_SEND_TIME: &str = "SKB_SEND_TIME";
 
 /// All CPUs' slots together take at most this much (more only at the per-CPU minimum, on
 /// nodes with over 51 CPUs). A 2-CPU node gets 8,192 slots per CPU: about 55 ms of HTTP
@@ -73,13 +78,35 @@ impl RingLayout {
         let mut loader = aya::EbpfLoader::new();
         loader
             .map_max_entries(MAP_PACKETS, self.total_slots())
-            .map_max_entries(MAP_RING_CTL, self.cpus);
+            .map_max_entries(MAP_RING_CTL, self.cpus)
+            .override_global(GLOBAL_SKB_SEND_TIME, skb_send_time(), true);
         loader
     }
 
     /// `max_entries` of `WEFT_PACKETS`.
     pub fn total_slots(&self) -> u32 {
         (u64::from(self.cpus) * self.slots) as u32
+    }
+}
+
+/// Whether the kernel lets the classifiers read a segment's send time
+/// (`__sk_buff.tstamp_type`, Linux 5.18): where it does not, they would fail to load with
+/// it, so they read the clock instead.
+fn skb_send_time() -> &'static u8 {
+    use aya::util::KernelVersion;
+    match KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 18, 0)) {
+        true => &1,
+        false => &0,
+    }
+}
+
+/// Where a record stamped `ts` sorts in a read up to `watermark`, and the time it is read
+/// with: its own, unless that is later than the read itself (see the module doc).
+fn merge_time(ts: u64, watermark: u64) -> u64 {
+    if ts > watermark.saturating_add(WATERMARK_MARGIN_NANOS) {
+        watermark
+    } else {
+        ts
     }
 }
 
@@ -176,7 +203,7 @@ impl PacketRings {
             self.heads[cpu as usize] = head;
             if head != self.tails[cpu as usize] {
                 let ts = self.slot(cpu, self.tails[cpu as usize]).header.ts_ns;
-                self.merge.push(Reverse((ts, cpu)));
+                self.merge.push(Reverse((merge_time(ts, watermark), cpu)));
             }
         }
         while let Some(Reverse((ts, cpu))) = self.merge.pop() {
@@ -185,8 +212,9 @@ impl PacketRings {
             }
             let c = cpu as usize;
             match Packet::from_slot(self.slot(cpu, self.tails[c])) {
-                Some(p) => {
+                Some(mut p) => {
                     out.records += 1;
+                    p.header.ts_ns = ts;
                     sink(p);
                 }
                 None => out.malformed += 1,
@@ -197,7 +225,7 @@ impl PacketRings {
             }
             if self.tails[c] != self.heads[c] {
                 let next = self.slot(cpu, self.tails[c]).header.ts_ns;
-                self.merge.push(Reverse((next, cpu)));
+                self.merge.push(Reverse((merge_time(next, watermark), cpu)));
             }
         }
         for cpu in 0..self.layout.cpus {
@@ -443,6 +471,30 @@ mod tests {
         write(&r, 1, 55, b"GET /late");
         let (got, _) = read_all(&mut r, u64::MAX);
         assert_eq!(timestamps(&got), [50, 55, 60]);
+    }
+
+    #[test]
+    fn a_record_stamped_after_the_read_is_read_at_once_as_of_the_watermark() {
+        let mut r = rings(2, 8);
+        let watermark = 1_000_000_000;
+        let future = watermark + WATERMARK_MARGIN_NANOS + 1;
+        let recent = watermark + 1;
+        write_each(
+            &r,
+            &[
+                (0, 10, b"GET /1"),
+                (0, future + 5_000_000_000, b"GET /paced"),
+                (0, 20, b"GET /2"),
+                (1, 15, b"HTTP/1.1 200"),
+                (1, recent, b"HTTP/1.1 204"),
+            ],
+        );
+        let (got, _) = read_all(&mut r, watermark);
+        // The paced record does not hold up CPU 0's ring; a recent one still waits.
+        assert_eq!(timestamps(&got), [10, 15, watermark, 20]);
+        assert_eq!(got[2].1, b"GET /paced");
+        let (got, _) = read_all(&mut r, u64::MAX);
+        assert_eq!(timestamps(&got), [recent]);
     }
 
     #[test]

@@ -170,6 +170,9 @@ impl Drop for HttpServer {
     }
 }
 
+/// How long the test server waits before it answers a path under `/slow/`.
+pub const SLOW_RESPONSE: Duration = Duration::from_millis(30);
+
 pub fn start_http_server(netns: &str) -> HttpServer {
     start_http_server_at(netns, server_addr(Ipv4Addr::UNSPECIFIED, SERVER_PORT))
 }
@@ -239,6 +242,9 @@ fn serve_conn(s: TcpStream) {
             if h == "\r\n" {
                 break;
             }
+        }
+        if request_line.contains(" /slow/") {
+            std::thread::sleep(SLOW_RESPONSE);
         }
         let status = if request_line.contains("/missing") {
             "404 Not Found"
