@@ -358,11 +358,51 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
         return;
     }
     unsafe { (*ctl).busy = 1 };
-    match write_slot(ctx, seg, direction, cpu, ctl, slots) {
+    let written = match ring_with_room(ctl, slots) {
+        // One `write_slot` for both rings keeps the program small (LLVM makes a second
+        // copy when anything after it depends on which ring it was).
+        Some((ring, ring_slots)) => write_slot(ctx, seg, direction, ring, ring_slots),
+        // Lost only if it was HTTP.
+        None => Err(match begins_http(ctx, seg.payload_off) {
+            true => Counter::RingFull,
+            false => Counter::NotHttp,
+        }),
+    };
+    match written {
         Ok(()) => count(Counter::Emitted),
         Err(lost) => count(lost),
     }
     unsafe { (*ctl).busy = 0 };
+}
+
+/// The ring to write, with its slots: the CPU's fast ring `ctl` if it has room, else its
+/// spill ring if that has (see `RingControl`; the spill ring is written only from here,
+/// under the fast ring's `busy` flag).
+#[inline(always)]
+fn ring_with_room(ctl: *mut RingControl, slots: u64) -> Option<(*mut RingControl, u64)> {
+    if has_room(ctl, slots) {
+        return Some((ctl, slots));
+    }
+    let spill = unsafe { (*ctl).spill };
+    if spill == 0 {
+        return None;
+    }
+    let spill_ctl = RING_CTL.get_ptr_mut((spill - 1) as u32)?;
+    let spill_slots = unsafe { (*spill_ctl).slots };
+    if spill_slots == 0 || !has_room(spill_ctl, spill_slots) {
+        return None;
+    }
+    count(Counter::Spilled);
+    Some((spill_ctl, spill_slots))
+}
+
+/// Whether the collector has read the slot at `head`.
+#[inline(always)]
+fn has_room(ctl: *mut RingControl, slots: u64) -> bool {
+    let head = unsafe { (*ctl).head };
+    // Volatile: the collector moves `tail` behind the compiler's back.
+    let tail = unsafe { read_volatile(addr_of_mut!((*ctl).tail)) };
+    head.wrapping_sub(tail) < slots
 }
 
 /// Makes the slots before `head` readable by the collector: the slot's bytes must be
@@ -383,29 +423,19 @@ compile_error!(
     "the per-CPU packet ring publishes with plain stores, which are ordered only on x86-64 (see `publish`)"
 );
 
-/// Fills the slot at `head` (if the collector has read it) and, if the payload begins an
+/// Fills the slot at `head` (which `has_room` found read) and, if the payload begins an
 /// HTTP message, advances `head` past it.
 #[inline(always)]
 fn write_slot(
     ctx: &TcContext,
     seg: &Segment,
     direction: u8,
-    cpu: u32,
     ctl: *mut RingControl,
     slots: u64,
 ) -> Result<(), Counter> {
     let head = unsafe { (*ctl).head };
-    // Volatile: the collector moves `tail` behind the compiler's back.
-    let tail = unsafe { read_volatile(addr_of_mut!((*ctl).tail)) };
-    if head.wrapping_sub(tail) >= slots {
-        // Lost only if it was HTTP.
-        return Err(match begins_http(ctx, seg.payload_off) {
-            true => Counter::RingFull,
-            false => Counter::NotHttp,
-        });
-    }
     // `slots` is a power of two (the collector sets it so).
-    let index = (cpu as u64) * slots + (head & (slots - 1));
+    let index = unsafe { (*ctl).base } + (head & (slots - 1));
     let ev = PACKETS.get_ptr_mut(index as u32).ok_or(Counter::NoRing)?;
     let captured = copy_head(ctx, seg, ev).map_err(|()| Counter::CopyFailed)?;
     // SAFETY: within the slot's head, which is 8-byte aligned (`PacketHeader` is 72

@@ -105,7 +105,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut capture = Capture::new(&mut ebpf, layout)?;
     info!(
         cpus = layout.cpus,
-        slots_per_cpu = layout.slots,
+        fast_slots_per_cpu = layout.fast_slots,
+        spill_slots_per_cpu = layout.spill_slots,
         "packet rings ready"
     );
 

@@ -359,7 +359,8 @@ fn garbage_truncated_and_other_protocols_are_counted_without_panic() {
 #[test]
 fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
     // Each request and its response cross two traced veths (client pod's and server pod's):
-    // 4 records per request, far beyond what the rings hold (16 MiB of 640-byte slots).
+    // 4 records per request, far beyond what the rings hold (at most 16 MiB of 640-byte
+    // slots, fast and spill rings together).
     const REQUESTS: usize = 12_000;
     const RECORDS_PER_REQUEST: u64 = 4;
     let t = traced_node(&[]);
@@ -417,6 +418,8 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
         "{seen} segments accounted for, {total} sent, {retransmissions} retransmitted\n{text}"
     );
     assert!(full > 0, "the rings never filled: {text}");
+    // Lost only once the spill rings were full too (and what they took is read below).
+    assert!(kernel(&text, "spilled") > 0, "nothing spilled: {text}");
     assert_eq!(
         metric(&text, r#"weft_collector_ring_drops_total{ring="packets"}"#),
         full,

@@ -65,15 +65,22 @@ pub struct PacketEvent {
     pub head: [u8; HEAD_LEN],
 }
 
-/// The control block of one CPU's packet ring (`WEFT_RING_CTL` holds one per possible
-/// CPU; both maps are mapped into the collector's memory).
+/// The control block of one packet ring (`WEFT_RING_CTL` holds two per possible CPU: its
+/// fast ring at the CPU's index, then every CPU's spill ring; both maps are mapped into
+/// the collector's memory).
 ///
-/// Each CPU has its own single-producer, single-consumer ring of `slots` slots in
-/// `WEFT_PACKETS` (CPU `c` owns slots `c * slots ..= c * slots + slots - 1`): a classifier
-/// writes its CPU's next slot and then publishes it by advancing `head`; the collector
-/// reads the slots between `tail` and `head` and then advances `tail`. No lock, no shared
-/// cache line between CPUs, and no helper call (a shared `BPF_MAP_TYPE_RINGBUF` costs
-/// each record a spinlock and two cache lines written by every CPU).
+/// Each ring is single-producer, single-consumer, with `slots` slots in `WEFT_PACKETS`
+/// from `base` on: a classifier writes its CPU's next slot and then publishes it by
+/// advancing `head`; the collector reads the slots between `tail` and `head` and then
+/// advances `tail`. No lock, no shared cache line between CPUs, and no helper call (a
+/// shared `BPF_MAP_TYPE_RINGBUF` costs each record a spinlock and two cache lines written
+/// by every CPU).
+///
+/// Why two rings per CPU: the slots a classifier writes should still be in cache. A
+/// small fast ring that the collector empties on every read stays there; a ring big
+/// enough for the collector's longest stall on a saturated node (tens of milliseconds)
+/// does not, and writing its cold lines cost each classifier run 20–50 ns here. So the
+/// fast ring is small, and only what it has no room for goes to the CPU's big spill ring.
 ///
 /// `head` and `tail` are on separate cache lines: the kernel writes the first once per
 /// record, the collector the second once per read.
@@ -88,7 +95,12 @@ pub struct RingControl {
     /// Non-zero while a classifier writes this CPU's ring (kernel only): a run nested in
     /// another on the same CPU must not take the same slot.
     pub busy: u64,
-    pub _pad: [u64; 5],
+    /// This ring's first slot in `WEFT_PACKETS` (set by the collector).
+    pub base: u64,
+    /// A CPU's fast ring: 1 + the `WEFT_RING_CTL` index of its spill ring, which takes
+    /// the records the fast ring has no room for; 0: none (set by the collector).
+    pub spill: u64,
+    pub _pad: [u64; 3],
     /// Records the collector has read (written by user space).
     pub tail: u64,
     pub _pad2: [u64; 7],
@@ -128,8 +140,8 @@ pub enum Counter {
     Packets = 0,
     /// Segments published to the CPU's packet ring.
     Emitted = 1,
-    /// The CPU's packet ring was full (the collector reads too slowly): an HTTP segment
-    /// was lost.
+    /// Both packet rings of the CPU were full (the collector reads too slowly): an HTTP
+    /// segment was lost.
     RingFull = 2,
     /// Headers could not be read (truncated or malformed IP/TCP).
     BadHeader = 3,
@@ -148,6 +160,10 @@ pub enum Counter {
     /// Records timed by reading the clock because their segment carried no send time
     /// (informational: see the classifiers' `packet_time`).
     ClockTime = 9,
+    /// Segments written to the CPU's spill ring because its fast ring was full
+    /// (informational: nothing is lost; see `RingControl`). Includes the rare one that
+    /// turns out not to be HTTP only once copied, and is then not published.
+    Spilled = 10,
 }
 
 impl Counter {
@@ -163,6 +179,7 @@ impl Counter {
         Counter::HeadCut,
         Counter::NoRing,
         Counter::ClockTime,
+        Counter::Spilled,
     ];
 
     /// A stable snake_case name for metrics.
@@ -178,12 +195,13 @@ impl Counter {
             Counter::HeadCut => "head_cut",
             Counter::NoRing => "no_ring",
             Counter::ClockTime => "clock_time",
+            Counter::Spilled => "spilled",
         }
     }
 }
 
 /// Number of counters (size of the counter array).
-pub const COUNTER_COUNT: u32 = 10;
+pub const COUNTER_COUNT: u32 = 11;
 
 #[cfg(test)]
 mod tests {

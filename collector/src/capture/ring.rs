@@ -20,7 +20,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::os::fd::{AsFd, AsRawFd};
-use std::ptr::NonNull;
+use std::ptr::{NonNull, addr_of_mut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, bail};
@@ -35,24 +35,32 @@ pub const MAP_RING_CTL: &str = "WEFT_RING_CTL";
 const GLOBAL_SKB_SEND_TIME: &str = "SKB_SEND_TIME";
 
 /// All CPUs' slots together take at most this much (more only at the per-CPU minimum, on
-/// nodes with over 51 CPUs). A 2-CPU node gets 8,192 slots per CPU: about 55 ms of HTTP
-/// segments at 150k per second on one CPU (a saturated 2-CPU node tracing both halves of
-/// pod-to-pod requests). The reader comes every 5 ms, but on a saturated node it can wait
-/// its turn for tens of milliseconds: 4,096 slots lost records in 2 of 5 such runs of the
-/// overhead benchmark.
+/// nodes with over 40 CPUs). A 2-CPU node gets a spill ring of 8,192 slots per CPU: about
+/// 55 ms of HTTP segments at 150k per second on one CPU (a saturated 2-CPU node tracing
+/// both halves of pod-to-pod requests). The reader comes every 5 ms, but on a saturated
+/// node it can wait its turn for tens of milliseconds: 4,096 slots lost records in 2 of 5
+/// such runs of the overhead benchmark. The fast ring in front of it has a quarter of
+/// that (2,048 slots, 1.3 MB: still a fifth of a second of the busiest CPU's records at
+/// the reader's pace), small enough to stay in cache (see `RingControl`).
 const BUDGET_BYTES: usize = 16 * 1024 * 1024;
 const MIN_SLOTS: u64 = 512;
 const MAX_SLOTS: u64 = 8192;
+/// A fast ring has this fraction of its spill ring's slots.
+const FAST_SHARE: u64 = 4;
 
 /// Records stamped less than this before a read began wait for the next read (see the
 /// module doc): covers a classifier between its timestamp and its publishing store.
 pub const WATERMARK_MARGIN_NANOS: u64 = 1_000_000;
 
-/// How many CPUs have a ring and how many slots each has (a power of two).
+/// How many CPUs have rings, and the slots of each CPU's fast and spill ring (powers of
+/// two). Rings are numbered every CPU's fast ring first (ring = CPU), then every CPU's
+/// spill ring (ring = CPUs + CPU), as in `WEFT_RING_CTL`; their slots follow each other in
+/// `WEFT_PACKETS` in the same order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingLayout {
     pub cpus: u32,
-    pub slots: u64,
+    pub fast_slots: u64,
+    pub spill_slots: u64,
 }
 
 impl RingLayout {
@@ -65,11 +73,14 @@ impl RingLayout {
 
     pub fn for_cpus(cpus: u32) -> Self {
         let per_cpu = BUDGET_BYTES / size_of::<PacketEvent>() / (cpus.max(1) as usize);
-        // The largest power of two within the share, so that a slot index is a mask.
-        let fit = 1u64 << (usize::BITS - 1 - per_cpu.max(1).leading_zeros());
+        // The spill ring takes what leaves room for the fast ring in the share: the largest
+        // power of two (a slot index is a mask) within FAST_SHARE / (FAST_SHARE + 1) of it.
+        let room = (per_cpu as u64 * FAST_SHARE / (FAST_SHARE + 1)).max(1);
+        let spill = (1u64 << (u64::BITS - 1 - room.leading_zeros())).clamp(MIN_SLOTS, MAX_SLOTS);
         RingLayout {
             cpus,
-            slots: fit.clamp(MIN_SLOTS, MAX_SLOTS),
+            fast_slots: spill / FAST_SHARE,
+            spill_slots: spill,
         }
     }
 
@@ -78,14 +89,48 @@ impl RingLayout {
         let mut loader = aya::EbpfLoader::new();
         loader
             .map_max_entries(MAP_PACKETS, self.total_slots())
-            .map_max_entries(MAP_RING_CTL, self.cpus)
+            .map_max_entries(MAP_RING_CTL, self.rings())
             .override_global(GLOBAL_SKB_SEND_TIME, skb_send_time(), true);
         loader
     }
 
     /// `max_entries` of `WEFT_PACKETS`.
     pub fn total_slots(&self) -> u32 {
-        (u64::from(self.cpus) * self.slots) as u32
+        (u64::from(self.cpus) * (self.fast_slots + self.spill_slots)) as u32
+    }
+
+    /// How many rings there are: two per CPU.
+    pub fn rings(&self) -> u32 {
+        2 * self.cpus
+    }
+
+    /// The slots of `ring`.
+    fn ring_slots(&self, ring: u32) -> u64 {
+        if ring < self.cpus {
+            self.fast_slots
+        } else {
+            self.spill_slots
+        }
+    }
+
+    /// The index of `ring`'s first slot in `WEFT_PACKETS`.
+    fn ring_base(&self, ring: u32) -> u64 {
+        let (cpus, ring) = (u64::from(self.cpus), u64::from(ring));
+        if ring < cpus {
+            ring * self.fast_slots
+        } else {
+            cpus * self.fast_slots + (ring - cpus) * self.spill_slots
+        }
+    }
+
+    /// A fast ring's `spill` field: 1 + the index of its CPU's spill ring; 0 for a spill
+    /// ring itself.
+    fn ring_spill(&self, ring: u32) -> u64 {
+        if ring < self.cpus {
+            u64::from(self.cpus + ring) + 1
+        } else {
+            0
+        }
     }
 }
 
@@ -145,7 +190,7 @@ impl PacketRings {
             array_data(packets, MAP_PACKETS)?,
             array_data(ctl, MAP_RING_CTL)?,
         );
-        let ctl_len = layout.cpus as usize * size_of::<RingControl>();
+        let ctl_len = layout.rings() as usize * size_of::<RingControl>();
         let slots_len = layout.total_slots() as usize * size_of::<PacketEvent>();
         let ctl_region = Region::map(ctl.fd().as_fd().as_raw_fd(), ctl_len, true)
             .with_context(|| format!("mapping {MAP_RING_CTL} ({ctl_len} bytes)"))?;
@@ -158,14 +203,11 @@ impl PacketRings {
     }
 
     /// # Safety
-    /// `ctl` must hold `layout.cpus` `RingControl`s and `slots` `layout.total_slots()`
+    /// `ctl` must hold `layout.rings()` `RingControl`s and `slots` `layout.total_slots()`
     /// `PacketEvent`s, suitably aligned, for as long as the rings live.
     unsafe fn from_regions(ctl: Region, slots: Region, layout: RingLayout) -> anyhow::Result<Self> {
-        if !layout.slots.is_power_of_two() {
-            bail!(
-                "ring slots per CPU must be a power of two, not {}",
-                layout.slots
-            );
+        if !(layout.fast_slots.is_power_of_two() && layout.spill_slots.is_power_of_two()) {
+            bail!("ring slots must be powers of two, not {layout:?}");
         }
         let aligned = slots.ptr.cast::<PacketEvent>().is_aligned()
             && ctl.ptr.cast::<RingControl>().is_aligned();
@@ -176,42 +218,58 @@ impl PacketRings {
             ctl,
             slots,
             layout,
-            tails: vec![0; layout.cpus as usize],
-            heads: vec![0; layout.cpus as usize],
-            merge: BinaryHeap::with_capacity(layout.cpus as usize),
+            tails: vec![0; layout.rings() as usize],
+            heads: vec![0; layout.rings() as usize],
+            merge: BinaryHeap::with_capacity(layout.rings() as usize),
             maps: None,
         };
-        for cpu in 0..layout.cpus {
-            // Start where the kernel is (a fresh map: 0), then let it write.
-            let head = rings.head(cpu).load(Ordering::Acquire);
-            rings.tails[cpu as usize] = head;
-            rings.tail(cpu).store(head, Ordering::Release);
-            rings
-                .slots_field(cpu)
-                .store(layout.slots, Ordering::Release);
+        for ring in 0..layout.rings() {
+            // Start where the kernel is (a fresh map: 0), then let it write: `slots` last,
+            // as the kernel writes nothing before it is set.
+            let head = rings.head(ring).load(Ordering::Acquire);
+            rings.tails[ring as usize] = head;
+            rings.tail(ring).store(head, Ordering::Release);
+            let set = |field: fn(*mut RingControl) -> *mut u64, value: u64| {
+                // SAFETY: an aligned u64 in the mapped control block, which the kernel
+                // only reads until `slots` is set.
+                unsafe { AtomicU64::from_ptr(field(rings.control(ring))) }
+                    .store(value, Ordering::Release);
+            };
+            set(
+                |c| unsafe { addr_of_mut!((*c).base) },
+                layout.ring_base(ring),
+            );
+            set(
+                |c| unsafe { addr_of_mut!((*c).spill) },
+                layout.ring_spill(ring),
+            );
+            set(
+                |c| unsafe { addr_of_mut!((*c).slots) },
+                layout.ring_slots(ring),
+            );
         }
         Ok(rings)
     }
 
     /// Hands every record stamped up to `watermark` (monotonic ns) to `sink`, oldest first
-    /// over all CPUs, then frees their slots for the kernel. `u64::MAX`: everything.
+    /// over all rings, then frees their slots for the kernel. `u64::MAX`: everything.
     pub fn read(&mut self, watermark: u64, mut sink: impl FnMut(Packet<'_>)) -> RingRead {
         let mut out = RingRead::default();
         self.merge.clear();
-        for cpu in 0..self.layout.cpus {
-            let head = self.head(cpu).load(Ordering::Acquire);
-            self.heads[cpu as usize] = head;
-            if head != self.tails[cpu as usize] {
-                let ts = self.slot(cpu, self.tails[cpu as usize]).header.ts_ns;
-                self.merge.push(Reverse((merge_time(ts, watermark), cpu)));
+        for ring in 0..self.layout.rings() {
+            let head = self.head(ring).load(Ordering::Acquire);
+            self.heads[ring as usize] = head;
+            if head != self.tails[ring as usize] {
+                let ts = self.slot(ring, self.tails[ring as usize]).header.ts_ns;
+                self.merge.push(Reverse((merge_time(ts, watermark), ring)));
             }
         }
-        while let Some(Reverse((ts, cpu))) = self.merge.pop() {
+        while let Some(Reverse((ts, ring))) = self.merge.pop() {
             if ts > watermark {
                 break;
             }
-            let c = cpu as usize;
-            match Packet::from_slot(self.slot(cpu, self.tails[c])) {
+            let c = ring as usize;
+            match Packet::from_slot(self.slot(ring, self.tails[c])) {
                 Some(mut p) => {
                     out.records += 1;
                     p.header.ts_ns = ts;
@@ -221,17 +279,18 @@ impl PacketRings {
             }
             self.tails[c] += 1;
             if self.tails[c] + 1 < self.heads[c] {
-                self.prefetch(cpu, self.tails[c] + 1);
+                self.prefetch(ring, self.tails[c] + 1);
             }
             if self.tails[c] != self.heads[c] {
-                let next = self.slot(cpu, self.tails[c]).header.ts_ns;
-                self.merge.push(Reverse((merge_time(next, watermark), cpu)));
+                let next = self.slot(ring, self.tails[c]).header.ts_ns;
+                self.merge
+                    .push(Reverse((merge_time(next, watermark), ring)));
             }
         }
-        for cpu in 0..self.layout.cpus {
+        for ring in 0..self.layout.rings() {
             // The kernel may reuse the slots only once we are done with them.
-            self.tail(cpu)
-                .store(self.tails[cpu as usize], Ordering::Release);
+            self.tail(ring)
+                .store(self.tails[ring as usize], Ordering::Release);
         }
         out
     }
@@ -241,54 +300,50 @@ impl PacketRings {
     /// line is a cache miss: reading them was most of the reader's own time. The collector
     /// used less CPU per request in 4 of 4 alternating pairs (a few percent, about the
     /// run-to-run spread).
-    fn prefetch(&self, cpu: u32, n: u64) {
+    fn prefetch(&self, ring: u32, n: u64) {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
             const LINES: usize = 4;
             const _: () = assert!(LINES * 64 <= size_of::<PacketEvent>());
-            let p = self.slot_ptr(cpu, n).cast::<i8>();
+            let p = self.slot_ptr(ring, n).cast::<i8>();
             for line in 0..LINES {
                 // SAFETY: a hint only (it neither faults nor accesses), and within the slot.
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64)) };
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (cpu, n);
+        let _ = (ring, n);
     }
 
-    fn control(&self, cpu: u32) -> *mut RingControl {
-        debug_assert!(cpu < self.layout.cpus);
-        // In bounds: `cpu` < cpus, and the region holds `cpus` controls.
-        unsafe { self.ctl.at(cpu as usize) }
+    fn control(&self, ring: u32) -> *mut RingControl {
+        debug_assert!(ring < self.layout.rings());
+        // In bounds: `ring` < rings, and the region holds `rings` controls.
+        unsafe { self.ctl.at(ring as usize) }
     }
 
-    fn head(&self, cpu: u32) -> &AtomicU64 {
+    fn head(&self, ring: u32) -> &AtomicU64 {
         // SAFETY: an aligned u64 in the mapped control block, written by the kernel only
         // through aligned 8-byte stores.
-        unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*self.control(cpu)).head)) }
+        unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.control(ring)).head)) }
     }
 
-    fn tail(&self, cpu: u32) -> &AtomicU64 {
+    fn tail(&self, ring: u32) -> &AtomicU64 {
         // SAFETY: as `head`; only we write it.
-        unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*self.control(cpu)).tail)) }
+        unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.control(ring)).tail)) }
     }
 
-    fn slots_field(&self, cpu: u32) -> &AtomicU64 {
-        // SAFETY: as `head`; only we write it.
-        unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*self.control(cpu)).slots)) }
-    }
-
-    /// The slot of `cpu`'s record number `n`. Only called for published, unread records,
+    /// The slot of `ring`'s record number `n`. Only called for published, unread records,
     /// which the kernel does not write until `tail` moves past them.
-    fn slot(&self, cpu: u32, n: u64) -> &PacketEvent {
+    fn slot(&self, ring: u32, n: u64) -> &PacketEvent {
         // SAFETY: in the region (see `slot_ptr`), and not written while unread.
-        unsafe { &*self.slot_ptr(cpu, n) }
+        unsafe { &*self.slot_ptr(ring, n) }
     }
 
-    fn slot_ptr(&self, cpu: u32, n: u64) -> *mut PacketEvent {
-        let index = u64::from(cpu) * self.layout.slots + (n & (self.layout.slots - 1));
-        // SAFETY: index < cpus × slots, the region's length in slots.
+    fn slot_ptr(&self, ring: u32, n: u64) -> *mut PacketEvent {
+        let slots = self.layout.ring_slots(ring);
+        let index = self.layout.ring_base(ring) + (n & (slots - 1));
+        // SAFETY: index < total slots, the region's length in slots.
         unsafe { self.slots.at(index as usize) }
     }
 }
@@ -377,23 +432,42 @@ mod tests {
     use super::*;
     use weft_ebpf_common::{HEAD_LEN, PacketHeader};
 
-    /// The rings over heap memory, with a stand-in for the kernel's side.
+    /// The rings over heap memory (fast rings of `slots`, spill rings of twice that), with
+    /// a stand-in for the kernel's side.
     fn rings(cpus: u32, slots: u64) -> PacketRings {
-        let layout = RingLayout { cpus, slots };
-        let ctl = Region::heap(cpus as usize * size_of::<RingControl>());
+        let layout = RingLayout {
+            cpus,
+            fast_slots: slots,
+            spill_slots: 2 * slots,
+        };
+        let ctl = Region::heap(layout.rings() as usize * size_of::<RingControl>());
         let data = Region::heap(layout.total_slots() as usize * size_of::<PacketEvent>());
         // SAFETY: regions sized from the layout; cache-line-aligned heap memory.
         unsafe { PacketRings::from_regions(ctl, data, layout) }.expect("rings")
     }
 
-    /// What a classifier does: fill the next slot, then advance `head`.
+    /// What a classifier does, from what the collector set in the control blocks: fill
+    /// the next slot of the CPU's fast ring, or of its spill ring when the fast one is
+    /// full, then advance that ring's `head`. False: both were full.
     fn write(r: &PacketRings, cpu: u32, ts_ns: u64, payload: &[u8]) -> bool {
-        let ctl = r.control(cpu);
-        let (head, tail, slots) = unsafe { ((*ctl).head, (*ctl).tail, (*ctl).slots) };
+        let fast = r.control(cpu);
+        if put(r, fast, ts_ns, payload) {
+            return true;
+        }
+        let spill = unsafe { (*fast).spill };
+        spill != 0 && put(r, r.control((spill - 1) as u32), ts_ns, payload)
+    }
+
+    fn put(r: &PacketRings, ctl: *mut RingControl, ts_ns: u64, payload: &[u8]) -> bool {
+        let (head, tail, slots, base) =
+            unsafe { ((*ctl).head, (*ctl).tail, (*ctl).slots, (*ctl).base) };
         if head - tail >= slots {
             return false;
         }
-        let slot = r.slot_ptr(cpu, head);
+        let slot = unsafe {
+            r.slots
+                .at::<PacketEvent>((base + (head & (slots - 1))) as usize)
+        };
         let mut ev = PacketEvent {
             header: PacketHeader {
                 ts_ns,
@@ -404,7 +478,8 @@ mod tests {
         };
         ev.head[..payload.len()].copy_from_slice(payload);
         unsafe { slot.write(ev) };
-        r.head(cpu).store(head + 1, Ordering::Release);
+        unsafe { AtomicU64::from_ptr(addr_of_mut!((*ctl).head)) }
+            .store(head + 1, Ordering::Release);
         true
     }
 
@@ -498,21 +573,19 @@ mod tests {
     }
 
     #[test]
-    fn a_full_ring_refuses_until_read_and_wraps_around() {
+    fn full_rings_refuse_until_read_and_wrap_around() {
+        // 4 fast slots and 8 spill slots.
         let mut r = rings(1, 4);
-        for ts in 1..=4 {
+        for ts in 1..=12 {
             assert!(write(&r, 0, ts, b"GET /"));
         }
-        assert!(!write(&r, 0, 5, b"GET /"), "the fifth record has no slot");
-        assert_eq!(read_all(&mut r, u64::MAX).1.records, 4);
-        for ts in 5..=8 {
+        assert!(!write(&r, 0, 13, b"GET /"), "the 13th record has no slot");
+        assert_eq!(read_all(&mut r, u64::MAX).1.records, 12);
+        for ts in 13..=18 {
             assert!(write(&r, 0, ts, b"GET /"));
         }
         let (got, _) = read_all(&mut r, u64::MAX);
-        assert_eq!(
-            got.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
-            [5, 6, 7, 8]
-        );
+        assert_eq!(timestamps(&got), [13, 14, 15, 16, 17, 18]);
     }
 
     #[test]
@@ -536,9 +609,13 @@ mod tests {
 
     #[test]
     fn misaligned_memory_is_refused() {
-        let layout = RingLayout { cpus: 1, slots: 4 };
-        let ctl = Region::heap(size_of::<RingControl>());
-        let mut data = Region::heap(5 * size_of::<PacketEvent>());
+        let layout = RingLayout {
+            cpus: 1,
+            fast_slots: 4,
+            spill_slots: 4,
+        };
+        let ctl = Region::heap(2 * size_of::<RingControl>());
+        let mut data = Region::heap(9 * size_of::<PacketEvent>());
         // One word into a cache line: aligned for a u64, not for a slot.
         data.ptr = NonNull::new(unsafe { data.ptr.as_ptr().add(8) }).expect("pointer");
         let refused = unsafe { PacketRings::from_regions(ctl, data, layout) };
@@ -548,11 +625,48 @@ mod tests {
     #[test]
     fn the_layout_fits_the_budget_in_powers_of_two() {
         let two = RingLayout::for_cpus(2);
-        assert_eq!(two.slots, 8192);
+        assert_eq!((two.fast_slots, two.spill_slots), (2048, 8192));
         let many = RingLayout::for_cpus(8);
-        assert_eq!(many.slots, 2048);
-        assert!(many.total_slots() as usize * size_of::<PacketEvent>() <= BUDGET_BYTES);
+        assert_eq!((many.fast_slots, many.spill_slots), (512, 2048));
+        for layout in [two, many, RingLayout::for_cpus(3), RingLayout::for_cpus(40)] {
+            assert!(layout.total_slots() as usize * size_of::<PacketEvent>() <= BUDGET_BYTES);
+        }
         // Never below the minimum, whatever the CPU count.
-        assert_eq!(RingLayout::for_cpus(4096).slots, MIN_SLOTS);
+        let huge = RingLayout::for_cpus(4096);
+        assert_eq!(
+            (huge.fast_slots, huge.spill_slots),
+            (MIN_SLOTS / FAST_SHARE, MIN_SLOTS)
+        );
+    }
+
+    #[test]
+    fn every_ring_has_its_own_slots_and_fast_rings_point_at_their_spill_ring() {
+        let r = rings(2, 4);
+        let field = |ring, f: fn(&RingControl) -> u64| f(unsafe { &*r.control(ring) });
+        // Fast rings of CPU 0 and 1 (4 slots each), then their spill rings (8 each).
+        let bases: Vec<u64> = (0..4).map(|ring| field(ring, |c| c.base)).collect();
+        let slots: Vec<u64> = (0..4).map(|ring| field(ring, |c| c.slots)).collect();
+        let spills: Vec<u64> = (0..4).map(|ring| field(ring, |c| c.spill)).collect();
+        assert_eq!(bases, [0, 4, 8, 16]);
+        assert_eq!(slots, [4, 4, 8, 8]);
+        assert_eq!(spills, [3, 4, 0, 0]);
+        assert_eq!(r.layout.total_slots(), 24);
+    }
+
+    #[test]
+    fn what_the_fast_ring_has_no_room_for_spills_and_is_read_in_order() {
+        let mut r = rings(2, 2);
+        // CPU 0: two in its fast ring, three spilled; CPU 1: one.
+        for ts in [10, 20, 30, 50, 60] {
+            assert!(write(&r, 0, ts, b"GET /"));
+        }
+        write_each(&r, &[(1, 40, b"GET /one")]);
+        assert_eq!(r.head(2).load(Ordering::Relaxed), 3, "spilled");
+        let (got, read) = read_all(&mut r, u64::MAX);
+        assert_eq!(timestamps(&got), [10, 20, 30, 40, 50, 60]);
+        assert_eq!(read.records, 6);
+        // Read: the fast ring takes records again.
+        assert!(write(&r, 0, 70, b"GET /"));
+        assert_eq!(r.head(0).load(Ordering::Relaxed), 3);
     }
 }
