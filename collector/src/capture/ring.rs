@@ -45,7 +45,7 @@ const GLOBAL_SKB_SEND_TIME: &str = "SKB_SEND_TIME";
 const BUDGET_BYTES: usize = 16 * 1024 * 1024;
 const MIN_SLOTS: u64 = 512;
 const MAX_SLOTS: u64 = 8192;
-/// A fast ring has this fraction of its spill ring's slots.
+/// A spill ring has this many times its fast ring's slots.
 const FAST_SHARE: u64 = 4;
 
 /// Records stamped less than this before a read began wait for the next read (see the
@@ -64,7 +64,7 @@ pub struct RingLayout {
 }
 
 impl RingLayout {
-    /// One ring per possible CPU (the kernel's CPU ids), sized to the memory budget.
+    /// Two rings per possible CPU (the kernel's CPU ids), sized to the memory budget.
     pub fn for_this_machine() -> anyhow::Result<Self> {
         let cpus =
             aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
@@ -76,7 +76,7 @@ impl RingLayout {
         // The spill ring takes what leaves room for the fast ring in the share: the largest
         // power of two (a slot index is a mask) within FAST_SHARE / (FAST_SHARE + 1) of it.
         let room = (per_cpu as u64 * FAST_SHARE / (FAST_SHARE + 1)).max(1);
-        let spill = (1u64 << (u64::BITS - 1 - room.leading_zeros())).clamp(MIN_SLOTS, MAX_SLOTS);
+        let spill = (1u64 << room.ilog2()).clamp(MIN_SLOTS, MAX_SLOTS);
         RingLayout {
             cpus,
             fast_slots: spill / FAST_SHARE,
@@ -104,34 +104,32 @@ impl RingLayout {
         2 * self.cpus
     }
 
-    /// The slots of `ring`.
-    fn ring_slots(&self, ring: u32) -> u64 {
-        if ring < self.cpus {
-            self.fast_slots
-        } else {
-            self.spill_slots
-        }
-    }
-
-    /// The index of `ring`'s first slot in `WEFT_PACKETS`.
-    fn ring_base(&self, ring: u32) -> u64 {
-        let (cpus, ring) = (u64::from(self.cpus), u64::from(ring));
+    /// Where `ring` is: its `base`, `slots` and `spill` as its control block holds them.
+    fn place(&self, ring: u32) -> RingPlace {
+        let cpus = u64::from(self.cpus);
+        let ring = u64::from(ring);
         if ring < cpus {
-            ring * self.fast_slots
+            RingPlace {
+                base: ring * self.fast_slots,
+                slots: self.fast_slots,
+                // 1 + the index of the CPU's spill ring.
+                spill: cpus + ring + 1,
+            }
         } else {
-            cpus * self.fast_slots + (ring - cpus) * self.spill_slots
+            RingPlace {
+                base: cpus * self.fast_slots + (ring - cpus) * self.spill_slots,
+                slots: self.spill_slots,
+                spill: 0,
+            }
         }
     }
+}
 
-    /// A fast ring's `spill` field: 1 + the index of its CPU's spill ring; 0 for a spill
-    /// ring itself.
-    fn ring_spill(&self, ring: u32) -> u64 {
-        if ring < self.cpus {
-            u64::from(self.cpus + ring) + 1
-        } else {
-            0
-        }
-    }
+/// One ring's fields of `RingControl` that the collector sets.
+struct RingPlace {
+    base: u64,
+    slots: u64,
+    spill: u64,
 }
 
 /// Whether the kernel lets the classifiers read a segment's send time
@@ -229,24 +227,11 @@ impl PacketRings {
             let head = rings.head(ring).load(Ordering::Acquire);
             rings.tails[ring as usize] = head;
             rings.tail(ring).store(head, Ordering::Release);
-            let set = |field: fn(*mut RingControl) -> *mut u64, value: u64| {
-                // SAFETY: an aligned u64 in the mapped control block, which the kernel
-                // only reads until `slots` is set.
-                unsafe { AtomicU64::from_ptr(field(rings.control(ring))) }
-                    .store(value, Ordering::Release);
-            };
-            set(
-                |c| unsafe { addr_of_mut!((*c).base) },
-                layout.ring_base(ring),
-            );
-            set(
-                |c| unsafe { addr_of_mut!((*c).spill) },
-                layout.ring_spill(ring),
-            );
-            set(
-                |c| unsafe { addr_of_mut!((*c).slots) },
-                layout.ring_slots(ring),
-            );
+            let place = layout.place(ring);
+            let field = |f| rings.field(ring, f);
+            field(|c| unsafe { addr_of_mut!((*c).base) }).store(place.base, Ordering::Release);
+            field(|c| unsafe { addr_of_mut!((*c).spill) }).store(place.spill, Ordering::Release);
+            field(|c| unsafe { addr_of_mut!((*c).slots) }).store(place.slots, Ordering::Release);
         }
         Ok(rings)
     }
@@ -322,15 +307,20 @@ impl PacketRings {
         unsafe { self.ctl.at(ring as usize) }
     }
 
+    /// A u64 field of `ring`'s control block (`f` picks it). Only `head` is written by
+    /// the kernel (through aligned 8-byte stores); we write the others, and only `tail`
+    /// after the kernel may have started.
+    fn field(&self, ring: u32, f: fn(*mut RingControl) -> *mut u64) -> &AtomicU64 {
+        // SAFETY: an aligned u64 in the mapped control block, which outlives `self`.
+        unsafe { AtomicU64::from_ptr(f(self.control(ring))) }
+    }
+
     fn head(&self, ring: u32) -> &AtomicU64 {
-        // SAFETY: an aligned u64 in the mapped control block, written by the kernel only
-        // through aligned 8-byte stores.
-        unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.control(ring)).head)) }
+        self.field(ring, |c| unsafe { addr_of_mut!((*c).head) })
     }
 
     fn tail(&self, ring: u32) -> &AtomicU64 {
-        // SAFETY: as `head`; only we write it.
-        unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.control(ring)).tail)) }
+        self.field(ring, |c| unsafe { addr_of_mut!((*c).tail) })
     }
 
     /// The slot of `ring`'s record number `n`. Only called for published, unread records,
@@ -341,8 +331,8 @@ impl PacketRings {
     }
 
     fn slot_ptr(&self, ring: u32, n: u64) -> *mut PacketEvent {
-        let slots = self.layout.ring_slots(ring);
-        let index = self.layout.ring_base(ring) + (n & (slots - 1));
+        let place = self.layout.place(ring);
+        let index = place.base + (n & (place.slots - 1));
         // SAFETY: index < total slots, the region's length in slots.
         unsafe { self.slots.at(index as usize) }
     }
