@@ -444,6 +444,7 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
         "",
     )
     .target(Target::at_least(0.97))
+    .note(ratio_interval(&paired))
     .note(format!(
         "median of per-round ratios {}; rates without {:?}, with {:?}",
         paired
@@ -582,6 +583,23 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
 }
 
 /// The classifiers' own time, from the kernel's per-program statistics of the timed run.
+/// How far the rounds leave the true median ratio uncertain: one run's median moves by a
+/// few points (a round's rate depends on what else the machine did then), so a median
+/// near the target alone does not tell whether it is met.
+fn ratio_interval(paired: &[f64]) -> String {
+    match stats::median_interval(paired, 0.9) {
+        Some(i) => format!(
+            "the true median ratio lies in [{:.3}, {:.3}] with {:.0} % confidence \
+             (distribution-free, from {} rounds; more rounds narrow it)",
+            i.low,
+            i.high,
+            i.coverage * 100.0,
+            paired.len()
+        ),
+        None => "no rounds".to_owned(),
+    }
+}
+
 fn report_classifier_time(
     report: &mut Report,
     name: &dyn Fn(&str) -> String,
