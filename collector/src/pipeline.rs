@@ -189,8 +189,13 @@ impl Pipeline {
     }
 }
 
-/// An Exchange to the local printer and to the shipper.
-fn deliver(printer: &mut Printer, print_failed: &mut bool, sender: &EventSender, ex: Exchange) {
+/// An Exchange to the local printer and to the shipper, which gives it back for reuse.
+fn deliver(
+    printer: &mut Printer,
+    print_failed: &mut bool,
+    sender: &EventSender,
+    ex: Box<Exchange>,
+) -> Option<Box<Exchange>> {
     if let Err(e) = printer.print(&ex)
         && !*print_failed
     {
@@ -198,7 +203,7 @@ fn deliver(printer: &mut Printer, print_failed: &mut bool, sender: &EventSender,
         warn!("printing exchanges failed, further failures are not logged: {e}");
         *print_failed = true;
     }
-    sender.try_send(Event::Exchange(ex));
+    sender.try_send(Event::Exchange(ex))
 }
 
 fn parse_counters(p: &ParseStats) -> Vec<(&'static str, u64)> {

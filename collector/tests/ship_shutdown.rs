@@ -20,7 +20,7 @@ async fn shutdown_delivers_pending_events() {
     let shipper = Shipper::spawn(cfg);
     let sender = shipper.sender();
     for id in 1..=2500 {
-        sender.try_send(Event::Exchange(exchange(id)));
+        sender.try_send(Event::Exchange(Box::new(exchange(id))));
     }
     let stats = shipper.shutdown().await;
     assert_eq!(stats.acked_events, 2500, "{stats:?}");
@@ -37,7 +37,7 @@ async fn shutdown_without_stitcher_counts_what_it_gives_up() {
     let shipper = Shipper::spawn(cfg);
     let sender = shipper.sender();
     for id in 1..=1234 {
-        sender.try_send(Event::Exchange(exchange(id)));
+        sender.try_send(Event::Exchange(Box::new(exchange(id))));
     }
     let started = Instant::now();
     let stats = shipper.shutdown().await;

@@ -125,10 +125,15 @@ impl Value<'_> {
 
     /// The value as text (bytes that are not UTF-8 become U+FFFD).
     pub fn to_text(&self) -> String {
-        if self.0.is_empty() {
-            return String::new();
-        }
-        text(self.0)
+        let mut s = String::new();
+        self.write_to(&mut s);
+        s
+    }
+
+    /// `out` = the value as text (see [`Value::to_text`]), in `out`'s buffer.
+    pub fn write_to(&self, out: &mut String) {
+        out.clear();
+        push_text(out, self.0);
     }
 }
 
@@ -168,16 +173,27 @@ pub struct Target<'a> {
 }
 
 impl Target<'_> {
-    /// The target as it leaves the node, in one allocation of the exact size.
+    /// The target as it leaves the node.
     pub fn to_text(&self) -> String {
-        if !self.query_redacted {
-            return self.kept.to_owned();
-        }
-        let mut s = String::with_capacity(self.kept.len() + 1 + REDACTED_QUERY.len());
-        s.push_str(self.kept);
-        s.push('?');
-        s.push_str(REDACTED_QUERY);
+        let mut s = String::new();
+        self.write_to(&mut s);
         s
+    }
+
+    /// `out` = the target as it leaves the node, in `out`'s buffer (grown at most once).
+    pub fn write_to(&self, out: &mut String) {
+        out.clear();
+        let redacted = if self.query_redacted {
+            1 + REDACTED_QUERY.len()
+        } else {
+            0
+        };
+        out.reserve_exact(self.kept.len() + redacted);
+        out.push_str(self.kept);
+        if self.query_redacted {
+            out.push('?');
+            out.push_str(REDACTED_QUERY);
+        }
     }
 }
 
@@ -664,15 +680,15 @@ fn set_once<'a>(slot: &mut Value<'a>, value: &'a [u8]) {
     }
 }
 
-/// The bytes as text, invalid UTF-8 replaced (U+FFFD). Header values are nearly always
-/// ASCII: that is checked a word at a time, cheaper than the UTF-8 validator on a
+/// Appends the bytes as text, invalid UTF-8 replaced (U+FFFD). Header values are nearly
+/// always ASCII: that is checked a word at a time, cheaper than the UTF-8 validator on a
 /// value of a few dozen bytes.
-fn text(bytes: &[u8]) -> String {
+fn push_text(out: &mut String, bytes: &[u8]) {
     if bytes.is_ascii() {
         // SAFETY: ASCII is valid UTF-8.
-        unsafe { std::str::from_utf8_unchecked(bytes) }.to_owned()
+        out.push_str(unsafe { std::str::from_utf8_unchecked(bytes) });
     } else {
-        String::from_utf8_lossy(bytes).into_owned()
+        out.push_str(&String::from_utf8_lossy(bytes));
     }
 }
 

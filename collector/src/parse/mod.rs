@@ -37,6 +37,7 @@
 
 pub mod http;
 pub mod repeat;
+pub mod spare;
 pub mod table;
 
 #[cfg(test)]
@@ -54,7 +55,8 @@ use crate::capture::Packet;
 use http::{Head, RequestHead, ResponseHead};
 pub use http::{ParseError, REDACTED_QUERY};
 use repeat::LastSegment;
-use table::{Addr, Pending, RequestFields, SockPair, Table};
+use spare::{Spares, write_endpoint};
+use table::{Addr, Pending, SockPair, Table};
 
 /// The TCP ACK flag in `PacketEvent::tcp_flags`.
 const TCP_FLAG_ACK: u8 = 0x10;
@@ -209,6 +211,8 @@ pub struct Parser {
     /// Always equal to the sum of the pending queues (kept to avoid a scan per request).
     pending_total: usize,
     next_id: u64,
+    /// Exchanges handed back after use, written again by the next requests.
+    spares: Spares,
     /// Losses are logged once per kind (bit i = `ParseStats::losses()[i]`).
     logged_losses: u32,
     /// `loss_total` when losses were last looked at (a cheap "anything new?").
@@ -224,6 +228,7 @@ impl Parser {
             stats: ParseStats::default(),
             pending_total: 0,
             next_id: 1,
+            spares: Spares::default(),
             logged_losses: 0,
             seen_loss_total: 0,
         }
@@ -232,13 +237,14 @@ impl Parser {
     /// Reads the HTTP messages that begin in a captured segment and hands every Exchange
     /// it completes to `sink` (one segment can complete several: a server that coalesces
     /// pipelined responses). Handed on at once, not queued: an Exchange is a few hundred
-    /// bytes, and a queue cost two more copies of each.
+    /// bytes, and a queue cost two more copies of each. `sink` gives the Exchange back
+    /// when it is done with it, for the next ones to reuse (see [`spare`]).
     pub fn on_packet_with(
         &mut self,
         pkt: &Packet<'_>,
         wall_unix_nanos: u64,
         ifname: &str,
-        mut sink: impl FnMut(Exchange),
+        mut sink: impl FnMut(Box<Exchange>) -> Option<Box<Exchange>>,
     ) {
         self.stats.packets += 1;
         self.read_packet(pkt, wall_unix_nanos, ifname, &mut sink);
@@ -346,7 +352,7 @@ impl Parser {
         pkt: &Packet<'_>,
         wall: u64,
         ifname: &str,
-        sink: &mut dyn FnMut(Exchange),
+        sink: &mut dyn FnMut(Box<Exchange>) -> Option<Box<Exchange>>,
     ) {
         let ev = &pkt.header;
         let (Some(src), Some(dst)) = (
@@ -448,8 +454,8 @@ impl Parser {
                 side,
                 request_bytes: seg.body_bytes,
                 // Copied out of the segment only now: a request that is not queued
-                // allocates nothing.
-                request: RequestFields::new(req),
+                // takes no spare.
+                request: self.spares.with_request(req),
                 interim_seen: false,
             });
             self.pending_total += 1;
@@ -461,7 +467,7 @@ impl Parser {
         seg: SegmentRef,
         resp: &ResponseHead<'_>,
         ifname: &str,
-        sink: &mut dyn FnMut(Exchange),
+        sink: &mut dyn FnMut(Box<Exchange>) -> Option<Box<Exchange>>,
     ) {
         let pair = SockPair::new(seg.src, seg.dst);
         let client = seg.dst;
@@ -511,7 +517,10 @@ impl Parser {
         };
         self.pending_total -= 1;
         self.stats.exchanges += 1;
-        sink(self.exchange(req, connection_id, seg, resp, ifname));
+        let ex = self.exchange(req, connection_id, seg, resp, ifname);
+        if let Some(done) = sink(ex) {
+            self.spares.give(done);
+        }
     }
 
     fn exchange(
@@ -521,43 +530,60 @@ impl Parser {
         seg: SegmentRef,
         resp: &ResponseHead<'_>,
         ifname: &str,
-    ) -> Exchange {
+    ) -> Box<Exchange> {
         let id = self.next_id;
         self.next_id += 1;
-        let r = req.request;
-        // Proxies often set x-request-id on the response only.
-        let request_id = if r.request_id.is_empty() {
-            resp.headers.request_id.to_text()
-        } else {
-            r.request_id
-        };
-        Exchange {
-            id,
-            side: req.side as i32,
-            // The response travels server → client.
-            client: Some(endpoint(seg.dst)),
-            server: Some(endpoint(seg.src)),
-            request_seq: req.seq,
-            response_seq: seg.seq,
-            start_unix_nanos: req.start_unix_nanos,
-            // The ack check made the response follow its request; only a wall-clock step
-            // between the two could order them the other way (the stitcher rejects that).
-            end_unix_nanos: seg.wall.max(req.start_unix_nanos),
-            method: r.method,
-            path: r.path,
-            status: u32::from(resp.status),
-            request_bytes: req.request_bytes,
-            response_bytes: seg.body_bytes,
-            traceparent: r.traceparent,
-            tracestate: r.tracestate,
-            host: r.host,
+        let mut ex = req.request;
+        // Every field is named (no `..`): the request's fields were written by
+        // `write_request`, every other one is written here, so nothing of the spare's
+        // earlier Exchange survives (and a field added to the proto does not compile
+        // until it is handled).
+        let Exchange {
+            id: ex_id,
+            side,
+            client,
+            server,
+            request_seq,
+            response_seq,
+            start_unix_nanos,
+            end_unix_nanos,
+            method: _,
+            path: _,
+            status,
+            request_bytes,
+            response_bytes,
+            traceparent: _,
+            tracestate: _,
+            host: _,
             request_id,
-            ifindex: seg.ifindex,
-            interface: ifname.to_owned(),
-            connection_id,
-            pid: 0,
-            tid: 0,
+            ifindex,
+            interface,
+            connection_id: ex_connection_id,
+            pid,
+            tid,
+        } = &mut *ex;
+        *ex_id = id;
+        *side = req.side as i32;
+        // The response travels server → client.
+        write_endpoint(client, seg.dst.ip_bytes(), seg.dst.port());
+        write_endpoint(server, seg.src.ip_bytes(), seg.src.port());
+        (*request_seq, *response_seq) = (req.seq, seg.seq);
+        *start_unix_nanos = req.start_unix_nanos;
+        // The ack check made the response follow its request; only a wall-clock step
+        // between the two could order them the other way (the stitcher rejects that).
+        *end_unix_nanos = seg.wall.max(req.start_unix_nanos);
+        *status = u32::from(resp.status);
+        (*request_bytes, *response_bytes) = (req.request_bytes, seg.body_bytes);
+        // Proxies often set x-request-id on the response only.
+        if request_id.is_empty() {
+            resp.headers.request_id.write_to(request_id);
         }
+        *ifindex = seg.ifindex;
+        interface.clear();
+        interface.push_str(ifname);
+        *ex_connection_id = connection_id;
+        (*pid, *tid) = (0, 0);
+        ex
     }
 
     fn mark_closed(&mut self, pair: &SockPair, wall: u64) {

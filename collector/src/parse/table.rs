@@ -18,9 +18,7 @@ use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use weft_ebpf_common::{FAMILY_IPV4, FAMILY_IPV6};
-use weft_proto::v1::Side;
-
-use super::http::RequestHead;
+use weft_proto::v1::{Exchange, Side};
 
 /// Hash of the table: fast (the keys are a few fixed-size addresses), seeded per process
 /// so that crafted addresses cannot aim at one bucket.
@@ -172,34 +170,6 @@ impl SockPair {
     }
 }
 
-/// What an Exchange takes from its request, copied out of the captured bytes (which
-/// are gone when the response comes). Each string becomes the Exchange's field as is
-/// (moved, not copied again); absent headers are empty and allocate nothing.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RequestFields {
-    pub method: String,
-    /// Query redacted when configured.
-    pub path: String,
-    pub traceparent: String,
-    pub tracestate: String,
-    pub host: String,
-    pub request_id: String,
-}
-
-impl RequestFields {
-    pub fn new(head: &RequestHead<'_>) -> Self {
-        let h = &head.headers;
-        RequestFields {
-            method: head.method.to_owned(),
-            path: head.path.to_text(),
-            traceparent: h.traceparent.to_text(),
-            tracestate: h.tracestate.to_text(),
-            host: h.host.to_text(),
-            request_id: h.request_id.to_text(),
-        }
-    }
-}
-
 /// A request waiting for its response.
 #[derive(Clone, Debug)]
 pub struct Pending {
@@ -210,7 +180,10 @@ pub struct Pending {
     pub ack: Option<u32>,
     pub start_unix_nanos: u64,
     pub side: Side,
-    pub request: RequestFields,
+    /// The request's fields (method, path, kept headers), copied out of the captured
+    /// bytes, which are gone when the response comes; the response completes the rest
+    /// (see `spare::Spares::with_request`).
+    pub request: Box<Exchange>,
     pub request_bytes: u64,
     /// An interim (1xx) response was seen for it.
     pub interim_seen: bool,

@@ -82,9 +82,15 @@ trait Feed {
 }
 
 impl Feed for Parser {
+    /// Gives every exchange back, as the local-only pipeline does: every later one in
+    /// every test is written into a spare, so each test's assertions also check that
+    /// nothing of an earlier exchange survives in a reused one.
     fn on_packet_all(&mut self, seg: &Seg, wall: u64, ifname: &str) -> Vec<Exchange> {
         let mut out = Vec::new();
-        self.on_packet_with(&seg.packet(), wall, ifname, |ex| out.push(ex));
+        self.on_packet_with(&seg.packet(), wall, ifname, |ex| {
+            out.push((*ex).clone());
+            Some(ex)
+        });
         out
     }
 }
@@ -218,6 +224,82 @@ fn server_side_exchange_is_a_request_entering_the_pod() {
     assert_eq!(ex.client.map(|e| e.port), Some(51000));
     assert_eq!(ex.server.map(|e| e.port), Some(8080));
     assert_eq!((ex.request_seq, ex.response_seq), (1000, 5000));
+}
+
+#[test]
+fn a_reused_exchange_keeps_nothing_of_the_one_before() {
+    let mut p = parser();
+    let first = roundtrip(&mut p, DIR_FROM_POD, POD, SVC).expect("exchange");
+    assert_eq!(first.request_id, "req-42");
+    assert_eq!(p.spares.available(), 1, "the exchange was given back");
+    // IPv6, another interface, no kept header, no body, a status without reason.
+    let (client, server) = ("[fd00::9]:40000", "[fd00::20]:8080");
+    let req = b"POST /b HTTP/1.1\r\n\r\n";
+    let resp = b"HTTP/1.1 204 \r\n\r\n";
+    assert!(
+        p.on_packet(&pkt(DIR_TO_POD, client, server, 7, 70, req), T0, "lxc2")
+            .is_none()
+    );
+    assert_eq!(p.spares.available(), 0, "the request took the spare");
+    let next_seq = 7 + req.len() as u32;
+    let ex = p
+        .on_packet(
+            &pkt(DIR_FROM_POD, server, client, 70, next_seq, resp),
+            T0 + MS,
+            "lxc2",
+        )
+        .expect("exchange");
+    let want = Exchange {
+        id: 2,
+        side: Side::Server as i32,
+        client: Some(Endpoint {
+            ip: v6_bytes(client),
+            port: 40000,
+        }),
+        server: Some(Endpoint {
+            ip: v6_bytes(server),
+            port: 8080,
+        }),
+        request_seq: 7,
+        response_seq: 70,
+        start_unix_nanos: T0,
+        end_unix_nanos: T0 + MS,
+        method: "POST".into(),
+        path: "/b".into(),
+        status: 204,
+        ifindex: IFINDEX,
+        interface: "lxc2".into(),
+        connection_id: ex.connection_id,
+        ..Default::default()
+    };
+    assert_eq!(ex, want);
+}
+
+fn v6_bytes(addr: &str) -> Vec<u8> {
+    match sa(addr).ip() {
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        other => panic!("not IPv6: {other}"),
+    }
+}
+
+#[test]
+fn spares_are_bounded() {
+    let mut spares = Spares::default();
+    for _ in 0..spare::MAX_SPARES + 10 {
+        spares.give(Box::default());
+    }
+    assert_eq!(spares.available(), spare::MAX_SPARES);
+    let long = Exchange {
+        path: "/x".repeat(600),
+        ..Default::default()
+    };
+    let mut few = Spares::default();
+    few.give(Box::new(long));
+    assert_eq!(
+        few.available(),
+        0,
+        "a spare with a large buffer is freed, not kept"
+    );
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //!
 //! In: [`Event`]s (`Exchange`s and `Connection`s from `parse`) through an [`EventSender`],
 //! which never blocks the capture loop. Out: numbered `EventBatch`es on the
-//! `weft.v1.Ingest/Stream` stream, each kept until the stitcher acknowledges it.
+//! `weft.v1.Ingest/Stream` stream, each kept until the stitcher acknowledges it. An
+//! Exchange is queued as its protobuf encoding ([`wire::EncodedExchanges`]) and its
+//! struct goes straight back to the parser for reuse.
 //!
 //! ```text
 //! EventSender::try_send ─▶ queue::Outbox (bounded: pending ▸ unsent ▸ in flight)
@@ -34,14 +36,22 @@ use weft_proto::v1;
 pub use queue::AckRecord;
 use queue::Outbox;
 
-/// One observation to ship.
-// Exchanges dominate; boxing them would cost an allocation per event for nothing: each
-// event is moved once, into the queue's batch vector.
-#[allow(clippy::large_enum_variant)]
+/// One observation to ship. An Exchange is boxed: the queue keeps its encoding and gives
+/// the box back for the parser to write the next one into (see `parse::spare`); moved by
+/// value, its ~300 bytes were copied several times on the way.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Exchange(v1::Exchange),
+    Exchange(Box<v1::Exchange>),
     Connection(v1::Connection),
+}
+
+impl Event {
+    fn into_exchange(self) -> Option<Box<v1::Exchange>> {
+        match self {
+            Event::Exchange(x) => Some(x),
+            Event::Connection(_) => None,
+        }
+    }
 }
 
 /// Wire compression of batches.
@@ -225,18 +235,21 @@ pub struct EventSender {
 
 impl EventSender {
     /// Queues an event; never blocks (beyond a short lock) and never fails: beyond the
-    /// queue bound the oldest unsent event is dropped and counted instead.
-    pub fn try_send(&self, event: Event) {
+    /// queue bound the oldest unsent event is dropped and counted instead. An Exchange is
+    /// given back once queued (the queue keeps its encoding) or discarded (local-only),
+    /// for reuse.
+    pub fn try_send(&self, event: Event) -> Option<Box<v1::Exchange>> {
         let Some(shared) = &self.shared else {
-            return;
+            return event.into_exchange();
         };
-        let pushed = shared.outbox.lock().push(event, Instant::now());
+        let pushed = shared.outbox.lock().push(&event, Instant::now());
         if pushed.sealed {
             shared.wake_sender.notify_one();
         }
         if pushed.first_pending {
             shared.wake_batcher.notify_one();
         }
+        event.into_exchange()
     }
 }
 

@@ -24,14 +24,14 @@ use std::time::Instant;
 use weft_proto::v1;
 
 use super::Event;
-use super::wire::WireBatch;
+use super::wire::{EncodedExchanges, SealedEvents, WireBatch};
 
 /// A sealed batch. Its message is immutable and shared with the sender while it is encoded;
 /// events pushed out by the bound are skipped from the front (`skip_*`), never removed.
 #[derive(Debug)]
 struct Batch {
     seq: u64,
-    msg: Arc<v1::EventBatch>,
+    msg: Arc<SealedEvents>,
     skip_exchanges: usize,
     skip_connections: usize,
     /// Sent on the live stream and waiting for its ack.
@@ -57,10 +57,7 @@ impl Batch {
     }
 
     fn exchange_ids(&self) -> Vec<u64> {
-        self.msg.exchanges[self.skip_exchanges..]
-            .iter()
-            .map(|x| x.id)
-            .collect()
+        self.msg.exchanges.ids(self.skip_exchanges).to_vec()
     }
 }
 
@@ -78,7 +75,7 @@ pub struct Pushed {
 /// A batch ready to be sent, detached from the queue so it is encoded outside the lock.
 pub struct Outgoing {
     pub seq: u64,
-    pub msg: Arc<v1::EventBatch>,
+    pub msg: Arc<SealedEvents>,
     pub skip_exchanges: usize,
     pub skip_connections: usize,
     pub low_water_seq: u64,
@@ -128,7 +125,10 @@ pub struct Tally {
 pub struct Outbox {
     bound: usize,
     batch_max: usize,
-    pending_exchanges: Vec<v1::Exchange>,
+    /// Encoded as they come (see `wire`), so that each Exchange goes back to the parser.
+    pending_exchanges: EncodedExchanges,
+    /// Pending exchanges pushed out by the bound (skipped from the front when sealed).
+    pending_skip: usize,
     pending_connections: Vec<v1::Connection>,
     pending_since: Option<Instant>,
     batches: VecDeque<Batch>,
@@ -144,7 +144,8 @@ impl Outbox {
         Outbox {
             bound: bound.max(1),
             batch_max: batch_max.max(1),
-            pending_exchanges: Vec::new(),
+            pending_exchanges: EncodedExchanges::default(),
+            pending_skip: 0,
             pending_connections: Vec::new(),
             pending_since: None,
             batches: VecDeque::new(),
@@ -173,8 +174,9 @@ impl Outbox {
         self.depth == 0
     }
 
-    /// Queues one event, dropping one if the bound requires it.
-    pub fn push(&mut self, event: Event, now: Instant) -> Pushed {
+    /// Queues one event (an Exchange as its encoding), dropping one if the bound requires
+    /// it.
+    pub fn push(&mut self, event: &Event, now: Instant) -> Pushed {
         let mut out = Pushed::default();
         if self.depth >= self.bound {
             out.dropped = true;
@@ -190,35 +192,43 @@ impl Outbox {
         }
         match event {
             Event::Exchange(x) => self.pending_exchanges.push(x),
-            Event::Connection(c) => self.pending_connections.push(c),
+            Event::Connection(c) => self.pending_connections.push(c.clone()),
         }
         self.depth += 1;
         self.tally.max_depth = self.tally.max_depth.max(self.depth);
-        if self.pending_exchanges.len() + self.pending_connections.len() >= self.batch_max {
+        if self.pending_len() >= self.batch_max {
             out.sealed = self.seal();
         }
         out
     }
 
+    /// Pending events (not yet sealed, not pushed out).
+    fn pending_len(&self) -> usize {
+        self.pending_exchanges.len() - self.pending_skip + self.pending_connections.len()
+    }
+
     /// Seals the pending events into the next batch; false if there were none.
     pub fn seal(&mut self) -> bool {
         self.pending_since = None;
-        if self.pending_exchanges.is_empty() && self.pending_connections.is_empty() {
+        let skip_exchanges = std::mem::take(&mut self.pending_skip);
+        if self.pending_exchanges.len() == skip_exchanges && self.pending_connections.is_empty() {
+            self.pending_exchanges = EncodedExchanges::default();
             return false;
         }
         // The next batch starts with room for as many exchanges as this one had: a full
         // batch then fills without growing (each growth copied every exchange).
-        let room = self.pending_exchanges.len().min(self.batch_max);
-        let msg = v1::EventBatch {
-            seq: self.next_seq,
-            exchanges: std::mem::replace(&mut self.pending_exchanges, Vec::with_capacity(room)),
+        let room = EncodedExchanges::with_capacity(
+            self.pending_exchanges.len().min(self.batch_max),
+            self.pending_exchanges.byte_len(),
+        );
+        let msg = SealedEvents {
+            exchanges: std::mem::replace(&mut self.pending_exchanges, room),
             connections: std::mem::take(&mut self.pending_connections),
-            ..Default::default()
         };
         self.batches.push_back(Batch {
             seq: self.next_seq,
             msg: Arc::new(msg),
-            skip_exchanges: 0,
+            skip_exchanges,
             skip_connections: 0,
             in_flight: false,
             sent_at: None,
@@ -236,16 +246,16 @@ impl Outbox {
             if b.len() == 0 {
                 self.batches.remove(i);
             }
-        } else if !self.pending_exchanges.is_empty() {
-            // Rare (bound smaller than a batch): O(n), acceptable.
-            self.pending_exchanges.remove(0);
+        } else if self.pending_skip < self.pending_exchanges.len() {
+            self.pending_skip += 1;
         } else if !self.pending_connections.is_empty() {
+            // Rare (bound smaller than a batch): O(n), acceptable.
             self.pending_connections.remove(0);
         } else {
             return false;
         }
         self.depth -= 1;
-        if self.pending_exchanges.is_empty() && self.pending_connections.is_empty() {
+        if self.pending_len() == 0 {
             self.pending_since = None;
         }
         true
@@ -393,28 +403,25 @@ mod tests {
     use super::*;
 
     fn ex(id: u64) -> Event {
-        Event::Exchange(v1::Exchange {
+        Event::Exchange(Box::new(v1::Exchange {
             id,
             ..Default::default()
-        })
+        }))
     }
 
     fn ids(o: &Outgoing) -> Vec<u64> {
-        o.msg.exchanges[o.skip_exchanges..]
-            .iter()
-            .map(|x| x.id)
-            .collect()
+        o.msg.exchanges.ids(o.skip_exchanges).to_vec()
     }
 
     #[test]
     fn seals_by_count_and_numbers_batches_from_one() {
         let mut q = Outbox::new(100, 3);
         let now = Instant::now();
-        let p = q.push(ex(1), now);
+        let p = q.push(&ex(1), now);
         assert!(p.first_pending && !p.sealed);
-        q.push(ex(2), now);
-        assert!(q.push(ex(3), now).sealed);
-        q.push(ex(4), now);
+        q.push(&ex(2), now);
+        assert!(q.push(&ex(3), now).sealed);
+        q.push(&ex(4), now);
         assert!(q.seal());
         let a = q.next_to_send(8, now).unwrap();
         let b = q.next_to_send(8, now).unwrap();
@@ -428,11 +435,34 @@ mod tests {
     }
 
     #[test]
+    fn a_bound_below_the_batch_size_drops_the_oldest_pending_events() {
+        let mut q = Outbox::new(3, 10);
+        let now = Instant::now();
+        for id in 1..=5 {
+            q.push(&ex(id), now);
+        }
+        q.push(&Event::Connection(v1::Connection::default()), now);
+        assert_eq!((q.depth(), q.tally.dropped["queue_full"]), (3, 3));
+        assert!(q.seal());
+        let b = q.next_to_send(8, now).expect("batch");
+        assert_eq!(ids(&b), [4, 5]);
+        assert_eq!(b.msg.connections.len(), 1);
+        // Everything pending pushed out: nothing to seal.
+        let mut q = Outbox::new(1, 10);
+        q.push(&ex(1), now);
+        q.push(&ex(2), now);
+        assert!(q.seal());
+        let b = q.next_to_send(8, now).expect("batch");
+        assert_eq!(ids(&b), [2]);
+        assert!(!q.seal());
+    }
+
+    #[test]
     fn beyond_the_bound_drops_exactly_the_oldest_unsent_events() {
         let mut q = Outbox::new(5, 2);
         let now = Instant::now();
         for id in 1..=12 {
-            q.push(ex(id), now);
+            q.push(&ex(id), now);
             assert!(q.depth() <= 5);
         }
         assert_eq!(q.tally.dropped["queue_full"], 7);
@@ -450,16 +480,16 @@ mod tests {
         let mut q = Outbox::new(4, 2);
         let now = Instant::now();
         for id in 1..=4 {
-            q.push(ex(id), now);
+            q.push(&ex(id), now);
         }
         q.next_to_send(8, now).unwrap();
         q.next_to_send(8, now).unwrap();
-        let p = q.push(ex(5), now);
+        let p = q.push(&ex(5), now);
         assert!(p.dropped);
         assert_eq!(q.depth(), 4);
         // After the stream breaks they are unsent again, and the oldest may go.
         assert_eq!(q.requeue(), 2);
-        q.push(ex(6), now);
+        q.push(&ex(6), now);
         q.seal();
         let first = q.next_to_send(8, now).unwrap();
         assert!(first.retransmission);
@@ -472,7 +502,7 @@ mod tests {
         let mut q = Outbox::new(2, 2);
         let now = Instant::now();
         for id in 1..=6 {
-            q.push(ex(id), now);
+            q.push(&ex(id), now);
         }
         // Batches 1 and 2 were pushed out entirely; batch 3 holds 5 and 6.
         let o = q.next_to_send(8, now).unwrap();

@@ -6,12 +6,15 @@
 //! the `EventBatch` it stands for. Building that `EventBatch` meant cloning every event for
 //! every send, which cost the collector more CPU than capturing and parsing them (about
 //! seven allocations and their frees per Exchange); a `WireBatch` shares the events.
+//!
+//! Exchanges are encoded once, as they are queued ([`EncodedExchanges`]): the queue keeps
+//! their bytes for retransmission, and each Exchange goes back to the parser at once, its
+//! buffers still in cache, to be written again (see `parse::spare`).
 
 use std::sync::Arc;
 
-use prost::Message;
 use prost::bytes::BufMut;
-use prost::encoding::{self, WireType};
+use prost::encoding;
 use tonic::Status;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic_prost::ProstDecoder;
@@ -26,6 +29,63 @@ const CONNECTIONS: u32 = 5;
 const INFO: u32 = 6;
 const LOW_WATER_SEQ: u32 = 7;
 
+/// Exchanges as the `exchanges` fields of an `EventBatch` (key, length, message), back to
+/// back, encoded as they were queued.
+#[derive(Debug, Default)]
+pub struct EncodedExchanges {
+    bytes: Vec<u8>,
+    /// Where each exchange's field starts in `bytes`.
+    starts: Vec<usize>,
+    ids: Vec<u64>,
+}
+
+impl EncodedExchanges {
+    /// Room for `exchanges` exchanges of `bytes` bytes in all.
+    pub fn with_capacity(exchanges: usize, bytes: usize) -> Self {
+        EncodedExchanges {
+            bytes: Vec::with_capacity(bytes),
+            starts: Vec::with_capacity(exchanges),
+            ids: Vec::with_capacity(exchanges),
+        }
+    }
+
+    pub fn push(&mut self, ex: &v1::Exchange) {
+        self.starts.push(self.bytes.len());
+        self.ids.push(ex.id);
+        encoding::message::encode(EXCHANGES, ex, &mut self.bytes);
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The ids of the exchanges from the `skip`th on.
+    pub fn ids(&self, skip: usize) -> &[u64] {
+        self.ids.get(skip..).unwrap_or_default()
+    }
+
+    /// The encoded fields of the exchanges from the `skip`th on.
+    fn fields(&self, skip: usize) -> &[u8] {
+        let start = self.starts.get(skip).copied().unwrap_or(self.bytes.len());
+        &self.bytes[start..]
+    }
+}
+
+/// A sealed batch's events, shared by the queue (until the ack) and its sends.
+#[derive(Debug, Default)]
+pub struct SealedEvents {
+    pub exchanges: EncodedExchanges,
+    pub connections: Vec<v1::Connection>,
+}
+
 /// One send of a batch: the events of `events` from the skips on, with this send's header.
 #[derive(Debug)]
 pub struct WireBatch {
@@ -33,7 +93,7 @@ pub struct WireBatch {
     pub instance_id: String,
     pub seq: u64,
     /// The queue's copy, shared until the stitcher acknowledges the batch.
-    pub events: Arc<v1::EventBatch>,
+    pub events: Arc<SealedEvents>,
     /// Events pushed out of the queue by its bound since the batch was sealed.
     pub skip_exchanges: usize,
     pub skip_connections: usize,
@@ -42,11 +102,8 @@ pub struct WireBatch {
 }
 
 impl WireBatch {
-    fn exchanges(&self) -> &[v1::Exchange] {
-        self.events
-            .exchanges
-            .get(self.skip_exchanges..)
-            .unwrap_or_default()
+    fn exchanges(&self) -> &[u8] {
+        self.events.exchanges.fields(self.skip_exchanges)
     }
 
     fn connections(&self) -> &[v1::Connection] {
@@ -57,19 +114,14 @@ impl WireBatch {
     }
 
     /// Writes the `EventBatch` encoding: fields in number order, proto3 defaults left out,
-    /// `info` always present. Each exchange's length is computed once, and room for the
-    /// whole batch is reserved first (a batch is hundreds of KiB: the buffer would
-    /// otherwise grow, copying what it holds, several times).
+    /// `info` always present. Room for the whole batch is reserved first (a batch is
+    /// hundreds of KiB: the buffer would otherwise grow, copying what it holds, several
+    /// times).
     fn encode_into(&self, dst: &mut impl Reserve) {
-        let lens: Vec<usize> = self.exchanges().iter().map(Message::encoded_len).collect();
-        let exchanges: usize = lens.iter().map(|&len| delimited_len(EXCHANGES, len)).sum();
-        dst.reserve(self.len_without_exchanges() + exchanges);
+        let exchanges = self.exchanges();
+        dst.reserve(self.len_without_exchanges() + exchanges.len());
         self.encode_head(dst);
-        for (e, len) in self.exchanges().iter().zip(lens) {
-            encoding::encode_key(EXCHANGES, WireType::LengthDelimited, dst);
-            encoding::encode_varint(len as u64, dst);
-            e.encode_raw(dst);
-        }
+        dst.put_slice(exchanges);
         self.encode_tail(dst);
     }
 
@@ -132,11 +184,6 @@ impl Reserve for Vec<u8> {
     }
 }
 
-/// A length-delimited field of `len` bytes with its key and length prefix.
-fn delimited_len(tag: u32, len: usize) -> usize {
-    encoding::key_len(tag) + encoding::encoded_len_varint(len as u64) + len
-}
-
 /// The stream's codec: batches go out as [`WireBatch`]es, acks come in as prost decodes them.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WireCodec;
@@ -171,6 +218,8 @@ impl Encoder for WireEncoder {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
 
     fn exchange(id: u64) -> v1::Exchange {
@@ -201,7 +250,19 @@ mod tests {
         }
     }
 
-    fn wire(events: &Arc<v1::EventBatch>, skips: (usize, usize), header: bool) -> WireBatch {
+    /// A sealed batch of `exchanges` (encoded as the queue does) and `connections`.
+    fn sealed(exchanges: &[v1::Exchange], connections: Vec<v1::Connection>) -> Arc<SealedEvents> {
+        let mut encoded = EncodedExchanges::default();
+        for x in exchanges {
+            encoded.push(x);
+        }
+        Arc::new(SealedEvents {
+            exchanges: encoded,
+            connections,
+        })
+    }
+
+    fn wire(events: &Arc<SealedEvents>, skips: (usize, usize), header: bool) -> WireBatch {
         WireBatch {
             node_name: if header {
                 "node-a".into()
@@ -229,12 +290,15 @@ mod tests {
     }
 
     /// The `EventBatch` a send stood for before: the remaining events cloned.
-    fn cloned(w: &WireBatch) -> v1::EventBatch {
+    fn cloned(w: &WireBatch, exchanges: &[v1::Exchange]) -> v1::EventBatch {
         v1::EventBatch {
             node_name: w.node_name.clone(),
             instance_id: w.instance_id.clone(),
             seq: w.seq,
-            exchanges: w.exchanges().to_vec(),
+            exchanges: exchanges
+                .get(w.skip_exchanges..)
+                .unwrap_or_default()
+                .to_vec(),
             connections: w.connections().to_vec(),
             info: Some(w.info.clone()),
             low_water_seq: w.low_water_seq,
@@ -253,17 +317,17 @@ mod tests {
     #[test]
     fn encodes_byte_for_byte_as_the_event_batch_it_stands_for() {
         assert!(long_exchange(1).encoded_len() > 127);
-        let events = Arc::new(v1::EventBatch {
-            exchanges: vec![
-                exchange(1),
-                long_exchange(2),
-                exchange(3),
-                long_exchange(4),
-                exchange(5),
-            ],
-            connections: (1..=3).map(connection).collect(),
-            ..Default::default()
-        });
+        let exchanges = [
+            exchange(1),
+            long_exchange(2),
+            exchange(3),
+            long_exchange(4),
+            exchange(5),
+        ];
+        let events = sealed(&exchanges, (1..=3).map(connection).collect());
+        assert_eq!(events.exchanges.len(), 5);
+        assert_eq!(events.exchanges.ids(2), [3, 4, 5]);
+        assert!(events.exchanges.ids(9).is_empty());
         // Header fields on, off, and mixed (each proto3 default left out on its own).
         let headers: [(&str, &str, u64, u64); 4] = [
             ("node-a", "inst", 7, 3),
@@ -280,7 +344,7 @@ mod tests {
                     low_water_seq: low_water,
                     ..wire(&events, skips, true)
                 };
-                let expected = cloned(&w);
+                let expected = cloned(&w, &exchanges);
                 let bytes = by_codec(w);
                 assert_eq!(bytes, expected.encode_to_vec(), "{skips:?} {node:?} {seq}");
                 let back = v1::EventBatch::decode(bytes.as_slice()).unwrap();
@@ -293,9 +357,9 @@ mod tests {
 
     #[test]
     fn an_empty_batch_still_says_who_sends_it() {
-        let events = Arc::new(v1::EventBatch::default());
+        let events = sealed(&[], Vec::new());
         let w = wire(&events, (0, 0), true);
-        let expected = cloned(&w);
+        let expected = cloned(&w, &[]);
         let back = v1::EventBatch::decode(by_codec(w).as_slice()).unwrap();
         assert_eq!(back, expected);
         assert_eq!((back.seq, back.node_name.as_str()), (7, "node-a"));

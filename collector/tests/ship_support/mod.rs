@@ -189,7 +189,9 @@ pub async fn produce(
     let start = tokio::time::Instant::now();
     let first = *ids.start();
     for id in ids {
-        sender.try_send(weft_collector::ship::Event::Exchange(exchange(id)));
+        sender.try_send(weft_collector::ship::Event::Exchange(Box::new(exchange(
+            id,
+        ))));
         let n = id - first + 1;
         if n.is_multiple_of((per_sec / 100).max(1)) {
             between(id);
