@@ -582,7 +582,6 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
     report.add(f);
 }
 
-/// The classifiers' own time, from the kernel's per-program statistics of the timed run.
 /// How far the rounds leave the true median ratio uncertain: one run's median moves by a
 /// few points (a round's rate depends on what else the machine did then), so a median
 /// near the target alone does not tell whether it is met.
@@ -600,6 +599,7 @@ fn ratio_interval(paired: &[f64]) -> String {
     }
 }
 
+/// The classifiers' own time, from the kernel's per-program statistics of the timed run.
 fn report_classifier_time(
     report: &mut Report,
     name: &dyn Fn(&str) -> String,

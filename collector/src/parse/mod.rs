@@ -534,10 +534,10 @@ impl Parser {
         let id = self.next_id;
         self.next_id += 1;
         let mut ex = req.request;
-        // Every field is named (no `..`): the request's fields were written by
-        // `write_request`, every other one is written here, so nothing of the spare's
-        // earlier Exchange survives (and a field added to the proto does not compile
-        // until it is handled).
+        // Every field is named (no `..`): the request's fields (`_` here) were written by
+        // `spare::write_request`, every other one is written here, so nothing of the
+        // spare's earlier Exchange survives (and a field added to the proto does not
+        // compile until it is handled).
         let Exchange {
             id: ex_id,
             side,

@@ -8,9 +8,10 @@
 //! Why: an Exchange owns about six heap buffers (method, path, host, interface, two
 //! addresses). Allocating and freeing them was about a sixth of the collector's CPU per
 //! request at a saturating load. An Exchange comes back microseconds after it was
-//! written, its buffers still in cache. Every field of a spare is written again (both
-//! writers list every field, so a field added to the proto does not compile until it is
-//! handled): nothing of an earlier Exchange can leak into a later one.
+//! written, its buffers still in cache. Every field of a spare is written again before it
+//! leaves (the response's writer names every field, so a field added to the proto does
+//! not compile until it is handled): nothing of an earlier Exchange can leak into a later
+//! one.
 //!
 //! Bounded: beyond [`MAX_SPARES`] a handed-back Exchange is freed, and a spare whose
 //! buffers grew large (a long path) is freed rather than kept.
@@ -70,50 +71,19 @@ fn oversized(ex: &Exchange) -> bool {
     .any(|s| s.capacity() > MAX_KEPT_CAPACITY)
 }
 
-/// Writes a pending request into a spare: the request's fields from `head`, every other
-/// field reset (the response completes them in `Parser::exchange`).
+/// Writes a pending request's fields into a spare. The spare's other fields still hold
+/// its earlier Exchange until the response overwrites every one of them
+/// (`Parser::exchange`, which names each field); a pending request is never emitted
+/// otherwise.
 fn write_request(ex: &mut Exchange, head: &RequestHead<'_>) {
-    let Exchange {
-        id,
-        side,
-        client,
-        server,
-        request_seq,
-        response_seq,
-        start_unix_nanos,
-        end_unix_nanos,
-        method,
-        path,
-        status,
-        request_bytes,
-        response_bytes,
-        traceparent,
-        tracestate,
-        host,
-        request_id,
-        ifindex,
-        interface,
-        connection_id,
-        pid,
-        tid,
-    } = ex;
-    method.clear();
-    method.push_str(head.method);
-    head.path.write_to(path);
+    ex.method.clear();
+    ex.method.push_str(head.method);
+    head.path.write_to(&mut ex.path);
     let h = &head.headers;
-    h.traceparent.write_to(traceparent);
-    h.tracestate.write_to(tracestate);
-    h.host.write_to(host);
-    h.request_id.write_to(request_id);
-    interface.clear();
-    for e in [client, server].into_iter().flatten() {
-        e.ip.clear();
-        e.port = 0;
-    }
-    (*id, *side, *status, *ifindex, *pid, *tid) = (0, 0, 0, 0, 0, 0);
-    (*request_seq, *response_seq) = (0, 0);
-    (*start_unix_nanos, *end_unix_nanos) = (0, 0);
-    (*request_bytes, *response_bytes, *connection_id) = (0, 0, 0);
+    h.traceparent.write_to(&mut ex.traceparent);
+    h.tracestate.write_to(&mut ex.tracestate);
+    h.host.write_to(&mut ex.host);
+    h.request_id.write_to(&mut ex.request_id);
 }
 
 /// `slot` = the endpoint, written into the buffer it already has.
