@@ -38,8 +38,8 @@ use aya_ebpf::{
 };
 use weft_ebpf_common::{
     COUNTER_COUNT, ConnEvent, Counter, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6,
-    HEAD_LEN, PacketEvent, PacketHeader, RingControl, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV,
-    TCP_SYN_SENT,
+    HEAD_LEN, LAST_IN_FAST, LAST_IN_SPILL, LastRecord, PacketEvent, PacketHeader, RECORD_REPEAT,
+    RingControl, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 
 /// The slots of every CPU's packet ring (CPU `c` owns `c * slots .. (c + 1) * slots`).
@@ -62,7 +62,7 @@ static CONNS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
 /// 1 when the kernel exposes `__sk_buff.tstamp_type` (5.18+): records then take their time
-/// from the segment (see `packet_time`). Set by the collector at load time. A read-only
+/// from the segment (see `send_time`). Set by the collector at load time. A read-only
 /// global, so the verifier knows its value and never checks the branch not taken: an older
 /// kernel, which refuses that field, loads the programs with 0.
 #[unsafe(no_mangle)]
@@ -340,7 +340,8 @@ fn is_http_start(first: u64) -> bool {
 }
 
 /// Writes the record into this CPU's next ring slot and publishes it if its payload begins
-/// an HTTP message.
+/// an HTTP message: as a `RECORD_REPEAT` when it is the segment this CPU published last
+/// (see `LastRecord`), else with its payload head.
 #[inline(always)]
 fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
     // A classifier runs start to end on one CPU (migration is disabled), so the ring of
@@ -350,8 +351,8 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
         count(Counter::NoRing);
         return;
     };
-    // SAFETY (all accesses to `*ctl`): a map value the verifier sized; `head` and `busy`
-    // are written only by this CPU's classifiers, `tail` only by the collector.
+    // SAFETY (all accesses to `*ctl`): a map value the verifier sized; `head`, `busy` and
+    // `last` are written only by this CPU's classifiers, `tail` only by the collector.
     let slots = unsafe { (*ctl).slots };
     if slots == 0 || unsafe { (*ctl).busy } != 0 {
         count(Counter::NoRing);
@@ -359,9 +360,7 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
     }
     unsafe { (*ctl).busy = 1 };
     let written = match ring_with_room(ctl, slots) {
-        // One `write_slot` for both rings keeps the program small (LLVM makes a second
-        // copy when anything after it depends on which ring it was).
-        Some((ring, ring_slots)) => write_slot(ctx, seg, direction, ring, ring_slots),
+        Some(ring) => write_record(ctx, seg, direction, ctl, ring),
         // Lost only if it was HTTP.
         None => Err(match begins_http(ctx, seg.payload_off) {
             true => Counter::RingFull,
@@ -375,13 +374,69 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
     unsafe { (*ctl).busy = 0 };
 }
 
+/// A ring with room for a record: its control block, its slots and which of the CPU's two
+/// rings it is (`LAST_IN_FAST` or `LAST_IN_SPILL`).
+struct Ring {
+    ctl: *mut RingControl,
+    slots: u64,
+    which: u16,
+}
+
+/// The record of `seg` into `ring`: a repeat of the CPU's last record (`ctl.last`) if it
+/// is the same segment in the same ring, else a copy of its head.
+#[inline(always)]
+fn write_record(
+    ctx: &TcContext,
+    seg: &Segment,
+    direction: u8,
+    ctl: *mut RingControl,
+    ring: Ring,
+) -> Result<(), Counter> {
+    let sent = send_time(ctx);
+    // SAFETY: see `emit`.
+    let last = unsafe { (*ctl).last };
+    if let Some(ts) = sent
+        && last.ring == ring.which
+        && last.ts_ns == ts
+        && last.seq == seg.seq
+        && last.ack == seg.ack
+        && last.payload_len == seg.payload_len as u32
+    {
+        let header = Header {
+            ts_ns: ts,
+            captured: last.captured_len as usize,
+            flags: RECORD_REPEAT,
+        };
+        return publish_header(ctx, seg, direction, &ring, header);
+    }
+    let captured = write_slot(ctx, seg, direction, &ring, sent)?;
+    let remembered = match sent {
+        Some(ts) => LastRecord {
+            ts_ns: ts,
+            seq: seg.seq,
+            ack: seg.ack,
+            payload_len: seg.payload_len as u32,
+            captured_len: captured as u16,
+            ring: ring.which,
+        },
+        // Timed by the clock: a second run would not match it.
+        None => LastRecord::default(),
+    };
+    unsafe { (*ctl).last = remembered };
+    Ok(())
+}
+
 /// The ring to write, with its slots: the CPU's fast ring `ctl` if it has room, else its
 /// spill ring if that has (see `RingControl`; the spill ring is written only from here,
 /// under the fast ring's `busy` flag).
 #[inline(always)]
-fn ring_with_room(ctl: *mut RingControl, slots: u64) -> Option<(*mut RingControl, u64)> {
+fn ring_with_room(ctl: *mut RingControl, slots: u64) -> Option<Ring> {
     if has_room(ctl, slots) {
-        return Some((ctl, slots));
+        return Some(Ring {
+            ctl,
+            slots,
+            which: LAST_IN_FAST,
+        });
     }
     let spill = unsafe { (*ctl).spill };
     if spill == 0 {
@@ -393,7 +448,11 @@ fn ring_with_room(ctl: *mut RingControl, slots: u64) -> Option<(*mut RingControl
         return None;
     }
     count(Counter::Spilled);
-    Some((spill_ctl, spill_slots))
+    Some(Ring {
+        ctl: spill_ctl,
+        slots: spill_slots,
+        which: LAST_IN_SPILL,
+    })
 }
 
 /// Whether the collector has read the slot at `head`.
@@ -423,27 +482,25 @@ compile_error!(
     "the per-CPU packet ring publishes with plain stores, which are ordered only on x86-64 (see `publish`)"
 );
 
-/// Fills the slot at `head` (which `has_room` found read) and, if the payload begins an
-/// HTTP message, advances `head` past it.
+/// Fills the slot at `ring`'s head (which `has_room` found read) and, if the payload
+/// begins an HTTP message, publishes it; returns the payload bytes captured.
 ///
 /// Most of a run's time is here, writing the slot's lines (about 3.5 per record), which
 /// are cold: on a 2-vCPU EPYC VM a run took ~300 ns, but ~190 ns when it always wrote the
 /// same slot. Measured there and not kept: sniffing into the stack instead of reading the
 /// head back (the stall moved to the stores, same time); storing to the next free slot's
 /// lines at the end of each run (~100 ns less per run by bpf-stats, but lower throughput:
-/// the stall moved past the program into the network stack).
+/// the stall moved past the program into the network stack). What was kept: a segment's
+/// second sighting on the node writes only the header (`RECORD_REPEAT`, 2 lines).
 #[inline(always)]
 fn write_slot(
     ctx: &TcContext,
     seg: &Segment,
     direction: u8,
-    ctl: *mut RingControl,
-    slots: u64,
-) -> Result<(), Counter> {
-    let head = unsafe { (*ctl).head };
-    // `slots` is a power of two (the collector sets it so).
-    let index = unsafe { (*ctl).base } + (head & (slots - 1));
-    let ev = PACKETS.get_ptr_mut(index as u32).ok_or(Counter::NoRing)?;
+    ring: &Ring,
+    sent: Option<u64>,
+) -> Result<usize, Counter> {
+    let ev = slot_at_head(ring)?;
     let captured = copy_head(ctx, seg, ev).map_err(|()| Counter::CopyFailed)?;
     // SAFETY: within the slot's head, which is 8-byte aligned (`PacketHeader` is 72
     // bytes); holds payload, as `captured` ≥ SNIFF_LEN (checked below; always true as
@@ -453,11 +510,47 @@ fn write_slot(
         // Not published: the slot is simply written again by the next record.
         return Err(Counter::NotHttp);
     }
-    fill_header(ctx, seg, direction, captured, ev);
+    let header = Header {
+        ts_ns: sent.unwrap_or_else(clock_time),
+        captured,
+        flags: 0,
+    };
+    publish_header(ctx, seg, direction, ring, header)?;
+    Ok(captured)
+}
+
+/// What a record's header says beyond the segment's own fields.
+struct Header {
+    ts_ns: u64,
+    captured: usize,
+    flags: u8,
+}
+
+/// The slot at `ring`'s head (which `has_room` found read).
+#[inline(always)]
+fn slot_at_head(ring: &Ring) -> Result<*mut PacketEvent, Counter> {
+    let head = unsafe { (*ring.ctl).head };
+    // `slots` is a power of two (the collector sets it so).
+    let index = unsafe { (*ring.ctl).base } + (head & (ring.slots - 1));
+    PACKETS.get_ptr_mut(index as u32).ok_or(Counter::NoRing)
+}
+
+/// Fills the header of the slot at `ring`'s head and publishes the slot.
+#[inline(always)]
+fn publish_header(
+    ctx: &TcContext,
+    seg: &Segment,
+    direction: u8,
+    ring: &Ring,
+    header: Header,
+) -> Result<(), Counter> {
+    let ev = slot_at_head(ring)?;
+    fill_header(ctx, seg, direction, header, ev);
     if seg.payload_len > HEAD_LEN {
         count(Counter::HeadCut);
     }
-    publish(ctl, head + 1);
+    let head = unsafe { (*ring.ctl).head };
+    publish(ring.ctl, head + 1);
     Ok(())
 }
 
@@ -473,11 +566,11 @@ fn fill_header(
     ctx: &TcContext,
     seg: &Segment,
     direction: u8,
-    captured: usize,
+    header: Header,
     ev: *mut PacketEvent,
 ) {
     let header = PacketHeader {
-        ts_ns: packet_time(ctx),
+        ts_ns: header.ts_ns,
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         seq: seg.seq,
         ack: seg.ack,
@@ -489,22 +582,23 @@ fn fill_header(
         family: seg.addrs.family,
         direction,
         tcp_flags: seg.tcp_flags,
-        _pad: 0,
-        captured_len: captured as u32,
+        record_flags: header.flags,
+        captured_len: header.captured as u32,
     };
     // SAFETY: `ev` is a ring slot (a map value the verifier sized) that only this CPU
     // writes until it is published.
     unsafe { (*ev).header = header };
 }
 
-/// The record's time (monotonic ns): when the sender's TCP transmitted the segment, if the
-/// skb carries that time, else now.
+/// When the sender's TCP transmitted the segment (monotonic ns), if the skb carries that
+/// time: the record's time, else `clock_time` is.
 ///
 /// TCP stamps every segment it sends with its departure time on the monotonic clock (the
 /// skb's delivery time), and the kernel keeps it across veths and bridges: every segment a
 /// pod or the node sends arrives here with it, microseconds before this classifier runs.
 /// Reading it instead of the clock saves a helper call on every record: 35 of the ~200 ns
-/// a classifier run took here. Segments without it (forwarded from
+/// a classifier run took here; and, being the same on every veth the skb passes, it tells a
+/// segment seen twice (`RECORD_REPEAT`). Segments without it (forwarded from
 /// another node, say, or with a receive timestamp on the real-time clock) read the clock,
 /// counted as `ClockTime`.
 ///
@@ -513,14 +607,20 @@ fn fill_header(
 /// not checked here (a clock read to check it costs half of what is saved); the reader
 /// does not wait for such a time (`capture::ring`).
 #[inline(always)]
-fn packet_time(ctx: &TcContext) -> u64 {
+fn send_time(ctx: &TcContext) -> Option<u64> {
     if SKB_SEND_TIME.load() != 0 {
         // SAFETY: the context's own fields, read as the verifier allows (whole fields).
         let (kind, sent) = unsafe { ((*ctx.skb.skb).tstamp_type, (*ctx.skb.skb).tstamp) };
         if kind == SKB_CLOCK_MONOTONIC && sent != 0 {
-            return sent;
+            return Some(sent);
         }
     }
+    None
+}
+
+/// A record's time when its segment carries none (see `send_time`).
+#[inline(always)]
+fn clock_time() -> u64 {
     count(Counter::ClockTime);
     unsafe { bpf_ktime_get_ns() }
 }

@@ -82,7 +82,7 @@ fn record(
         family: FAMILY_IPV4,
         direction,
         tcp_flags: 0x18,
-        _pad: 0,
+        record_flags: 0,
         captured_len: payload.len() as u32,
     };
     out.clear();

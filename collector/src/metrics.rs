@@ -6,6 +6,7 @@
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::atomic::AtomicU64};
 
+use crate::capture::ReadStats;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
@@ -50,6 +51,8 @@ pub struct Metrics {
     iface_states: Mutex<std::collections::HashMap<String, IfaceState>>,
     events_read: Family<Labels, Counter>,
     ring_malformed: Counter,
+    ring_repeats: Counter,
+    ring_unresolved_repeats: Counter,
     kernel: Family<Labels, Counter>,
     ring_drops: Family<Labels, Counter>,
     parse_failures: Counter,
@@ -90,6 +93,8 @@ impl Metrics {
             iface_states: Mutex::default(),
             events_read: Family::default(),
             ring_malformed: Counter::default(),
+            ring_repeats: Counter::default(),
+            ring_unresolved_repeats: Counter::default(),
             kernel: Family::default(),
             ring_drops: Family::default(),
             parse_failures: Counter::default(),
@@ -127,6 +132,16 @@ impl Metrics {
                 "ring_malformed",
                 "Ring entries of an unexpected size or announcing more payload than a slot holds (dropped)",
                 m.ring_malformed.clone(),
+            );
+            r.register(
+                "ring_repeats",
+                "Packet records that repeat the record before them (the same segment on a second veth of the node) and were read with its payload",
+                m.ring_repeats.clone(),
+            );
+            r.register(
+                "ring_unresolved_repeats",
+                "Packet records that repeat a record the reader did not have (read before it started, or malformed); dropped",
+                m.ring_unresolved_repeats.clone(),
             );
             r.register(
                 "kernel_events",
@@ -211,16 +226,18 @@ impl Metrics {
         v
     }
 
-    pub fn record_read(&self, packets: u64, conns: u64, malformed: u64) {
+    pub fn record_read(&self, read: &ReadStats) {
         raise_to(
             &self.events_read.get_or_create(&labels("ring", "packets")),
-            packets,
+            read.packets,
         );
         raise_to(
             &self.events_read.get_or_create(&labels("ring", "conns")),
-            conns,
+            read.conns,
         );
-        raise_to(&self.ring_malformed, malformed);
+        raise_to(&self.ring_malformed, read.malformed);
+        raise_to(&self.ring_repeats, read.repeats);
+        raise_to(&self.ring_unresolved_repeats, read.unresolved_repeats);
     }
 
     pub fn record_kernel(&self, counters: &[u64; COUNTER_COUNT as usize]) {

@@ -87,9 +87,7 @@ impl Pipeline {
     /// Periodic work: expire what waited too long and publish every stage's counters.
     pub fn tick(&mut self, now_unix_nanos: u64, capture: &Capture, ship: &ShipStats) {
         self.parser.expire(now_unix_nanos);
-        let read = capture.stats();
-        self.metrics
-            .record_read(read.packets, read.conns, read.malformed);
+        self.metrics.record_read(&capture.stats());
         let kernel = capture.kernel_counters();
         self.metrics.record_kernel(&kernel);
         self.log_first_losses(capture, &kernel);
@@ -149,11 +147,21 @@ impl Pipeline {
                 );
             }
         }
-        let malformed = capture.stats().malformed;
-        if malformed > 0 && self.logged_losses.insert("ring_malformed".to_owned()) {
+        let read = capture.stats();
+        if read.malformed > 0 && self.logged_losses.insert("ring_malformed".to_owned()) {
             warn!(
-                count = malformed,
+                count = read.malformed,
                 "ring buffer entries of an unexpected size dropped (kernel and user space built from different sources?)"
+            );
+        }
+        if read.unresolved_repeats > 0
+            && self
+                .logged_losses
+                .insert("ring_unresolved_repeat".to_owned())
+        {
+            warn!(
+                count = read.unresolved_repeats,
+                "HTTP segments lost: a record repeating the one before it came without that record (read before the collector started, or malformed); further ones are counted in /metrics, not logged"
             );
         }
     }
@@ -168,6 +176,10 @@ impl Pipeline {
             ("conn_ring_full".into(), k[Counter::ConnRingFull as usize]),
             ("copy_failed".into(), k[Counter::CopyFailed as usize]),
             ("ring_malformed".into(), capture.stats().malformed),
+            (
+                "ring_unresolved_repeat".into(),
+                capture.stats().unresolved_repeats,
+            ),
         ];
         drops.extend(
             self.parser

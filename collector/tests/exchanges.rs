@@ -328,6 +328,24 @@ fn pipelined_requests_in_one_segment_pair_with_their_own_responses() {
             );
         }
     }
+    // Each segment passed both veths on one CPU: the kernel wrote the second record as a
+    // repeat of the first (no payload of its own), and the reader found every one's
+    // payload (what was asserted above came from them too).
+    // (The metrics are published on the collector's one-second tick.)
+    let repeats = || {
+        metric(
+            &scrape(cluster, &t.node),
+            "weft_collector_ring_repeats_total",
+        )
+    };
+    let repeated = wait_for(Duration::from_secs(3), || repeats() > 0);
+    let metrics = scrape(cluster, &t.node);
+    assert!(repeated, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "weft_collector_ring_unresolved_repeats_total"),
+        0,
+        "{metrics}"
+    );
     collector.stop(Duration::from_secs(5)).unwrap();
 }
 

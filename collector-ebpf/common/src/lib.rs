@@ -44,10 +44,20 @@ pub struct PacketHeader {
     pub direction: u8,
     /// TCP flags byte (FIN, SYN, RST, PSH, ACK, ...).
     pub tcp_flags: u8,
-    pub _pad: u8,
-    /// Payload bytes that follow the header in the record (at most `HEAD_LEN`).
+    /// `RECORD_REPEAT` or 0.
+    pub record_flags: u8,
+    /// Payload bytes captured (at most `HEAD_LEN`): they follow the header in the record,
+    /// or, in a `RECORD_REPEAT` record, in the record it repeats.
     pub captured_len: u32,
 }
+
+/// `PacketHeader::record_flags`: the record carries no payload bytes. Its segment is the
+/// one of the last record on the same ring without this flag (the same skb seen a second
+/// time, on the next veth of a same-node path), whose payload user space takes instead:
+/// writing and reading the same bytes twice cost both sides a few cold cache lines per
+/// record. The classifier writes one only when `ts_ns`, `seq`, `ack` and `payload_len`
+/// equal that record's (see `LastRecord`), and sets `captured_len` to that record's.
+pub const RECORD_REPEAT: u8 = 1;
 
 /// Bytes of a record before the payload.
 pub const PACKET_HEADER_LEN: usize = core::mem::size_of::<PacketHeader>();
@@ -100,11 +110,33 @@ pub struct RingControl {
     /// A CPU's fast ring: 1 + the `WEFT_RING_CTL` index of its spill ring, which takes
     /// the records the fast ring has no room for; 0: none (set by the collector).
     pub spill: u64,
-    pub _pad: [u64; 3],
+    /// A CPU's fast ring: the last record with payload that the CPU published, on either
+    /// of its rings (kernel only; see `RECORD_REPEAT`).
+    pub last: LastRecord,
     /// Records the collector has read (written by user space).
     pub tail: u64,
     pub _pad2: [u64; 7],
 }
+
+/// What identifies a published record's segment, for `RECORD_REPEAT`: a segment sent
+/// with a TCP departure time (unique to the nanosecond per socket) at this seq and ack,
+/// of this length, is the same skb seen again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LastRecord {
+    /// The record's `ts_ns`, which was a send time (records timed by the clock are not
+    /// remembered: a second run would read another time).
+    pub ts_ns: u64,
+    pub seq: u32,
+    pub ack: u32,
+    pub payload_len: u32,
+    pub captured_len: u16,
+    /// `LAST_IN_FAST` or `LAST_IN_SPILL`: the ring the record is in; 0: none remembered.
+    pub ring: u16,
+}
+
+pub const LAST_IN_FAST: u16 = 1;
+pub const LAST_IN_SPILL: u16 = 2;
 
 /// TCP states as in the kernel's `enum tcp_state` (TCP_ESTABLISHED = 1, ...).
 pub const TCP_ESTABLISHED: i32 = 1;
@@ -158,7 +190,7 @@ pub enum Counter {
     /// run nested in another on the same CPU. An HTTP segment was lost.
     NoRing = 8,
     /// Records timed by reading the clock because their segment carried no send time
-    /// (informational: see the classifiers' `packet_time`).
+    /// (informational: see the classifiers' `send_time`).
     ClockTime = 9,
     /// Segments written to the CPU's spill ring because its fast ring was full
     /// (informational: nothing is lost; see `RingControl`). Includes the rare one that

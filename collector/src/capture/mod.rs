@@ -18,6 +18,7 @@ use aya::{
 use tokio::io::unix::AsyncFd;
 use weft_ebpf_common::{
     COUNTER_COUNT, ConnEvent, Counter, HEAD_LEN, PACKET_HEADER_LEN, PacketEvent, PacketHeader,
+    RECORD_REPEAT,
 };
 
 use ring::{PacketRings, RingLayout};
@@ -58,11 +59,12 @@ impl<'a> Packet<'a> {
 
     /// Splits a record laid out as in a slot (header, then payload) in a byte buffer.
     /// `None` when it is shorter than its header, or than the payload the header
-    /// announces, or announces more than the kernel ever copies.
+    /// announces, or announces more than the kernel ever copies, or is a
+    /// `RECORD_REPEAT` (whose payload is in another record: see [`ring`]).
     pub fn from_record(bytes: &'a [u8]) -> Option<Self> {
         let header: PacketHeader = read_event(bytes)?;
         let captured = header.captured_len as usize;
-        if captured > HEAD_LEN {
+        if captured > HEAD_LEN || header.record_flags & RECORD_REPEAT != 0 {
             return None;
         }
         let payload = bytes.get(PACKET_HEADER_LEN..PACKET_HEADER_LEN + captured)?;
@@ -78,6 +80,11 @@ pub struct ReadStats {
     /// Ring entries of the wrong size or announcing too much payload (kernel and user
     /// space built from different sources?).
     pub malformed: u64,
+    /// Packet records that repeat the one before them (the same segment on a second
+    /// veth), handed on with its payload (included in `packets`).
+    pub repeats: u64,
+    /// Repeats skipped because the record they repeat was not there (see `ring`).
+    pub unresolved_repeats: u64,
 }
 
 pub struct Capture {
@@ -152,6 +159,8 @@ impl Capture {
         });
         self.stats.packets += read.records;
         self.stats.malformed += read.malformed;
+        self.stats.repeats += read.repeats;
+        self.stats.unresolved_repeats += read.unresolved_repeats;
         read_conns(self.conns.get_mut(), &mut self.stats, offset, &mut sink);
     }
 
@@ -320,6 +329,13 @@ mod tests {
             ..Default::default()
         };
         assert!(Packet::from_record(&record(short, b"GET")).is_none());
+        // A repeat's payload is another record's: alone it has none to give.
+        let repeat = PacketHeader {
+            captured_len: 3,
+            record_flags: RECORD_REPEAT,
+            ..Default::default()
+        };
+        assert!(Packet::from_record(&record(repeat, b"GET")).is_none());
         let huge = PacketHeader {
             captured_len: (HEAD_LEN + 1) as u32,
             ..Default::default()

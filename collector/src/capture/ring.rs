@@ -11,11 +11,17 @@
 //! Order: a request written on one CPU and its response on another must reach the parser
 //! in that order. A read therefore merges the CPUs by timestamp and stops at a watermark a
 //! little before the time the read started. A record's time is when its segment was sent,
-//! or when the classifier ran (see the classifiers' `packet_time`): either way before it
+//! or when the classifier ran (see the classifiers' `send_time`): either way before it
 //! was published, and a response is sent only after its request passed a classifier, so
 //! a response never sorts before its request. A time later than the read itself is a
 //! pacing sender's departure time: such a record is read at once, as if stamped at the
 //! watermark, rather than holding up its CPU's ring until then.
+//!
+//! Repeats: a segment between two pods of the node passes both pods' veths, one run right
+//! after the other on one CPU; the second record is a `RECORD_REPEAT` with no payload of
+//! its own. It is handed on with the payload of its ring's last record that had one, read
+//! from that record's slot, or from a copy taken when the slot was freed (a read may end
+//! between the two).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -25,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, bail};
 use aya::maps::MapData;
-use weft_ebpf_common::{PacketEvent, RingControl};
+use weft_ebpf_common::{PacketEvent, PacketHeader, RECORD_REPEAT, RingControl};
 
 use super::Packet;
 
@@ -159,6 +165,12 @@ pub struct RingRead {
     pub records: u64,
     /// Slots whose header announced more payload than a slot holds (skipped).
     pub malformed: u64,
+    /// `RECORD_REPEAT` records handed on with the payload of the record they repeat
+    /// (included in `records`).
+    pub repeats: u64,
+    /// `RECORD_REPEAT` records whose record was not there to repeat (skipped): read before
+    /// this reader started, or malformed, or not the same segment.
+    pub unresolved_repeats: u64,
 }
 
 /// The rings of every CPU, mapped.
@@ -166,14 +178,50 @@ pub struct PacketRings {
     ctl: Region,
     slots: Region,
     layout: RingLayout,
-    /// Per CPU: the next record to read (what we last stored into `tail`).
+    /// Per ring: the next record to read (what we last stored into `tail`).
     tails: Vec<u64>,
     heads: Vec<u64>,
+    /// Per ring: `tail` as the kernel knows it. Slots from here on are not yet its to
+    /// write again.
+    freed: Vec<u64>,
+    /// Per ring: the last record read that carried its payload.
+    originals: Vec<Original>,
     /// Reused by every read: (timestamp of a CPU's next record, CPU).
     merge: BinaryHeap<Reverse<(u64, u32)>>,
     /// The maps themselves: their fds must stay open, the classifiers are loaded and
     /// attached with them later.
     maps: Option<(MapData, MapData)>,
+}
+
+/// A ring's last record with payload, for the `RECORD_REPEAT` records after it.
+#[derive(Default)]
+struct Original {
+    /// Its number in the ring; `None`: none read yet.
+    n: Option<u64>,
+    /// Its copy, taken when its slot was freed (the kernel may then write the slot again
+    /// while a repeat of it is still unread), for record `saved_n`.
+    saved_n: Option<u64>,
+    saved_header: PacketHeader,
+    saved_payload: Vec<u8>,
+}
+
+/// A slot as read.
+enum Slot<'a> {
+    /// A record with its own payload.
+    Original(Packet<'a>),
+    /// A `RECORD_REPEAT` record, with the payload of the one it repeats.
+    Repeat(Packet<'a>),
+    Malformed,
+    Unresolved,
+}
+
+/// Whether `repeat` announces the segment of `original` (what the classifier compared).
+fn same_segment(repeat: &PacketHeader, original: &PacketHeader) -> bool {
+    repeat.ts_ns == original.ts_ns
+        && repeat.seq == original.seq
+        && repeat.ack == original.ack
+        && repeat.payload_len == original.payload_len
+        && repeat.captured_len == original.captured_len
 }
 
 impl PacketRings {
@@ -212,13 +260,16 @@ impl PacketRings {
         if !aligned {
             bail!("ring memory is not aligned for its slots and control blocks");
         }
+        let rings_n = layout.rings() as usize;
         let mut rings = PacketRings {
             ctl,
             slots,
             layout,
-            tails: vec![0; layout.rings() as usize],
-            heads: vec![0; layout.rings() as usize],
-            merge: BinaryHeap::with_capacity(layout.rings() as usize),
+            tails: vec![0; rings_n],
+            heads: vec![0; rings_n],
+            freed: vec![0; rings_n],
+            originals: (0..rings_n).map(|_| Original::default()).collect(),
+            merge: BinaryHeap::with_capacity(rings_n),
             maps: None,
         };
         for ring in 0..layout.rings() {
@@ -226,6 +277,7 @@ impl PacketRings {
             // as the kernel writes nothing before it is set.
             let head = rings.head(ring).load(Ordering::Acquire);
             rings.tails[ring as usize] = head;
+            rings.freed[ring as usize] = head;
             rings.tail(ring).store(head, Ordering::Release);
             let place = layout.place(ring);
             let field = |f| rings.field(ring, f);
@@ -254,13 +306,32 @@ impl PacketRings {
                 break;
             }
             let c = ring as usize;
-            match Packet::from_slot(self.slot(ring, self.tails[c])) {
-                Some(mut p) => {
+            let n = self.tails[c];
+            let original = match self.read_slot(ring, n) {
+                Slot::Original(mut p) => {
                     out.records += 1;
                     p.header.ts_ns = ts;
                     sink(p);
+                    true
                 }
-                None => out.malformed += 1,
+                Slot::Repeat(mut p) => {
+                    out.records += 1;
+                    out.repeats += 1;
+                    p.header.ts_ns = ts;
+                    sink(p);
+                    false
+                }
+                Slot::Malformed => {
+                    out.malformed += 1;
+                    false
+                }
+                Slot::Unresolved => {
+                    out.unresolved_repeats += 1;
+                    false
+                }
+            };
+            if original {
+                self.originals[c].n = Some(n);
             }
             self.tails[c] += 1;
             if self.tails[c] + 1 < self.heads[c] {
@@ -273,11 +344,61 @@ impl PacketRings {
             }
         }
         for ring in 0..self.layout.rings() {
+            self.save_original(ring);
             // The kernel may reuse the slots only once we are done with them.
-            self.tail(ring)
-                .store(self.tails[ring as usize], Ordering::Release);
+            let c = ring as usize;
+            self.freed[c] = self.tails[c];
+            self.tail(ring).store(self.tails[c], Ordering::Release);
         }
         out
+    }
+
+    /// The record in `ring`'s slot `n` (published, unread).
+    fn read_slot(&self, ring: u32, n: u64) -> Slot<'_> {
+        let slot = self.slot(ring, n);
+        if slot.header.record_flags & RECORD_REPEAT == 0 {
+            return Packet::from_slot(slot).map_or(Slot::Malformed, Slot::Original);
+        }
+        match self.original(ring) {
+            Some((header, payload)) if same_segment(&slot.header, header) => Slot::Repeat(Packet {
+                header: slot.header,
+                payload,
+            }),
+            _ => Slot::Unresolved,
+        }
+    }
+
+    /// `ring`'s last record with payload, from its slot while that is not freed, else
+    /// from the copy taken when it was.
+    fn original(&self, ring: u32) -> Option<(&PacketHeader, &[u8])> {
+        let c = ring as usize;
+        let o = &self.originals[c];
+        let n = o.n?;
+        if n >= self.freed[c] {
+            let p = self.slot(ring, n);
+            return Some((&p.header, p.head.get(..p.header.captured_len as usize)?));
+        }
+        (o.saved_n == Some(n)).then_some((&o.saved_header, &o.saved_payload[..]))
+    }
+
+    /// Copies `ring`'s last record with payload before its slot is freed (one copy per
+    /// ring and read at most, of the bytes just read).
+    fn save_original(&mut self, ring: u32) {
+        let c = ring as usize;
+        let Some(n) = self.originals[c].n else {
+            return;
+        };
+        if n < self.freed[c] || self.originals[c].saved_n == Some(n) {
+            return;
+        }
+        // SAFETY: read this time, not yet freed: the kernel does not write it.
+        let slot = unsafe { &*self.slot_ptr(ring, n) };
+        let o = &mut self.originals[c];
+        o.saved_header = slot.header;
+        o.saved_payload.clear();
+        o.saved_payload
+            .extend_from_slice(&slot.head[..slot.header.captured_len as usize]);
+        o.saved_n = Some(n);
     }
 
     /// Starts loading the first lines of `cpu`'s record `n` (its header and the start of
@@ -420,7 +541,7 @@ impl Drop for Region {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_ebpf_common::{HEAD_LEN, PacketHeader};
+    use weft_ebpf_common::HEAD_LEN;
 
     /// The rings over heap memory (fast rings of `slots`, spill rings of twice that), with
     /// a stand-in for the kernel's side.
@@ -440,15 +561,39 @@ mod tests {
     /// the next slot of the CPU's fast ring, or of its spill ring when the fast one is
     /// full, then advance that ring's `head`. False: both were full.
     fn write(r: &PacketRings, cpu: u32, ts_ns: u64, payload: &[u8]) -> bool {
+        write_record(r, cpu, header(ts_ns, 0, payload), payload)
+    }
+
+    fn header(ts_ns: u64, seq: u32, payload: &[u8]) -> PacketHeader {
+        PacketHeader {
+            ts_ns,
+            seq,
+            payload_len: payload.len() as u32,
+            captured_len: payload.len() as u32,
+            ..Default::default()
+        }
+    }
+
+    /// A `RECORD_REPEAT` of the record `of`, seen on interface `ifindex`.
+    fn write_repeat(r: &PacketRings, cpu: u32, of: PacketHeader, ifindex: u32) -> bool {
+        let repeat = PacketHeader {
+            ifindex,
+            record_flags: RECORD_REPEAT,
+            ..of
+        };
+        write_record(r, cpu, repeat, b"")
+    }
+
+    fn write_record(r: &PacketRings, cpu: u32, header: PacketHeader, payload: &[u8]) -> bool {
         let fast = r.control(cpu);
-        if put(r, fast, ts_ns, payload) {
+        if put(r, fast, header, payload) {
             return true;
         }
         let spill = unsafe { (*fast).spill };
-        spill != 0 && put(r, r.control((spill - 1) as u32), ts_ns, payload)
+        spill != 0 && put(r, r.control((spill - 1) as u32), header, payload)
     }
 
-    fn put(r: &PacketRings, ctl: *mut RingControl, ts_ns: u64, payload: &[u8]) -> bool {
+    fn put(r: &PacketRings, ctl: *mut RingControl, header: PacketHeader, payload: &[u8]) -> bool {
         let (head, tail, slots, base) =
             unsafe { ((*ctl).head, (*ctl).tail, (*ctl).slots, (*ctl).base) };
         if head - tail >= slots {
@@ -459,11 +604,7 @@ mod tests {
                 .at::<PacketEvent>((base + (head & (slots - 1))) as usize)
         };
         let mut ev = PacketEvent {
-            header: PacketHeader {
-                ts_ns,
-                captured_len: payload.len() as u32,
-                ..Default::default()
-            },
+            header,
             head: [0; HEAD_LEN],
         };
         ev.head[..payload.len()].copy_from_slice(payload);
@@ -592,7 +733,8 @@ mod tests {
             read,
             RingRead {
                 records: 2,
-                malformed: 1
+                malformed: 1,
+                ..Default::default()
             }
         );
     }
@@ -658,5 +800,77 @@ mod tests {
         // Read: the fast ring takes records again.
         assert!(write(&r, 0, 70, b"GET /"));
         assert_eq!(r.head(0).load(Ordering::Relaxed), 3);
+    }
+
+    /// (interface, timestamp, payload) of every record read.
+    fn read_with_interfaces(r: &mut PacketRings) -> (Vec<(u32, u64, Vec<u8>)>, RingRead) {
+        let mut got = Vec::new();
+        let read = r.read(u64::MAX, |p| {
+            got.push((p.header.ifindex, p.header.ts_ns, p.payload.to_vec()))
+        });
+        (got, read)
+    }
+
+    #[test]
+    fn a_repeat_is_read_with_its_own_header_and_the_payload_of_the_record_it_repeats() {
+        let mut r = rings(2, 8);
+        let first = header(10, 7, b"GET /a HTTP/1.1");
+        assert!(write_record(&r, 0, first, b"GET /a HTTP/1.1"));
+        assert!(write(&r, 1, 12, b"HTTP/1.1 200 OK"));
+        assert!(write_repeat(&r, 0, first, 5));
+        let (got, read) = read_with_interfaces(&mut r);
+        assert_eq!(
+            got,
+            [
+                (0, 10, b"GET /a HTTP/1.1".to_vec()),
+                (5, 10, b"GET /a HTTP/1.1".to_vec()),
+                (0, 12, b"HTTP/1.1 200 OK".to_vec()),
+            ]
+        );
+        assert_eq!(
+            (read.records, read.repeats, read.unresolved_repeats),
+            (3, 1, 0)
+        );
+    }
+
+    #[test]
+    fn a_repeat_read_after_its_record_was_freed_and_overwritten_still_gets_its_payload() {
+        // 2 fast slots: the third record takes the first one's slot.
+        let mut r = rings(1, 2);
+        let first = header(10, 7, b"GET /kept");
+        assert!(write_record(&r, 0, first, b"GET /kept"));
+        assert!(write_repeat(&r, 0, first, 5));
+        let (got, _) = read_with_interfaces(&mut r);
+        assert_eq!(got.len(), 2);
+        // Read and freed: the kernel writes a third sighting over the original's slot.
+        assert!(write_repeat(&r, 0, first, 9));
+        assert_eq!(r.slot(0, 0).header.record_flags, RECORD_REPEAT);
+        let (got, read) = read_with_interfaces(&mut r);
+        assert_eq!(got, [(9, 10, b"GET /kept".to_vec())]);
+        assert_eq!((read.repeats, read.unresolved_repeats), (1, 0));
+    }
+
+    #[test]
+    fn repeats_without_their_record_are_skipped_and_counted() {
+        let mut r = rings(2, 8);
+        // Nothing read on CPU 0 before it: its record came before the reader started.
+        assert!(write_repeat(&r, 0, header(5, 1, b"GET /gone"), 3));
+        // Another CPU's record is not CPU 0's to repeat.
+        let other = header(6, 2, b"GET /cpu1");
+        assert!(write_record(&r, 1, other, b"GET /cpu1"));
+        assert!(write_repeat(&r, 0, other, 3));
+        // Not the same segment as the record before it (another seq).
+        let first = header(7, 3, b"GET /a");
+        assert!(write_record(&r, 0, first, b"GET /a"));
+        assert!(write_repeat(&r, 0, header(7, 4, b"GET /a"), 3));
+        let (got, read) = read_with_interfaces(&mut r);
+        assert_eq!(
+            got,
+            [(0, 6, b"GET /cpu1".to_vec()), (0, 7, b"GET /a".to_vec())]
+        );
+        assert_eq!(
+            (read.records, read.repeats, read.unresolved_repeats),
+            (2, 0, 3)
+        );
     }
 }

@@ -115,7 +115,7 @@ fn pkt(direction: u8, src: &str, dst: &str, seq: u32, ack: u32, payload: &[u8]) 
             family,
             direction,
             tcp_flags: 0x18,
-            _pad: 0,
+            record_flags: 0,
             captured_len: captured as u32,
         },
         head: payload[..captured].to_vec(),
