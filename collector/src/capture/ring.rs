@@ -194,6 +194,10 @@ pub struct PacketRings {
 }
 
 /// A ring's last record with payload, for the `RECORD_REPEAT` records after it.
+///
+/// Privacy: the copy holds a captured head as the kernel wrote it (an `Authorization`
+/// header included); it is handed on only as a repeat's payload, to the parser, and has
+/// no `Debug`.
 #[derive(Default)]
 struct Original {
     /// Its number in the ring; `None`: none read yet.
