@@ -374,16 +374,30 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
     unsafe { (*ctl).busy = 0 };
 }
 
-/// A ring with room for a record: its control block, its slots and which of the CPU's two
-/// rings it is (`LAST_IN_FAST` or `LAST_IN_SPILL`).
+/// A ring with room for a record: its control block and its slots.
 struct Ring {
     ctl: *mut RingControl,
     slots: u64,
-    which: u16,
+}
+
+impl Ring {
+    /// Which of the CPU's two rings this is: `LAST_IN_FAST` or `LAST_IN_SPILL`. Read from
+    /// the ring's own `spill` (set only on fast rings), not known from the path that chose
+    /// the ring: a value the compiler knows per path made it compile everything after the
+    /// choice twice (a program a quarter larger, and slower per run).
+    #[inline(always)]
+    fn which(&self) -> u16 {
+        // SAFETY: see `emit`.
+        match unsafe { (*self.ctl).spill } {
+            0 => LAST_IN_SPILL,
+            _ => LAST_IN_FAST,
+        }
+    }
 }
 
 /// The record of `seg` into `ring`: a repeat of the CPU's last record (`ctl.last`) if it
-/// is the same segment in the same ring, else a copy of its head.
+/// is the same segment in the same ring, else a copy of its head. Both end in one
+/// `publish_header` (each inlined call site is a copy of the header's stores).
 #[inline(always)]
 fn write_record(
     ctx: &TcContext,
@@ -395,35 +409,58 @@ fn write_record(
     let sent = send_time(ctx);
     // SAFETY: see `emit`.
     let last = unsafe { (*ctl).last };
-    if let Some(ts) = sent
-        && last.ring == ring.which
-        && last.ts_ns == ts
-        && last.seq == seg.seq
-        && last.ack == seg.ack
-        && last.payload_len == seg.payload_len as u32
-    {
-        let header = Header {
-            ts_ns: ts,
-            captured: last.captured_len as usize,
-            flags: RECORD_REPEAT,
-        };
-        return publish_header(ctx, seg, direction, &ring, header);
+    let which = ring.which();
+    let ev = slot_at_head(&ring)?;
+    let repeat = match sent {
+        Some(ts) => {
+            last.ring == which
+                && last.ts_ns == ts
+                && last.seq == seg.seq
+                && last.ack == seg.ack
+                && last.payload_len == seg.payload_len as u32
+        }
+        None => false,
+    };
+    let (captured, flags) = match repeat {
+        true => (last.captured_len as usize, RECORD_REPEAT),
+        false => (copy_http_head(ctx, seg, ev)?, 0),
+    };
+    // A repeat's `sent` is its record's time. Without one, the clock is read only now that
+    // the record is known to be HTTP (a helper call).
+    let ts_ns = sent.unwrap_or_else(clock_time);
+    let header = Header {
+        ts_ns,
+        captured,
+        flags,
+    };
+    publish_header(ctx, seg, direction, &ring, ev, header);
+    if !repeat {
+        unsafe { (*ctl).last = remember(seg, sent, ts_ns, captured, which) };
     }
-    let captured = write_slot(ctx, seg, direction, &ring, sent)?;
-    let remembered = match sent {
-        Some(ts) => LastRecord {
-            ts_ns: ts,
+    Ok(())
+}
+
+/// What `ctl.last` holds after a record with payload: the segment, unless its time came
+/// from the clock (a second run would read another time, so nothing would match it).
+#[inline(always)]
+fn remember(
+    seg: &Segment,
+    sent: Option<u64>,
+    ts_ns: u64,
+    captured: usize,
+    which: u16,
+) -> LastRecord {
+    match sent {
+        Some(_) => LastRecord {
+            ts_ns,
             seq: seg.seq,
             ack: seg.ack,
             payload_len: seg.payload_len as u32,
             captured_len: captured as u16,
-            ring: ring.which,
+            ring: which,
         },
-        // Timed by the clock: a second run would not match it.
         None => LastRecord::default(),
-    };
-    unsafe { (*ctl).last = remembered };
-    Ok(())
+    }
 }
 
 /// The ring to write, with its slots: the CPU's fast ring `ctl` if it has room, else its
@@ -432,11 +469,7 @@ fn write_record(
 #[inline(always)]
 fn ring_with_room(ctl: *mut RingControl, slots: u64) -> Option<Ring> {
     if has_room(ctl, slots) {
-        return Some(Ring {
-            ctl,
-            slots,
-            which: LAST_IN_FAST,
-        });
+        return Some(Ring { ctl, slots });
     }
     let spill = unsafe { (*ctl).spill };
     if spill == 0 {
@@ -451,7 +484,6 @@ fn ring_with_room(ctl: *mut RingControl, slots: u64) -> Option<Ring> {
     Some(Ring {
         ctl: spill_ctl,
         slots: spill_slots,
-        which: LAST_IN_SPILL,
     })
 }
 
@@ -482,8 +514,8 @@ compile_error!(
     "the per-CPU packet ring publishes with plain stores, which are ordered only on x86-64 (see `publish`)"
 );
 
-/// Fills the slot at `ring`'s head (which `has_room` found read) and, if the payload
-/// begins an HTTP message, publishes it; returns the payload bytes captured.
+/// Copies the head of `seg` into the slot `ev` and returns its length, if it begins an
+/// HTTP message.
 ///
 /// Most of a run's time is here, writing the slot's lines (about 3.5 per record), which
 /// are cold: on a 2-vCPU EPYC VM a run took ~300 ns, but ~190 ns when it always wrote the
@@ -493,14 +525,7 @@ compile_error!(
 /// the stall moved past the program into the network stack). What was kept: a segment's
 /// second sighting on the node writes only the header (`RECORD_REPEAT`, 2 lines).
 #[inline(always)]
-fn write_slot(
-    ctx: &TcContext,
-    seg: &Segment,
-    direction: u8,
-    ring: &Ring,
-    sent: Option<u64>,
-) -> Result<usize, Counter> {
-    let ev = slot_at_head(ring)?;
+fn copy_http_head(ctx: &TcContext, seg: &Segment, ev: *mut PacketEvent) -> Result<usize, Counter> {
     let captured = copy_head(ctx, seg, ev).map_err(|()| Counter::CopyFailed)?;
     // SAFETY: within the slot's head, which is 8-byte aligned (`PacketHeader` is 72
     // bytes); holds payload, as `captured` ≥ SNIFF_LEN (checked below; always true as
@@ -510,12 +535,6 @@ fn write_slot(
         // Not published: the slot is simply written again by the next record.
         return Err(Counter::NotHttp);
     }
-    let header = Header {
-        ts_ns: sent.unwrap_or_else(clock_time),
-        captured,
-        flags: 0,
-    };
-    publish_header(ctx, seg, direction, ring, header)?;
     Ok(captured)
 }
 
@@ -535,23 +554,22 @@ fn slot_at_head(ring: &Ring) -> Result<*mut PacketEvent, Counter> {
     PACKETS.get_ptr_mut(index as u32).ok_or(Counter::NoRing)
 }
 
-/// Fills the header of the slot at `ring`'s head and publishes the slot.
+/// Fills the header of `ev`, the slot at `ring`'s head, and publishes the slot.
 #[inline(always)]
 fn publish_header(
     ctx: &TcContext,
     seg: &Segment,
     direction: u8,
     ring: &Ring,
+    ev: *mut PacketEvent,
     header: Header,
-) -> Result<(), Counter> {
-    let ev = slot_at_head(ring)?;
+) {
     fill_header(ctx, seg, direction, header, ev);
     if seg.payload_len > HEAD_LEN {
         count(Counter::HeadCut);
     }
     let head = unsafe { (*ring.ctl).head };
     publish(ring.ctl, head + 1);
-    Ok(())
 }
 
 /// An address as `PacketHeader` holds it: its bytes in memory order.
