@@ -3,7 +3,8 @@
 //! In: packets on a pod's host-side veth (TC ingress = leaving the pod, TC egress = entering
 //! it) and TCP state changes (`sock/inet_sock_set_state`).
 //! Out: packet records (a `PacketHeader` followed by at most `HEAD_LEN` payload bytes, for
-//! segments that begin an HTTP/1 message) in the writing CPU's own ring (`WEFT_PACKETS`
+//! segments that begin an HTTP/1 message; only the header when the CPU's previous record
+//! was the same segment, `RECORD_REPEAT`) in the writing CPU's own ring (`WEFT_PACKETS`
 //! slots, `WEFT_RING_CTL` positions: see `RingControl`), `ConnEvent`s on the `CONNS` ring
 //! buffer, and per-CPU `COUNTERS` for every packet seen, emitted, lost or skipped.
 //!
