@@ -382,10 +382,8 @@ struct Ring {
 }
 
 impl Ring {
-    /// Which of the CPU's two rings this is: `LAST_IN_FAST` or `LAST_IN_SPILL`. Read from
-    /// the ring's own `spill` (set only on fast rings), not known from the path that chose
-    /// the ring: a value the compiler knows per path made it compile everything after the
-    /// choice twice (a program a quarter larger, and slower per run).
+    /// Which of the CPU's two rings this is: `LAST_IN_FAST` or `LAST_IN_SPILL`, from the
+    /// ring's own `spill` (set only on fast rings).
     #[inline(always)]
     fn which(&self) -> u16 {
         // SAFETY: see `emit`.
@@ -436,7 +434,7 @@ fn write_record(
     };
     publish_header(ctx, seg, direction, &ring, ev, header);
     if !repeat {
-        unsafe { (*ctl).last = remember(seg, sent, ts_ns, captured, which) };
+        unsafe { (*ctl).last = remember(seg, sent, captured, which) };
     }
     Ok(())
 }
@@ -444,15 +442,9 @@ fn write_record(
 /// What `ctl.last` holds after a record with payload: the segment, unless its time came
 /// from the clock (a second run would read another time, so nothing would match it).
 #[inline(always)]
-fn remember(
-    seg: &Segment,
-    sent: Option<u64>,
-    ts_ns: u64,
-    captured: usize,
-    which: u16,
-) -> LastRecord {
+fn remember(seg: &Segment, sent: Option<u64>, captured: usize, which: u16) -> LastRecord {
     match sent {
-        Some(_) => LastRecord {
+        Some(ts_ns) => LastRecord {
             ts_ns,
             seq: seg.seq,
             ack: seg.ack,

@@ -311,29 +311,26 @@ impl PacketRings {
             }
             let c = ring as usize;
             let n = self.tails[c];
-            let original = match self.read_slot(ring, n) {
-                Slot::Original(mut p) => {
-                    out.records += 1;
-                    p.header.ts_ns = ts;
-                    sink(p);
-                    true
-                }
-                Slot::Repeat(mut p) => {
-                    out.records += 1;
+            let (packet, original) = match self.read_slot(ring, n) {
+                Slot::Original(p) => (Some(p), true),
+                Slot::Repeat(p) => {
                     out.repeats += 1;
-                    p.header.ts_ns = ts;
-                    sink(p);
-                    false
+                    (Some(p), false)
                 }
                 Slot::Malformed => {
                     out.malformed += 1;
-                    false
+                    (None, false)
                 }
                 Slot::Unresolved => {
                     out.unresolved_repeats += 1;
-                    false
+                    (None, false)
                 }
             };
+            if let Some(mut p) = packet {
+                out.records += 1;
+                p.header.ts_ns = ts;
+                sink(p);
+            }
             if original {
                 self.originals[c].n = Some(n);
             }
@@ -364,25 +361,29 @@ impl PacketRings {
             return Packet::from_slot(slot).map_or(Slot::Malformed, Slot::Original);
         }
         match self.original(ring) {
-            Some((header, payload)) if same_segment(&slot.header, header) => Slot::Repeat(Packet {
-                header: slot.header,
-                payload,
-            }),
+            Some(original) if same_segment(&slot.header, &original.header) => {
+                Slot::Repeat(Packet {
+                    header: slot.header,
+                    payload: original.payload,
+                })
+            }
             _ => Slot::Unresolved,
         }
     }
 
     /// `ring`'s last record with payload, from its slot while that is not freed, else
     /// from the copy taken when it was.
-    fn original(&self, ring: u32) -> Option<(&PacketHeader, &[u8])> {
+    fn original(&self, ring: u32) -> Option<Packet<'_>> {
         let c = ring as usize;
         let o = &self.originals[c];
         let n = o.n?;
         if n >= self.freed[c] {
-            let p = self.slot(ring, n);
-            return Some((&p.header, p.head.get(..p.header.captured_len as usize)?));
+            return Packet::from_slot(self.slot(ring, n));
         }
-        (o.saved_n == Some(n)).then_some((&o.saved_header, &o.saved_payload[..]))
+        (o.saved_n == Some(n)).then_some(Packet {
+            header: o.saved_header,
+            payload: &o.saved_payload,
+        })
     }
 
     /// Copies `ring`'s last record with payload before its slot is freed (one copy per
