@@ -68,13 +68,17 @@ struct Cli {
     #[arg(long, value_parser = humantime::parse_duration)]
     stitch_duration: Option<Duration>,
     /// Overhead benchmark: rounds (each one run without and one with the collector, per
-    /// client placement). Default 11: one round's ratio moves by several points on a
-    /// shared machine, and 11 is the smallest count whose median interval at ≥ 90 %
-    /// leaves out the two lowest and two highest rounds ([3rd, 9th] at 93.5 %); 5 rounds
-    /// only give [lowest, highest]. About 10 minutes for both placements.
+    /// client placement). Default 31, the median interval at ≥ 90 % is then [11th, 21st]
+    /// (92.9 %); 11 rounds give [3rd, 9th], 5 only [lowest, highest]. About 7 minutes for
+    /// both placements.
     #[arg(long)]
     overhead_rounds: Option<u32>,
-    /// Overhead benchmark: length of each run.
+    /// Overhead benchmark: length of each run (default 3 s). Short runs, many rounds: a
+    /// shared VM's speed moves in phases of seconds to tens of seconds (back-to-back 1 s
+    /// runs without the collector: 58–59k req/s for 6 s, then 68–72k), and a run pair
+    /// that straddles a change moves its ratio by up to the change. With 11 rounds of
+    /// 10 s the ratio's 93 % interval was 0.03–0.19 wide; with 31 rounds of 3 s, in less
+    /// time, 0.017–0.018.
     #[arg(long, value_parser = humantime::parse_duration)]
     overhead_round: Option<Duration>,
     /// Overhead benchmark: where h2load runs: in a traced client pod (both halves of each
@@ -175,12 +179,8 @@ fn main() -> ExitCode {
                     &overhead::OverheadArgs {
                         rounds: cli
                             .overhead_rounds
-                            .unwrap_or(if cli.quick { 2 } else { 11 }),
-                        round: cli.overhead_round.unwrap_or(if cli.quick {
-                            Duration::from_secs(5)
-                        } else {
-                            Duration::from_secs(10)
-                        }),
+                            .unwrap_or(if cli.quick { 2 } else { 31 }),
+                        round: cli.overhead_round.unwrap_or(Duration::from_secs(3)),
                         threads: overhead_threads,
                         connections: cli.overhead_connections.unwrap_or(16 * overhead_threads),
                         placements: cli.overhead_client.placements(),
