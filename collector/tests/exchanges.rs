@@ -82,16 +82,35 @@ fn thousand_requests_through_a_cluster_ip_are_seen_on_both_nodes_with_the_same_s
     let (diag_a, diag_b) = (diag(node_a), diag(node_b));
     let client_side = exchanges_by_path(&a.stdout_text());
     let server_side = exchanges_by_path(&b.stdout_text());
+    // Which requests a side lacks, and what it printed for the ones sent just before and
+    // after them: a rare miss is then explained by its neighbours' seqs and times.
+    let missing = |side: &HashMap<String, Vec<Value>>| {
+        let at: Vec<usize> = (0..REQUESTS)
+            .filter(|&i| !side.contains_key(&paths[i]))
+            .collect();
+        let near = at
+            .iter()
+            .flat_map(|&i| i.saturating_sub(1)..(i + 2).min(REQUESTS))
+            .filter_map(|i| side.get(&paths[i]))
+            .flatten()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let names: Vec<&str> = at.iter().map(|&i| paths[i].as_str()).collect();
+        format!("missing {names:?}; their neighbours:\n{near}")
+    };
     assert_eq!(
         client_side.values().map(Vec::len).sum::<usize>(),
         REQUESTS,
-        "node A: {diag_a}\n{}",
+        "node A: {}\n{diag_a}\n{}",
+        missing(&client_side),
         a.stderr_text()
     );
     assert_eq!(
         server_side.values().map(Vec::len).sum::<usize>(),
         REQUESTS,
-        "node B: {diag_b}\n{}",
+        "node B: {}\n{diag_b}\n{}",
+        missing(&server_side),
         b.stderr_text()
     );
 
