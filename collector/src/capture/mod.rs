@@ -150,7 +150,7 @@ impl Capture {
 
     fn read(&mut self, watermark: u64, mut sink: impl FnMut(Captured<'_>)) {
         let offset = self.clock.refresh();
-        let read = self.packets.read(watermark, |event| {
+        let read = self.packets.read(watermark, monotonic_nanos, |event| {
             let wall_unix_nanos = event.header.ts_ns.saturating_add_signed(offset);
             sink(Captured::Packet {
                 event,

@@ -13,9 +13,15 @@
 //! little before the time the read started. A record's time is when its segment was sent,
 //! or when the classifier ran (see the classifiers' `send_time`): either way before it
 //! was published, and a response is sent only after its request passed a classifier, so
-//! a response never sorts before its request. A time later than the read itself is a
-//! pacing sender's departure time: such a record is read at once, as if stamped at the
-//! watermark, rather than holding up its CPU's ring until then.
+//! a response never sorts before its request.
+//!
+//! A time later than the moment its record was known to be published is a pacing
+//! sender's departure time. Such a record sorts as of that moment (the clock read right
+//! after the read took the rings' heads, or the previous read's for a record that was
+//! already there then), so it waits at most one read, not until its time. Only that
+//! moment is safe: a record sent after the read began, while the reader was preempted
+//! before taking the heads, is not paced, and treating it as such let a response
+//! overtake its request that still waited for the watermark.
 //!
 //! Repeats: a segment between two pods of the node passes both pods' veths, one run right
 //! after the other on one CPU; the second record is a `RECORD_REPEAT` with no payload of
@@ -149,14 +155,11 @@ fn skb_send_time() -> &'static u8 {
     }
 }
 
-/// Where a record stamped `ts` sorts in a read up to `watermark`, and the time it is read
-/// with: its own, unless that is later than the read itself (see the module doc).
-fn merge_time(ts: u64, watermark: u64) -> u64 {
-    if ts > watermark.saturating_add(WATERMARK_MARGIN_NANOS) {
-        watermark
-    } else {
-        ts
-    }
+/// Where a record stamped `ts` sorts, and the time it is read with: its own, unless that
+/// is later than `published_by`, a time when the record was known to be published (see
+/// the module doc).
+fn merge_time(ts: u64, published_by: u64) -> u64 {
+    ts.min(published_by)
 }
 
 /// What one read saw.
@@ -181,6 +184,10 @@ pub struct PacketRings {
     /// Per ring: the next record to read (what we last stored into `tail`).
     tails: Vec<u64>,
     heads: Vec<u64>,
+    /// Per ring: `head` as the previous read took it, and the monotonic time right after
+    /// (`seen_at`): every record before it was published by then.
+    seen: Vec<u64>,
+    seen_at: u64,
     /// Per ring: `tail` as the kernel knows it. Slots from here on are not yet its to
     /// write again.
     freed: Vec<u64>,
@@ -271,6 +278,8 @@ impl PacketRings {
             layout,
             tails: vec![0; rings_n],
             heads: vec![0; rings_n],
+            seen: vec![0; rings_n],
+            seen_at: 0,
             freed: vec![0; rings_n],
             originals: (0..rings_n).map(|_| Original::default()).collect(),
             merge: BinaryHeap::with_capacity(rings_n),
@@ -281,6 +290,7 @@ impl PacketRings {
             // as the kernel writes nothing before it is set.
             let head = rings.head(ring).load(Ordering::Acquire);
             rings.tails[ring as usize] = head;
+            rings.seen[ring as usize] = head;
             rings.freed[ring as usize] = head;
             rings.tail(ring).store(head, Ordering::Release);
             let place = layout.place(ring);
@@ -294,15 +304,26 @@ impl PacketRings {
 
     /// Hands every record stamped up to `watermark` (monotonic ns) to `sink`, oldest first
     /// over all rings, then frees their slots for the kernel. `u64::MAX`: everything.
-    pub fn read(&mut self, watermark: u64, mut sink: impl FnMut(Packet<'_>)) -> RingRead {
+    ///
+    /// `clock` gives the monotonic time; it is read once, right after the heads.
+    pub fn read(
+        &mut self,
+        watermark: u64,
+        clock: impl FnOnce() -> u64,
+        mut sink: impl FnMut(Packet<'_>),
+    ) -> RingRead {
         let mut out = RingRead::default();
         self.merge.clear();
         for ring in 0..self.layout.rings() {
-            let head = self.head(ring).load(Ordering::Acquire);
-            self.heads[ring as usize] = head;
-            if head != self.tails[ring as usize] {
-                let ts = self.slot(ring, self.tails[ring as usize]).header.ts_ns;
-                self.merge.push(Reverse((merge_time(ts, watermark), ring)));
+            self.heads[ring as usize] = self.head(ring).load(Ordering::Acquire);
+        }
+        // After the heads: every record before them was published, so sent, by now.
+        let now = clock();
+        for ring in 0..self.layout.rings() {
+            let c = ring as usize;
+            if self.heads[c] != self.tails[c] {
+                let ts = self.sort_time(ring, self.tails[c], now);
+                self.merge.push(Reverse((ts, ring)));
             }
         }
         while let Some(Reverse((ts, ring))) = self.merge.pop() {
@@ -339,11 +360,12 @@ impl PacketRings {
                 self.prefetch(ring, self.tails[c] + 1);
             }
             if self.tails[c] != self.heads[c] {
-                let next = self.slot(ring, self.tails[c]).header.ts_ns;
-                self.merge
-                    .push(Reverse((merge_time(next, watermark), ring)));
+                let next = self.sort_time(ring, self.tails[c], now);
+                self.merge.push(Reverse((next, ring)));
             }
         }
+        self.seen.copy_from_slice(&self.heads);
+        self.seen_at = now;
         for ring in 0..self.layout.rings() {
             self.save_original(ring);
             // The kernel may reuse the slots only once we are done with them.
@@ -352,6 +374,16 @@ impl PacketRings {
             self.tail(ring).store(self.tails[c], Ordering::Release);
         }
         out
+    }
+
+    /// Where record `n` of `ring` sorts in a read whose clock said `now` after taking the
+    /// heads (see [`merge_time`]).
+    fn sort_time(&self, ring: u32, n: u64, now: u64) -> u64 {
+        let published_by = match n < self.seen[ring as usize] {
+            true => self.seen_at,
+            false => now,
+        };
+        merge_time(self.slot(ring, n).header.ts_ns, published_by)
     }
 
     /// The record in `ring`'s slot `n` (published, unread).
@@ -630,11 +662,24 @@ mod tests {
         got.iter().map(|(t, _)| *t).collect()
     }
 
+    /// A read up to `watermark` that took the heads right when it began (`watermark` +
+    /// the margin).
     fn read_all(r: &mut PacketRings, watermark: u64) -> (Vec<(u64, Vec<u8>)>, RingRead) {
+        read_at(
+            r,
+            watermark,
+            watermark.saturating_add(WATERMARK_MARGIN_NANOS),
+        )
+    }
+
+    /// A read up to `watermark` whose clock said `now` after it took the heads.
+    fn read_at(r: &mut PacketRings, watermark: u64, now: u64) -> (Vec<(u64, Vec<u8>)>, RingRead) {
         let mut got = Vec::new();
-        let read = r.read(watermark, |p| {
-            got.push((p.header.ts_ns, p.payload.to_vec()))
-        });
+        let read = r.read(
+            watermark,
+            || now,
+            |p| got.push((p.header.ts_ns, p.payload.to_vec())),
+        );
         (got, read)
     }
 
@@ -685,27 +730,52 @@ mod tests {
     }
 
     #[test]
-    fn a_record_stamped_after_the_read_is_read_at_once_as_of_the_watermark() {
+    fn a_paced_record_waits_one_read_not_until_its_time() {
         let mut r = rings(2, 8);
         let watermark = 1_000_000_000;
-        let future = watermark + WATERMARK_MARGIN_NANOS + 1;
+        let now = watermark + WATERMARK_MARGIN_NANOS;
         let recent = watermark + 1;
         write_each(
             &r,
             &[
                 (0, 10, b"GET /1"),
-                (0, future + 5_000_000_000, b"GET /paced"),
+                (0, now + 5_000_000_000, b"GET /paced"),
                 (0, 20, b"GET /2"),
                 (1, 15, b"HTTP/1.1 200"),
                 (1, recent, b"HTTP/1.1 204"),
             ],
         );
-        let (got, _) = read_all(&mut r, watermark);
-        // The paced record does not hold up CPU 0's ring; a recent one still waits.
-        assert_eq!(timestamps(&got), [10, 15, watermark, 20]);
-        assert_eq!(got[2].1, b"GET /paced");
-        let (got, _) = read_all(&mut r, u64::MAX);
-        assert_eq!(timestamps(&got), [recent]);
+        let (got, _) = read_at(&mut r, watermark, now);
+        // Seen now, the paced record sorts as of now: after the watermark, like a recent one.
+        assert_eq!(timestamps(&got), [10, 15]);
+        // The next read, 5 ms on, takes it as of the first read's clock, in order with the
+        // recent one, and CPU 0's ring goes on behind it.
+        let next = now + 5_000_000;
+        let (got, _) = read_at(&mut r, next - WATERMARK_MARGIN_NANOS, next);
+        assert_eq!(timestamps(&got), [recent, now, 20]);
+        assert_eq!(got[1].1, b"GET /paced");
+    }
+
+    #[test]
+    fn a_record_sent_after_the_read_began_does_not_overtake_one_sent_before() {
+        // The reader took its clock for the watermark, then was preempted before it took
+        // the heads: meanwhile a request went out (CPU 0) and its response came back
+        // (CPU 1), both stamped after the watermark, the response after the clock read.
+        let mut r = rings(2, 8);
+        let watermark = 1_000_000_000;
+        let began = watermark + WATERMARK_MARGIN_NANOS;
+        let (request, response) = (watermark + 100_000, began + 200_000);
+        write(&r, 0, request, b"GET /1");
+        write(&r, 1, response, b"HTTP/1.1 200");
+        let (got, _) = read_at(&mut r, watermark, began + 500_000);
+        assert_eq!(
+            timestamps(&got),
+            [] as [u64; 0],
+            "both wait for the watermark"
+        );
+        let next = began + 5_000_000;
+        let (got, _) = read_at(&mut r, next - WATERMARK_MARGIN_NANOS, next);
+        assert_eq!(timestamps(&got), [request, response]);
     }
 
     #[test]
@@ -810,9 +880,11 @@ mod tests {
     /// (interface, timestamp, payload) of every record read.
     fn read_with_interfaces(r: &mut PacketRings) -> (Vec<(u32, u64, Vec<u8>)>, RingRead) {
         let mut got = Vec::new();
-        let read = r.read(u64::MAX, |p| {
-            got.push((p.header.ifindex, p.header.ts_ns, p.payload.to_vec()))
-        });
+        let read = r.read(
+            u64::MAX,
+            || u64::MAX,
+            |p| got.push((p.header.ifindex, p.header.ts_ns, p.payload.to_vec())),
+        );
         (got, read)
     }
 
