@@ -77,8 +77,8 @@ struct Cli {
     /// shared VM's speed moves in phases of seconds to tens of seconds (back-to-back 1 s
     /// runs without the collector: 58–59k req/s for 6 s, then 68–72k), and a run pair
     /// that straddles a change moves its ratio by up to the change. With 11 rounds of
-    /// 10 s the ratio's 93 % interval was 0.03–0.25 wide (median 0.10, 12 runs); with 31
-    /// rounds of 3 s, in less time, 0.017–0.054 (6 runs).
+    /// 10 s the ratio's 93 % interval was 0.03–0.25 wide (median 0.10; 6 runs, 12
+    /// intervals); with 31 rounds of 3 s, in less time, 0.017–0.054 (3 runs, 6 intervals).
     #[arg(long, value_parser = humantime::parse_duration)]
     overhead_round: Option<Duration>,
     /// Overhead benchmark: where h2load runs: in a traced client pod (both halves of each
