@@ -155,13 +155,6 @@ fn skb_send_time() -> &'static u8 {
     }
 }
 
-/// Where a record stamped `ts` sorts, and the time it is read with: its own, unless that
-/// is later than `published_by`, a time when the record was known to be published (see
-/// the module doc).
-fn merge_time(ts: u64, published_by: u64) -> u64 {
-    ts.min(published_by)
-}
-
 /// What one read saw.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RingRead {
@@ -377,13 +370,14 @@ impl PacketRings {
     }
 
     /// Where record `n` of `ring` sorts in a read whose clock said `now` after taking the
-    /// heads (see [`merge_time`]).
+    /// heads, and the time it is read with: its own, unless that is later than a time by
+    /// which it was known to be published (see the module doc).
     fn sort_time(&self, ring: u32, n: u64, now: u64) -> u64 {
         let published_by = match n < self.seen[ring as usize] {
             true => self.seen_at,
             false => now,
         };
-        merge_time(self.slot(ring, n).header.ts_ns, published_by)
+        self.slot(ring, n).header.ts_ns.min(published_by)
     }
 
     /// The record in `ring`'s slot `n` (published, unread).
