@@ -865,6 +865,54 @@ fn close_ends_pending_requests_after_the_grace() {
     );
 }
 
+/// Connection events are handed on as soon as their ring buffer wakes the collector,
+/// packet records only after the watermark: the close of a keep-alive connection often
+/// arrives before its last exchange. That exchange still pairs, with the connection's id.
+#[test]
+fn a_close_read_before_the_last_exchange_of_its_connection_loses_nothing() {
+    let req = b"GET /k HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (q, r) = (req.len() as u32, OK_5.len() as u32);
+    for close_after_request in [false, true] {
+        let mut p = parser();
+        let earlier = keep_alive(&mut p, 2, None);
+        let (cseq, sseq) = (100 + 2 * q, 9000 + 2 * r);
+        let t = T0 + 30 * MS;
+        let close = conn_ev(TCP_ESTABLISHED, TCP_CLOSE, POD, SVC);
+        if !close_after_request {
+            p.on_conn(&close, t + 5 * MS);
+        }
+        assert!(
+            p.on_packet(&pkt(DIR_FROM_POD, POD, SVC, cseq, sseq, req), t, "v")
+                .is_none()
+        );
+        if close_after_request {
+            p.on_conn(&close, t + 5 * MS);
+        }
+        let last = p.on_packet(
+            &pkt(DIR_TO_POD, SVC, POD, sseq, cseq + q, OK_5),
+            t + MS,
+            "v",
+        );
+        let last = last
+            .unwrap_or_else(|| panic!("close after request {close_after_request}: no exchange"));
+        assert_eq!((last.request_seq, last.response_seq), (cseq, sseq));
+        assert_eq!(last.connection_id, earlier[0].connection_id);
+        let s = p.stats();
+        assert_eq!(
+            (
+                s.unanswered_requests,
+                s.unmatched_responses,
+                s.retransmitted_requests,
+                s.pending_requests
+            ),
+            (0, 0, 0, 0),
+            "close after request {close_after_request}"
+        );
+        p.expire(t + 10_000 * MS);
+        assert_eq!(p.stats().unanswered_requests, 0);
+    }
+}
+
 #[test]
 fn close_without_grace_drops_at_once_and_a_reused_tuple_starts_afresh() {
     let mut p = Parser::new(ParseConfig {
