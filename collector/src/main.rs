@@ -162,7 +162,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = sigint.recv() => Wake::Stop("SIGINT"),
             ev = watcher.next() => Wake::Link(ev),
             res = capture.drain(|c| pipeline.on_captured(c)) => { res?; continue; }
-            _ = drain_tick.tick() => { capture.drain_now(|c| pipeline.on_captured(c)); continue; }
+            _ = drain_tick.tick() => {
+                capture.drain_now(|c| pipeline.on_captured(c));
+                pipeline.flush_output();
+                continue;
+            }
             _ = tick.tick() => Wake::Tick,
         };
         match wake {
@@ -194,6 +198,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     attacher.shutdown().await;
     // Drain what the kernel still holds, then let the shipper deliver.
     capture.drain_all(|c| pipeline.on_captured(c));
+    pipeline.flush_output();
     shipper.shutdown().await;
     info!("stopped");
     Ok(())

@@ -79,6 +79,13 @@ impl Pipeline {
         }
     }
 
+    /// Hands on the printed lines of the events handled so far (call it after each batch).
+    pub fn flush_output(&mut self) {
+        if let Err(e) = self.printer.flush() {
+            log_print_failure(&mut self.print_failed, &e);
+        }
+    }
+
     /// The parse stage's counters so far.
     pub fn parse_stats(&self) -> ParseStats {
         self.parser.stats()
@@ -208,14 +215,18 @@ fn deliver(
     sender: &EventSender,
     ex: Box<Exchange>,
 ) -> Option<Box<Exchange>> {
-    if let Err(e) = printer.print(&ex)
-        && !*print_failed
-    {
-        // Logged once: a closed stdout would otherwise flood the log.
+    if let Err(e) = printer.print(&ex) {
+        log_print_failure(print_failed, &e);
+    }
+    sender.try_send(Event::Exchange(ex))
+}
+
+/// Logged once: a closed stdout would otherwise flood the log.
+fn log_print_failure(print_failed: &mut bool, e: &std::io::Error) {
+    if !*print_failed {
         warn!("printing exchanges failed, further failures are not logged: {e}");
         *print_failed = true;
     }
-    sender.try_send(Event::Exchange(ex))
 }
 
 fn parse_counters(p: &ParseStats) -> Vec<(&'static str, u64)> {
