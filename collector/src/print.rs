@@ -124,9 +124,12 @@ impl Printer {
         }
     }
 
-    /// Writes the buffered lines.
+    /// Writes the buffered lines (nothing to do, not even a lock of stdout, when off).
     pub fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        match self.mode {
+            PrintMode::Off => Ok(()),
+            PrintMode::Text | PrintMode::Json => self.out.flush(),
+        }
     }
 }
 
