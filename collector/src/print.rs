@@ -175,8 +175,8 @@ struct JsonExchange<'a> {
     method: &'a str,
     path: &'a str,
     status: u32,
-    client: String,
-    server: String,
+    client: Ep<'a>,
+    server: Ep<'a>,
     request_seq: u32,
     response_seq: u32,
     start_unix_nanos: u64,
@@ -212,8 +212,8 @@ fn json_exchange<'a>(ex: &'a Exchange, node: &'a str) -> JsonExchange<'a> {
         method: &ex.method,
         path: &ex.path,
         status: ex.status,
-        client: endpoint_str(ex.client.as_ref()),
-        server: endpoint_str(ex.server.as_ref()),
+        client: Ep(ex.client.as_ref()),
+        server: Ep(ex.server.as_ref()),
         request_seq: ex.request_seq,
         response_seq: ex.response_seq,
         start_unix_nanos: ex.start_unix_nanos,
@@ -231,10 +231,6 @@ fn json_exchange<'a>(ex: &'a Exchange, node: &'a str) -> JsonExchange<'a> {
         tid: ex.tid,
         node,
     }
-}
-
-fn endpoint_str(ep: Option<&Endpoint>) -> String {
-    Ep(ep).to_string()
 }
 
 /// `ip:port` (`[ip]:port` for IPv6); `?` for an address that is neither 4 nor 16 bytes.
@@ -256,6 +252,13 @@ impl fmt::Display for Ep<'_> {
             _ => return write!(f, "?:{port}"),
         };
         write!(f, "{}", SocketAddr::new(ip, port))
+    }
+}
+
+/// In JSON, the same text as a string, formatted where it is written.
+impl Serialize for Ep<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -419,23 +422,24 @@ mod tests {
         assert!(text_line(&ex, "n").contains("[?:1]->"));
     }
 
-    /// Keeps what is written, and counts the writes.
+    /// Keeps what is written (the bytes, and how many writes brought them).
     #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>, Arc<Mutex<usize>>);
+    struct Sink(Arc<Mutex<(Vec<u8>, usize)>>);
 
     impl Sink {
         fn text(&self) -> String {
-            String::from_utf8(self.0.lock().expect("lock").clone()).expect("utf8")
+            String::from_utf8(self.0.lock().expect("lock").0.clone()).expect("utf8")
         }
         fn writes(&self) -> usize {
-            *self.1.lock().expect("lock")
+            self.0.lock().expect("lock").1
         }
     }
 
     impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().expect("sink lock").extend_from_slice(buf);
-            *self.1.lock().expect("sink lock") += 1;
+            let mut kept = self.0.lock().expect("sink lock");
+            kept.0.extend_from_slice(buf);
+            kept.1 += 1;
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
