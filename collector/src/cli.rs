@@ -29,9 +29,9 @@ pub struct Cli {
     pub tc_backend: TcBackendArg,
 
     /// Print exchanges locally: `off`, `text` or `json` (one object per line). Written by
-    /// the collector's one thread after each read of the rings (every 5 ms): a stdout that
-    /// blocks (a pipe nobody reads) stalls capture, shipping and /healthz with it. A
-    /// debugging aid.
+    /// the collector's one thread after each read of the rings (every 5 ms under traffic):
+    /// a stdout that blocks (a pipe nobody reads) stalls capture, shipping and /healthz
+    /// with it. A debugging aid.
     #[arg(long, env = "WEFT_PRINT", value_enum, default_value_t = PrintMode::Off)]
     pub print: PrintMode,
 

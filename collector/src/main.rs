@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 use weft_collector::{
     attach::{
@@ -12,7 +13,7 @@ use weft_collector::{
         links::{self, InterfaceFilter, LinkEvent, LinkWatcher},
         tracefs,
     },
-    capture::{Capture, ring::RingLayout},
+    capture::{Capture, pace::ReadPace, ring::RingLayout},
     cli::Cli,
     metrics::{self, Metrics},
     parse::ParseConfig,
@@ -150,9 +151,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // The packet rings wake nobody: this timer reads them.
-    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
-    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The packet rings wake nobody: this timer reads them, on the schedule of `pace`.
+    let mut pace = ReadPace::new(capture.slots_per_cpu());
+    metrics.record_read_interval(pace.interval());
+    let read_timer = tokio::time::sleep(pace.interval());
+    tokio::pin!(read_timer);
     info!(node = %node_name, "running");
     loop {
         // Each branch only says what happened; the work is done below, where nothing else
@@ -162,9 +165,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = sigint.recv() => Wake::Stop("SIGINT"),
             ev = watcher.next() => Wake::Link(ev),
             res = capture.drain(|c| pipeline.on_captured(c)) => { res?; continue; }
-            _ = drain_tick.tick() => {
-                capture.drain_now(|c| pipeline.on_captured(c));
+            () = &mut read_timer => {
+                let (due, woke) = (read_timer.deadline(), Instant::now());
+                let found = capture.drain_now(|c| pipeline.on_captured(c));
                 pipeline.flush_output();
+                let interval = pace.interval();
+                read_timer.as_mut().reset(pace.after_read(due, woke, found));
+                if pace.interval() != interval {
+                    metrics.record_read_interval(pace.interval());
+                }
                 continue;
             }
             _ = tick.tick() => Wake::Tick,
@@ -203,11 +212,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     info!("stopped");
     Ok(())
 }
-
-/// How often the packet rings are read: in batches, one context switch per tick. An event
-/// waits at most this plus `ring::WATERMARK_MARGIN_NANOS`; a CPU's ring holds far longer
-/// (see `capture::ring`).
-const DRAIN_INTERVAL: Duration = Duration::from_millis(5);
 
 enum Wake {
     Stop(&'static str),

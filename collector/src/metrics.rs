@@ -60,6 +60,7 @@ pub struct Metrics {
     connections: Counter,
     stages: Family<Labels, Counter>,
     ship_queue: Gauge,
+    read_interval: Gauge<f64, AtomicU64>,
     program_run_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     program_runs: Family<Labels, Counter>,
     /// When the capture loop last finished its periodic work (Unix seconds; 0 = not yet).
@@ -102,6 +103,7 @@ impl Metrics {
             connections: Counter::default(),
             stages: Family::default(),
             ship_queue: Gauge::default(),
+            read_interval: Gauge::default(),
             program_run_seconds: Family::default(),
             program_runs: Family::default(),
             last_tick: Default::default(),
@@ -122,6 +124,11 @@ impl Metrics {
                 "ship_queue_events",
                 "Events held for the stitcher now: sent and not yet acknowledged, waiting to be sent, not yet batched (bounded by --queue-max-events)",
                 m.ship_queue.clone(),
+            );
+            r.register(
+                "read_interval_seconds",
+                "Time between reads of the packet rings now: 0.005 while packet records come, up to a bound that the rings hold after 0.1 s without any",
+                m.read_interval.clone(),
             );
             r.register(
                 "events_read",
@@ -275,6 +282,10 @@ impl Metrics {
     }
 
     /// The shipper's queue depth now (a gauge, unlike the stage totals).
+    pub fn record_read_interval(&self, interval: std::time::Duration) {
+        self.read_interval.set(interval.as_secs_f64());
+    }
+
     pub fn record_ship_queue(&self, events: usize) {
         self.ship_queue
             .set(i64::try_from(events).unwrap_or(i64::MAX));

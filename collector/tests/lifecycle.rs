@@ -1,6 +1,7 @@
 //! Acceptance tests of attaching and detaching on real veths in harness clusters (issue 3):
 //! the chain continues after our classifiers (TCX and netlink), the Cilium rules, clean-up
-//! after SIGTERM and after SIGKILL, new pods are followed, and bad traffic is counted.
+//! after SIGTERM and after SIGKILL, new pods are followed, and bad traffic is counted; an
+//! idle reader backs off and loses nothing when traffic returns.
 //! Needs root (network namespaces, BPF).
 
 mod common;
@@ -536,4 +537,74 @@ fn bpf_stats_time_every_program_run() {
         "run-time series without --bpf-stats:\n{text}"
     );
     untimed.stop(Duration::from_secs(5)).unwrap();
+}
+
+/// The value of one metric line as a float (gauges in seconds); `None` when absent.
+fn gauge(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == series).then(|| v.parse().ok())?
+    })
+}
+
+/// An idle reader backs off (reads the rings less often than every 5 ms), returns to 5 ms
+/// as soon as records come, and loses nothing of the burst that ends the quiet spell.
+#[test]
+fn an_idle_reader_backs_off_and_the_burst_that_wakes_it_loses_nothing() {
+    const REQUESTS: usize = 4_000;
+    const BASE: f64 = 0.005;
+    const INTERVAL: &str = "weft_collector_read_interval_seconds";
+    let t = traced_node(&[]);
+    let (cluster, node, addr) = (&t.cluster, t.node.as_str(), t.server);
+    let client = cluster.pod("client").netns().to_owned();
+    let interval = || gauge(&scrape(cluster, node), INTERVAL);
+    let backed_off = || interval().is_some_and(|i| i > BASE);
+    assert!(
+        wait_for(Duration::from_secs(3), backed_off),
+        "the idle reader did not back off: {:?}",
+        interval()
+    );
+
+    let paths: Vec<String> = (0..REQUESTS).map(|i| format!("/burst/{i}")).collect();
+    let mut seen = Vec::new();
+    let sent = std::thread::scope(|s| {
+        let burst = s.spawn(|| {
+            paths
+                .chunks(REQUESTS / 4)
+                .flat_map(|chunk| http_requests(cluster, &client, addr, chunk, true))
+                .count()
+        });
+        // Bounded by the burst (whose requests time out after 5 s each).
+        while !burst.is_finished() {
+            seen.extend(interval());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        burst.join()
+    });
+    assert_eq!(sent.expect("requests"), REQUESTS);
+    assert!(
+        seen.contains(&BASE),
+        "the reader never returned to 5 ms during the burst: {seen:?}"
+    );
+
+    // Both halves of every request (client and server pod are on this node).
+    let want = 2 * REQUESTS as u64;
+    let exchanges = || metric(&scrape(cluster, node), "weft_collector_exchanges_total");
+    assert!(
+        wait_for(Duration::from_secs(5), || exchanges() >= want),
+        "{} of {want} exchanges",
+        exchanges()
+    );
+    let text = scrape(cluster, node);
+    assert_eq!(metric(&text, "weft_collector_exchanges_total"), want);
+    assert_eq!(
+        metric(&text, r#"weft_collector_ring_drops_total{ring="packets"}"#),
+        0,
+        "{text}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(3), backed_off),
+        "the reader did not back off again after the burst: {:?}",
+        interval()
+    );
 }

@@ -1,11 +1,12 @@
 //! Capture: reads what the kernel programs wrote.
 //!
-//! In: the per-CPU packet rings ([`ring`]: read on the caller's short timer), the
+//! In: the per-CPU packet rings ([`ring`]: read on the caller's timer, paced by [`pace`]), the
 //! `WEFT_CONNS` ring buffer (woken by tokio `AsyncFd`) and the per-CPU `WEFT_COUNTERS`.
 //! Out: `Captured` events (a [`Packet`]: the kernel's header copied out of its slot and the
 //! payload head borrowed in place; or a `ConnEvent`), with the monotonic kernel timestamp
 //! converted to wall-clock Unix nanoseconds, and the summed kernel counters.
 
+pub mod pace;
 pub mod ring;
 
 use std::mem::size_of;
@@ -125,7 +126,7 @@ impl Capture {
     /// to `sink`. Cancel-safe: nothing is consumed before the wait completes.
     ///
     /// The packet rings wake nobody (a wakeup per record would cost more than the record):
-    /// the caller must call [`Capture::drain_now`] on a short timer.
+    /// the caller must call [`Capture::drain_now`] on a timer ([`pace::ReadPace`]).
     pub async fn drain(&mut self, mut sink: impl FnMut(Captured<'_>)) -> anyhow::Result<()> {
         let mut guard = self.conns.readable_mut().await?;
         let offset = self.clock.refresh();
@@ -136,10 +137,12 @@ impl Capture {
 
     /// Hands every event available now to `sink`, without waiting: the packet records
     /// stamped until shortly before now (see [`ring`]), in time order, then the
-    /// connection events.
-    pub fn drain_now(&mut self, sink: impl FnMut(Captured<'_>)) {
+    /// connection events. Returns how many packet records it found: handed on, skipped,
+    /// or published too recently and left for the next read (what [`pace::ReadPace`]
+    /// goes by).
+    pub fn drain_now(&mut self, sink: impl FnMut(Captured<'_>)) -> u64 {
         let watermark = monotonic_nanos().saturating_sub(ring::WATERMARK_MARGIN_NANOS);
-        self.read(watermark, sink);
+        self.read(watermark, sink)
     }
 
     /// Hands every event the kernel has published to `sink` (at shutdown, after the
@@ -148,7 +151,12 @@ impl Capture {
         self.read(u64::MAX, sink);
     }
 
-    fn read(&mut self, watermark: u64, mut sink: impl FnMut(Captured<'_>)) {
+    /// The slots of each CPU's packet rings, fast and spill together.
+    pub fn slots_per_cpu(&self) -> u64 {
+        self.packets.slots_per_cpu()
+    }
+
+    fn read(&mut self, watermark: u64, mut sink: impl FnMut(Captured<'_>)) -> u64 {
         let offset = self.clock.refresh();
         let read = self.packets.read(watermark, monotonic_nanos, |event| {
             let wall_unix_nanos = event.header.ts_ns.saturating_add_signed(offset);
@@ -162,6 +170,7 @@ impl Capture {
         self.stats.repeats += read.repeats;
         self.stats.unresolved_repeats += read.unresolved_repeats;
         read_conns(self.conns.get_mut(), &mut self.stats, offset, &mut sink);
+        read.found()
     }
 
     /// The kernel counters summed over all CPUs, indexed by `Counter`.

@@ -175,6 +175,15 @@ pub struct RingRead {
     /// `RECORD_REPEAT` records whose record was not there to repeat (skipped): read before
     /// this reader started, or malformed, or not the same segment.
     pub unresolved_repeats: u64,
+    /// Records published but stamped after the watermark: left for the next read.
+    pub waiting: u64,
+}
+
+impl RingRead {
+    /// Every record the read came upon: handed on, skipped, or left waiting.
+    pub fn found(&self) -> u64 {
+        self.records + self.malformed + self.unresolved_repeats + self.waiting
+    }
 }
 
 /// The rings of every CPU, mapped.
@@ -373,8 +382,14 @@ impl PacketRings {
             let c = ring as usize;
             self.freed[c] = self.tails[c];
             self.tail(ring).store(self.tails[c], Ordering::Release);
+            out.waiting += self.heads[c] - self.tails[c];
         }
         out
+    }
+
+    /// The slots of one CPU's rings, fast and spill together.
+    pub fn slots_per_cpu(&self) -> u64 {
+        self.layout.fast_slots + self.layout.spill_slots
     }
 
     /// Where record `n` of `ring` sorts in a read whose clock said `now` after taking the
@@ -723,12 +738,16 @@ mod tests {
                 (0, 60, b"GET /2"),
             ],
         );
-        let (got, _) = read_all(&mut r, 40);
+        let (got, read) = read_all(&mut r, 40);
         assert_eq!(timestamps(&got), [10]);
+        // The two left for later are what the read found besides (see `pace`).
+        assert_eq!((read.records, read.waiting, read.found()), (1, 2, 3));
         // A record published late but stamped before the waiting ones still sorts first.
         write(&r, 1, 55, b"GET /late");
-        let (got, _) = read_all(&mut r, u64::MAX);
+        let (got, read) = read_all(&mut r, u64::MAX);
         assert_eq!(timestamps(&got), [50, 55, 60]);
+        assert_eq!(read.waiting, 0);
+        assert_eq!(read_all(&mut r, u64::MAX).1.found(), 0, "nothing new");
     }
 
     #[test]
