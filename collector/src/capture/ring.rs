@@ -49,8 +49,9 @@ const GLOBAL_SKB_SEND_TIME: &str = "SKB_SEND_TIME";
 /// All CPUs' slots together take at most this much (more only at the per-CPU minimum, on
 /// nodes with over 40 CPUs). A 2-CPU node gets a spill ring of 8,192 slots per CPU: about
 /// 55 ms of HTTP segments at 150k per second on one CPU (a saturated 2-CPU node tracing
-/// both halves of pod-to-pod requests). The reader comes every 5 ms, but on a saturated
-/// node it can wait its turn for tens of milliseconds: 4,096 slots lost records in 2 of 5
+/// both halves of pod-to-pod requests). The reader comes every 5 ms (after a quiet spell,
+/// the first time up to a third of what the rings hold later: see `pace`), but on a
+/// saturated node it can wait its turn for tens of milliseconds: 4,096 slots lost records in 2 of 5
 /// such runs of the overhead benchmark. The fast ring in front of it has a quarter of
 /// that, at most `MAX_FAST_SLOTS` (see `RingControl`).
 const BUDGET_BYTES: usize = 16 * 1024 * 1024;
@@ -89,6 +90,11 @@ impl RingLayout {
         let cpus =
             aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
         Ok(Self::for_cpus(u32::try_from(cpus).context("CPU count")?))
+    }
+
+    /// The slots of one CPU's rings, fast and spill together.
+    pub fn slots_per_cpu(&self) -> u64 {
+        self.fast_slots + self.spill_slots
     }
 
     pub fn for_cpus(cpus: u32) -> Self {
@@ -389,7 +395,7 @@ impl PacketRings {
 
     /// The slots of one CPU's rings, fast and spill together.
     pub fn slots_per_cpu(&self) -> u64 {
-        self.layout.fast_slots + self.layout.spill_slots
+        self.layout.slots_per_cpu()
     }
 
     /// Where record `n` of `ring` sorts in a read whose clock said `now` after taking the
