@@ -152,7 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // The packet rings wake nobody: this timer reads them, on the schedule of `pace`.
-    let mut pace = ReadPace::new(capture.slots_per_cpu());
+    let mut pace = ReadPace::new(layout.slots_per_cpu());
     metrics.record_read_interval(pace.interval());
     let read_timer = tokio::time::sleep(pace.interval());
     tokio::pin!(read_timer);
@@ -169,11 +169,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let (due, woke) = (read_timer.deadline(), Instant::now());
                 let found = capture.drain_now(|c| pipeline.on_captured(c));
                 pipeline.flush_output();
-                let interval = pace.interval();
                 read_timer.as_mut().reset(pace.after_read(due, woke, found));
-                if pace.interval() != interval {
-                    metrics.record_read_interval(pace.interval());
-                }
+                metrics.record_read_interval(pace.interval());
                 continue;
             }
             _ = tick.tick() => Wake::Tick,

@@ -151,11 +151,6 @@ impl Capture {
         self.read(u64::MAX, sink);
     }
 
-    /// The slots of each CPU's packet rings, fast and spill together.
-    pub fn slots_per_cpu(&self) -> u64 {
-        self.packets.slots_per_cpu()
-    }
-
     fn read(&mut self, watermark: u64, mut sink: impl FnMut(Captured<'_>)) -> u64 {
         let offset = self.clock.refresh();
         let read = self.packets.read(watermark, monotonic_nanos, |event| {

@@ -51,8 +51,8 @@ const GLOBAL_SKB_SEND_TIME: &str = "SKB_SEND_TIME";
 /// 55 ms of HTTP segments at 150k per second on one CPU (a saturated 2-CPU node tracing
 /// both halves of pod-to-pod requests). The reader comes every 5 ms (after a quiet spell,
 /// the first time up to a third of what the rings hold later: see `pace`), but on a
-/// saturated node it can wait its turn for tens of milliseconds: 4,096 slots lost records in 2 of 5
-/// such runs of the overhead benchmark. The fast ring in front of it has a quarter of
+/// saturated node it can wait its turn for tens of milliseconds: 4,096 slots lost records
+/// in 2 of 5 such runs of the overhead benchmark. The fast ring in front of it has a quarter of
 /// that, at most `MAX_FAST_SLOTS` (see `RingControl`).
 const BUDGET_BYTES: usize = 16 * 1024 * 1024;
 const MIN_SLOTS: u64 = 512;
@@ -391,11 +391,6 @@ impl PacketRings {
             out.waiting += self.heads[c] - self.tails[c];
         }
         out
-    }
-
-    /// The slots of one CPU's rings, fast and spill together.
-    pub fn slots_per_cpu(&self) -> u64 {
-        self.layout.slots_per_cpu()
     }
 
     /// Where record `n` of `ring` sorts in a read whose clock said `now` after taking the
