@@ -133,11 +133,6 @@ impl Printer {
     }
 }
 
-/// The text form of one exchange (no trailing newline).
-pub fn text_line(ex: &Exchange, node: &str) -> String {
-    TextLine(ex, node).to_string()
-}
-
 /// An exchange's text line, formatted where it is written (no allocation per line).
 struct TextLine<'a>(&'a Exchange, &'a str);
 
@@ -193,11 +188,6 @@ struct JsonExchange<'a> {
     pid: u32,
     tid: u32,
     node: &'a str,
-}
-
-/// The JSON form of one exchange (no trailing newline); keys in the module doc.
-pub fn json_line(ex: &Exchange, node: &str) -> io::Result<String> {
-    serde_json::to_string(&json_exchange(ex, node)).map_err(io::Error::other)
 }
 
 fn json_exchange<'a>(ex: &'a Exchange, node: &'a str) -> JsonExchange<'a> {
@@ -320,6 +310,16 @@ impl fmt::Display for Elapsed {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+
+    /// The text form of one exchange, as the printer writes it (no trailing newline).
+    fn text_line(ex: &Exchange, node: &str) -> String {
+        TextLine(ex, node).to_string()
+    }
+
+    /// The JSON form of one exchange, as the printer writes it (no trailing newline).
+    fn json_line(ex: &Exchange, node: &str) -> serde_json::Result<String> {
+        serde_json::to_string(&json_exchange(ex, node))
+    }
 
     fn exchange() -> Exchange {
         Exchange {

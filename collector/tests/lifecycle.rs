@@ -543,14 +543,6 @@ fn bpf_stats_time_every_program_run() {
     untimed.stop(Duration::from_secs(5)).unwrap();
 }
 
-/// The value of one metric line as a float (gauges in seconds); `None` when absent.
-fn gauge(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let (k, v) = l.rsplit_once(' ')?;
-        (k == series).then(|| v.parse().ok())?
-    })
-}
-
 /// An idle reader backs off to its bound (reads the rings less often than every 5 ms, as
 /// far as this machine's rings allow), returns to 5 ms as soon as records come, reads
 /// every request of the burst that ends the quiet spell, and backs off again after it.

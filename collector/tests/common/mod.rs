@@ -142,12 +142,15 @@ pub fn http_get(cluster: &Cluster, netns: &str, addr: &str, path: &str) -> Optio
 
 /// The value of one metric line (`name{labels}`), 0 when absent.
 pub fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == series).then(|| v.parse::<f64>().ok())?
-        })
-        .map_or(0, |v| v as u64)
+    gauge(text, series).map_or(0, |v| v as u64)
+}
+
+/// The value of one metric line as a float (gauges in seconds); `None` when absent.
+pub fn gauge(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == series).then(|| v.parse().ok())?
+    })
 }
 
 pub fn scrape(cluster: &Cluster, netns: &str) -> String {
