@@ -27,6 +27,7 @@ mod score;
 mod ship;
 mod stats;
 mod stitch;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -102,6 +103,11 @@ struct Cli {
     /// Stitch benchmark: the local OTLP/gRPC receiver the stitcher exports to.
     #[arg(long, value_enum, default_value = "weft-otlp")]
     stitch_sink: stitch::Sink,
+    /// Instead of benchmarks, run the collector's profile training (`cargo xtask pgo`): an
+    /// instrumented weft-collector in `--bin-dir` through varied traffic, stopped so that
+    /// it writes its profile. Not a benchmark: it reports only what it ran.
+    #[arg(long, conflicts_with_all = ["only", "quick"])]
+    train_collector: bool,
 }
 
 /// What every benchmark needs to know.
@@ -136,6 +142,19 @@ fn main() -> ExitCode {
         quick: cli.quick,
         work_dir: out_dir.join(format!("work-{}", std::process::id())),
     };
+    if cli.train_collector {
+        return match train::run(&settings) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&settings.work_dir);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weft-bench: train: {e:#}");
+                eprintln!("logs: {}", settings.work_dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut report = Report {
         started_unix_seconds: SystemTime::now()
             .duration_since(UNIX_EPOCH)

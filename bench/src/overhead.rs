@@ -824,7 +824,7 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(6)..].join("\n")
 }
 
-fn wait_listening(cluster: &Cluster, netns: &str, addr: SocketAddr) -> Result<()> {
+pub fn wait_listening(cluster: &Cluster, netns: &str, addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ok = cluster.try_run_in(netns, move || {
@@ -925,7 +925,7 @@ pub fn parse_h2load_log(text: &str) -> Vec<f64> {
         .collect()
 }
 
-fn which(program: &str) -> Option<std::path::PathBuf> {
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
