@@ -225,3 +225,26 @@ fn collector_image_installs_the_same_ebpf_toolchain_as_setup() {
     );
     assert!(runs.contains("rustup toolchain install \"${EBPF_NIGHTLY}\""));
 }
+
+#[test]
+fn collector_image_builds_with_the_profile_that_xtask_pgo_writes() {
+    let dockerfile = read("collector/Dockerfile");
+    let runs = args_of(&instructions(&dockerfile), "RUN").join("\n");
+    let pgo = read("xtask/src/pgo.rs");
+    let profile = pgo
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("pub const PROFILE: &str = "))
+        .map(|v| v.trim_end_matches(';').trim_matches('"').to_string())
+        .expect("xtask/src/pgo.rs defines PROFILE");
+    assert!(
+        runs.contains(&format!("profile=/src/{profile}"))
+            && runs.contains("-Cprofile-use=$profile"),
+        "collector/Dockerfile must build with {profile}, which cargo xtask pgo writes"
+    );
+    // Copied with the collector's sources, never from target/.
+    assert!(profile.starts_with("collector/"));
+    // The profile is made from a checkout's sources; it never belongs in git.
+    assert!(read(".gitignore").lines().any(|l| l == "/collector/pgo/"));
+    // A missing profile stops the build with a message that names both ways out.
+    assert!(runs.contains("run cargo xtask pgo first, or build with --build-arg PGO=off"));
+}

@@ -1,12 +1,15 @@
 //! `cargo xtask <command>`: Weft's entry points for a fresh Debian machine (as root).
 //!
 //! - `setup`: install every prerequisite, idempotently, saying what it installs.
-//! - `test`:  setup, then formatting, lints, build, and every test.
+//! - `test`:  setup, then formatting, lints, build, every test, and the `pgo` build.
 //! - `demo`:  setup, then the demo (a small cluster in network namespaces, traced).
-//! - `bench`: setup, then the benchmarks (figures printed and written as JSON).
+//! - `bench`: setup, then the benchmarks (figures printed and written as JSON), with the
+//!   profile-guided collector (`pgo`; `--no-pgo` measures the plain release build).
+//! - `pgo`:   setup, then the collector's profile-guided build (see [`pgo`]).
 //!
 //! std only, so it builds before anything else is installed.
 
+mod pgo;
 mod setup;
 
 use std::env;
@@ -25,6 +28,7 @@ fn main() -> ExitCode {
         "test" => setup::all().and_then(|_| test(&rest)),
         "demo" => setup::all().and_then(|_| demo(&rest)),
         "bench" => setup::all().and_then(|_| bench(&rest)),
+        "pgo" => setup::all().and_then(|_| pgo_only()),
         "help" | "--help" | "-h" => {
             println!("{}", HELP);
             Ok(())
@@ -40,14 +44,17 @@ fn main() -> ExitCode {
     }
 }
 
-const HELP: &str = "usage: cargo xtask <setup|test|demo|bench> [args]
+const HELP: &str = "usage: cargo xtask <setup|test|demo|bench|pgo> [args]
 
   setup          install prerequisites (Debian packages, nightly rust-src, bpf-linker,
                  grpcurl, helm, kubernetes-validate, rotel); idempotent
-  test           setup + cargo fmt --check + clippy -D warnings + build + all tests
+  test           setup + cargo fmt --check + clippy -D warnings + build + all tests +
+                 the collector's profile-guided build
   demo [ARGS]    setup + the demo: a 3-node cluster in network namespaces, traced
                  (ARGS go to weft-demo, e.g. --duration 30s)
-  bench [ARGS]   setup + benchmarks (table on stdout, JSON report in target/bench/)";
+  bench [ARGS]   setup + benchmarks (table on stdout, JSON report in target/bench/), with
+                 the profile-guided collector (--no-pgo: the plain release build)
+  pgo            setup + the collector's profile-guided build: target/pgo/bin/";
 
 /// The workspace root (the parent of this crate).
 pub fn root() -> PathBuf {
@@ -96,7 +103,11 @@ fn test(args: &[String]) -> Result<(), String> {
     let mut nextest = cargo();
     nextest.args(["nextest", "run", "--no-fail-fast"]);
     nextest.args(args);
-    run(&mut nextest)
+    run(&mut nextest)?;
+    // The profile-guided build that `bench` measures and the collector image ships: shown to
+    // work here (instrumented build, training in a harness cluster, profile, final build),
+    // with the debug tools just built driving the training.
+    pgo::build(&root().join("target/debug")).map(|_| ())
 }
 
 fn demo(args: &[String]) -> Result<(), String> {
@@ -118,11 +129,24 @@ fn demo(args: &[String]) -> Result<(), String> {
 
 fn bench(args: &[String]) -> Result<(), String> {
     run(cargo().args(["build", "--release", "--bins"]))?;
-    let bin = root().join("target/release/weft-bench");
+    let release = root().join("target/release");
+    let bin = release.join("weft-bench");
     if !bin.exists() {
         return Err("weft-bench was not built".into());
     }
+    let no_pgo = args.iter().any(|a| a == "--no-pgo");
     let mut c = Command::new(bin);
-    c.args(args).env("PATH", setup::tool_path());
+    if !no_pgo {
+        // The collector that production images ship (collector/Dockerfile) is this build.
+        c.arg("--bin-dir").arg(pgo::build(&release)?);
+    }
+    c.args(args.iter().filter(|a| *a != "--no-pgo"))
+        .env("PATH", setup::tool_path());
     run(&mut c)
+}
+
+/// `cargo xtask pgo`: the release binaries, then the profile-guided collector.
+fn pgo_only() -> Result<(), String> {
+    run(cargo().args(["build", "--release", "--bins"]))?;
+    pgo::build(&root().join("target/release")).map(|_| ())
 }

@@ -12,10 +12,12 @@ use std::process::Command;
 use crate::{describe, root, run};
 
 /// Debian packages: LLVM 22 for bpf-linker and clang-22 for the C test classifier,
+/// llvm-22's llvm-profdata-22 for the collector's profile-guided build (`xtask pgo`),
 /// iproute2/nftables for the network-namespace cluster, bpftool for inspection,
 /// nghttp2-client (h2load) for gRPC load, unzip for the helm bundle.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
+    "llvm-22",
     "clang-22",
     "bpftool",
     "iproute2",
@@ -115,7 +117,7 @@ fn check_kernel() -> Result<(), String> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
+pub fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.env("PATH", tool_path()).output().ok()?;
     out.status
         .success()
