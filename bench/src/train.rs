@@ -91,7 +91,7 @@ pub fn run(settings: &Settings) -> Result<()> {
         keep_alive_urls: ["/", "/orders?id=42&user=7", "/a/b/c/d", "/search?q=weft"].map(back_url),
     };
 
-    let local = Collector::start(&cluster, &node_ns, &collector, None)?;
+    let mut local = Collector::start(&cluster, &node_ns, &collector, None)?;
     let chain = cluster.spawn(
         &client_ns,
         Command::new(&app).args([
@@ -118,7 +118,7 @@ pub fn run(settings: &Settings) -> Result<()> {
     send_garbage(&cluster, &client_ns, SocketAddr::from((back.ip(), PORT)))?;
     local.stop()?;
 
-    let stitcher = harness_stitcher::start(
+    let mut stitcher = harness_stitcher::start(
         &cluster,
         &work,
         harness_stitcher::Options {
@@ -128,13 +128,12 @@ pub fn run(settings: &Settings) -> Result<()> {
         },
     )?;
     let url = harness_stitcher::url(&cluster);
-    let shipping = Collector::start(&cluster, &node_ns, &collector, Some(&url))?;
+    let mut shipping = Collector::start(&cluster, &node_ns, &collector, Some(&url))?;
     load.keep_alive(&client_ns, Duration::from_secs(3))?;
     shipping.phase_done("keep-alive, shipping to a stitcher")?;
     // Let the shipper send what it holds before the stop (its flush on SIGTERM is bounded).
     std::thread::sleep(Duration::from_secs(2));
     shipping.stop()?;
-    let mut stitcher = stitcher;
     stitcher.stop(Duration::from_secs(3));
     Ok(())
 }
@@ -224,7 +223,7 @@ struct Collector<'a> {
     node_ns: &'a str,
     proc: Proc,
     /// Exchanges counted at the end of the previous phase.
-    exchanges: std::cell::Cell<f64>,
+    exchanges: f64,
 }
 
 impl<'a> Collector<'a> {
@@ -247,12 +246,12 @@ impl<'a> Collector<'a> {
             cluster,
             node_ns,
             proc,
-            exchanges: std::cell::Cell::new(0.0),
+            exchanges: 0.0,
         })
     }
 
     /// Checks that the phase produced exchanges (else the profile would not cover it).
-    fn phase_done(&self, phase: &str) -> Result<()> {
+    fn phase_done(&mut self, phase: &str) -> Result<()> {
         // The collector publishes its parse counters on its one-second tick.
         std::thread::sleep(Duration::from_millis(1100));
         let addr: SocketAddr = METRICS.parse()?;
@@ -262,7 +261,7 @@ impl<'a> Collector<'a> {
         let total = prom::sum(&text, "weft_collector_exchanges_total", &[])
             .or_else(|| prom::sum(&text, "weft_collector_exchanges", &[]))
             .context("the collector's /metrics has no weft_collector_exchanges")?;
-        let new = total - self.exchanges.replace(total);
+        let new = total - std::mem::replace(&mut self.exchanges, total);
         eprintln!("weft-bench: train: {phase}: {new:.0} exchanges");
         if new <= 0.0 {
             bail!("the collector produced no exchanges in the phase \"{phase}\"");
