@@ -21,6 +21,17 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
+/// The value of a `&str` constant declared on one line of a Rust source (`decl` is what
+/// precedes `: &str = `, e.g. `pub const NAME`).
+fn str_const(rel: &str, decl: &str) -> String {
+    let prefix = format!("{decl}: &str = ");
+    read(rel)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(prefix.as_str()).map(str::to_owned))
+        .map(|v| v.trim_end_matches(';').trim_matches('"').to_string())
+        .unwrap_or_else(|| panic!("{rel} declares no {decl}"))
+}
+
 /// Dockerfile instructions, continuation lines joined, comments dropped: (KEYWORD, arguments).
 fn instructions(dockerfile: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -193,12 +204,7 @@ fn each_image_is_multi_stage_bookworm_and_runs_its_own_binary() {
 fn collector_image_installs_the_same_ebpf_toolchain_as_setup() {
     let dockerfile = read("collector/Dockerfile");
     let ins = instructions(&dockerfile);
-    let setup = read("xtask/src/setup.rs");
-    let linker_version = setup
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("const BPF_LINKER_VERSION: &str = "))
-        .map(|v| v.trim_end_matches(';').trim_matches('"').to_string())
-        .expect("xtask/src/setup.rs defines BPF_LINKER_VERSION");
+    let linker_version = str_const("xtask/src/setup.rs", "const BPF_LINKER_VERSION");
     assert!(
         args_of(&ins, "ARG").contains(&format!("BPF_LINKER_VERSION={linker_version}").as_str()),
         "collector/Dockerfile must install bpf-linker {linker_version}, as cargo xtask setup does"
@@ -230,12 +236,7 @@ fn collector_image_installs_the_same_ebpf_toolchain_as_setup() {
 fn collector_image_builds_with_the_profile_that_xtask_pgo_writes() {
     let dockerfile = read("collector/Dockerfile");
     let runs = args_of(&instructions(&dockerfile), "RUN").join("\n");
-    let pgo = read("xtask/src/pgo.rs");
-    let profile = pgo
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("pub const PROFILE: &str = "))
-        .map(|v| v.trim_end_matches(';').trim_matches('"').to_string())
-        .expect("xtask/src/pgo.rs defines PROFILE");
+    let profile = str_const("xtask/src/pgo.rs", "pub const PROFILE");
     assert!(
         runs.contains(&format!("profile=/src/{profile}"))
             && runs.contains("-Cprofile-use=$profile"),
