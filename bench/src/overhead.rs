@@ -57,7 +57,7 @@ use crate::stats;
 const BENCH: &str = "overhead";
 const SERVER_PORT: u16 = 8080;
 /// Inside the node's own network namespace: a fixed port cannot collide.
-const COLLECTOR_METRICS: &str = "127.0.0.1:9401";
+pub const COLLECTOR_METRICS: &str = "127.0.0.1:9401";
 
 /// Where h2load runs relative to the traced server pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -711,14 +711,8 @@ fn with_collector(
     load: impl FnOnce() -> Result<LoadResult>,
 ) -> Result<(LoadResult, CollectorRound)> {
     let (cluster, node_ns) = (setup.cluster, setup.node_ns.as_str());
-    let mut cmd = Command::new(&setup.collector_bin);
-    cmd.args(["--node-name", "a", "--metrics-listen", COLLECTOR_METRICS])
-        .args(["--print", "off", "--log", "info"])
-        .args(extra);
-    match ship_to {
-        Some(to) => cmd.args(["--stitcher", &to.url]),
-        None => cmd.env_remove("WEFT_STITCHER"),
-    };
+    let mut cmd = collector_command(&setup.collector_bin, ship_to.map(|to| to.url.as_str()));
+    cmd.args(extra);
     let proc = cluster.spawn(node_ns, &mut cmd)?;
     wait_running(&proc)?;
     let scrape = || -> Result<String> {
@@ -796,6 +790,19 @@ fn with_collector(
             shipping,
         },
     ))
+}
+
+/// The collector on harness node `a`: metrics on [`COLLECTOR_METRICS`], no printing,
+/// shipping to `stitcher` if given, else local-only (whatever `WEFT_STITCHER` says).
+pub fn collector_command(bin: &std::path::Path, stitcher: Option<&str>) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--node-name", "a", "--metrics-listen", COLLECTOR_METRICS])
+        .args(["--print", "off", "--log", "info"]);
+    match stitcher {
+        Some(url) => cmd.args(["--stitcher", url]),
+        None => cmd.env_remove("WEFT_STITCHER"),
+    };
+    cmd
 }
 
 pub fn wait_running(proc: &Proc) -> Result<()> {

@@ -29,11 +29,10 @@ use weft_harness::{Cluster, ClusterSpec, NodeSpec, PodSpec, Proc};
 use crate::Settings;
 use crate::child;
 use crate::harness_stitcher;
-use crate::overhead::{wait_listening, wait_running, which};
+use crate::overhead::{COLLECTOR_METRICS, collector_command, wait_listening, wait_running, which};
 use crate::prom;
 
 const PORT: u16 = 8080;
-const METRICS: &str = "127.0.0.1:9401";
 
 pub fn run(settings: &Settings) -> Result<()> {
     let h2load = which("h2load")
@@ -233,14 +232,7 @@ impl<'a> Collector<'a> {
         bin: &std::path::Path,
         stitcher: Option<&str>,
     ) -> Result<Self> {
-        let mut cmd = Command::new(bin);
-        cmd.args(["--node-name", "a", "--metrics-listen", METRICS])
-            .args(["--print", "off", "--log", "info"]);
-        match stitcher {
-            Some(url) => cmd.args(["--stitcher", url]),
-            None => cmd.env_remove("WEFT_STITCHER"),
-        };
-        let proc = cluster.spawn(node_ns, &mut cmd)?;
+        let proc = cluster.spawn(node_ns, &mut collector_command(bin, stitcher))?;
         wait_running(&proc)?;
         Ok(Collector {
             cluster,
@@ -254,7 +246,7 @@ impl<'a> Collector<'a> {
     fn phase_done(&mut self, phase: &str) -> Result<()> {
         // The collector publishes its parse counters on its one-second tick.
         std::thread::sleep(Duration::from_millis(1100));
-        let addr: SocketAddr = METRICS.parse()?;
+        let addr: SocketAddr = COLLECTOR_METRICS.parse()?;
         let text = self
             .cluster
             .try_run_in(self.node_ns, move || child::http_get(addr, "/metrics"))??;

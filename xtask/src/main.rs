@@ -111,8 +111,7 @@ fn test(args: &[String]) -> Result<(), String> {
 }
 
 fn demo(args: &[String]) -> Result<(), String> {
-    run(cargo().args(["build", "--release", "--bins"]))?;
-    let bin = root().join("target/release/weft-demo");
+    let bin = release_bins()?.join("weft-demo");
     if !bin.exists() {
         return Err("weft-demo was not built (demo crate)".into());
     }
@@ -128,8 +127,7 @@ fn demo(args: &[String]) -> Result<(), String> {
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
-    run(cargo().args(["build", "--release", "--bins"]))?;
-    let release = root().join("target/release");
+    let release = release_bins()?;
     let bin = release.join("weft-bench");
     if !bin.exists() {
         return Err("weft-bench was not built".into());
@@ -147,6 +145,11 @@ fn bench(args: &[String]) -> Result<(), String> {
 
 /// `cargo xtask pgo`: the release binaries, then the profile-guided collector.
 fn pgo_only() -> Result<(), String> {
+    pgo::build(&release_bins()?).map(|_| ())
+}
+
+/// Builds every binary in release; returns where they are.
+fn release_bins() -> Result<PathBuf, String> {
     run(cargo().args(["build", "--release", "--bins"]))?;
-    pgo::build(&root().join("target/release")).map(|_| ())
+    Ok(root().join("target/release"))
 }

@@ -1,8 +1,8 @@
 //! `cargo xtask pgo`: the collector's profile-guided release build.
 //!
 //! The collector shares every node's CPUs with the pods it traces, so its CPU per request is
-//! Weft's cost. A build optimised with a profile of its own run used a fifth to a third less
-//! CPU per request than the plain release build (README, "Load and benchmarks"). Only the
+//! Weft's cost. A build optimised with a profile of its own run used a third to two fifths
+//! less CPU per request than the plain release build (README, "Load and benchmarks"). Only the
 //! collector is built this way.
 //!
 //! 1. An instrumented collector (`-Cprofile-generate`) in `target/pgo/gen`.
@@ -32,12 +32,13 @@ pub const PROFILE: &str = "collector/pgo/weft-collector.profdata";
 /// weft-stitcher for the training run (`target/release` or `target/debug`). Returns
 /// `target/pgo/bin`: the optimised collector and links to every other `weft-*` of `tools`.
 pub fn build(tools: &Path) -> Result<PathBuf, String> {
-    check_llvm()?;
+    let rustc = setup::output(Command::new("rustc").arg("-vV")).ok_or("`rustc -vV` failed")?;
+    check_llvm(&rustc)?;
     let dir = root().join("target/pgo");
     let raw = dir.join("raw");
     // A profile left by another build of the collector would merge stale counts.
     let _ = fs::remove_dir_all(&raw);
-    let host = host_triple()?;
+    let host = host_triple(&rustc)?;
     let generate = format!("-Cprofile-generate={}", raw.display());
     let gen_bin = build_collector(&dir.join("gen"), &host, &generate)?;
 
@@ -111,17 +112,17 @@ fn link(from: &Path, to: &Path) -> Result<(), String> {
     symlink(from, to).map_err(|e| format!("linking {} to {}: {e}", to.display(), from.display()))
 }
 
-fn host_triple() -> Result<String, String> {
-    let vv = setup::output(Command::new("rustc").arg("-vV")).ok_or("`rustc -vV` failed")?;
+/// The host triple from `rustc -vV`'s output.
+fn host_triple(vv: &str) -> Result<String, String> {
     vv.lines()
         .find_map(|l| l.strip_prefix("host: "))
         .map(str::to_owned)
         .ok_or_else(|| "`rustc -vV` names no host".into())
 }
 
-/// The profile tool must be the LLVM that rustc uses, or it cannot read the profile.
-fn check_llvm() -> Result<(), String> {
-    let vv = setup::output(Command::new("rustc").arg("-vV")).ok_or("`rustc -vV` failed")?;
+/// The profile tool must be the LLVM that rustc uses (`vv`: `rustc -vV`'s output), or it
+/// cannot read the profile.
+fn check_llvm(vv: &str) -> Result<(), String> {
     if !vv.contains("LLVM version: 22.") {
         return Err(format!(
             "rustc's LLVM is not 22 ({}): {PROFDATA_TOOL} cannot read its profiles",
