@@ -25,6 +25,7 @@ mod query;
 mod report;
 mod score;
 mod ship;
+mod signals;
 mod stats;
 mod stitch;
 mod train;
@@ -119,6 +120,14 @@ pub struct Settings {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = signals::stop_cleanly_on_signal() {
+        eprintln!("weft-bench: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    signals::finish(run(&cli))
+}
+
+fn run(cli: &Cli) -> ExitCode {
     if let Some(dir) = &cli.bin_dir {
         let _ = child::BIN_DIR.set(std::path::absolute(dir).unwrap_or_else(|_| dir.clone()));
     }

@@ -33,6 +33,8 @@
 //! Every namespace name starts with `<prefix>-`. A run whose owner process is gone (or whose
 //! namespaces have no run directory) is stale: [`cleanup_stale`], also called by
 //! [`Cluster::up`], kills the processes still inside its namespaces by PID and deletes them.
+//! A process about to exit without unwinding (a benchmark on SIGTERM) calls [`teardown_own`]
+//! instead of waiting for the next clean-up.
 //!
 //! Processes started with [`Cluster::spawn`] write to `logs/<n>-<where>-<program>.stdout` and
 //! `.stderr` in the run directory. The cluster removes the directory on drop, except when the
@@ -57,5 +59,5 @@ mod sys;
 
 pub use cluster::{Cluster, Node, Pod, Service};
 pub use proc::{IntoSignal, Proc};
-pub use run::cleanup_stale;
+pub use run::{cleanup_stale, teardown_own};
 pub use spec::{ClusterSpec, NodeSpec, PodSpec, ServiceSpec};

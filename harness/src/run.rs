@@ -70,22 +70,60 @@ fn netns_prefix(netns: &str) -> Option<&str> {
     is_prefix(prefix).then_some(prefix)
 }
 
+/// The PID and start time the run `prefix`'s owner file names, if it is readable.
+fn owner(prefix: &str) -> Option<(i32, u64)> {
+    let path = Path::new(RUNS_DIR).join(prefix).join(OWNER_FILE);
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut fields = text.split_whitespace();
+    let pid = fields.next()?.parse::<i32>().ok()?;
+    let start = fields.next()?.parse::<u64>().ok()?;
+    Some((pid, start))
+}
+
 /// Whether the run `prefix` has a live owner: its owner file names a process that still runs
 /// with the same start time (a reused PID does not count) and is not a zombie.
 fn owner_alive(prefix: &str) -> bool {
-    let owner = Path::new(RUNS_DIR).join(prefix).join(OWNER_FILE);
-    let Ok(text) = std::fs::read_to_string(owner) else {
-        return false;
-    };
-    let mut fields = text.split_whitespace();
-    let (Some(pid), Some(start)) = (fields.next(), fields.next()) else {
-        return false;
-    };
-    let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else {
+    let Some((pid, start)) = owner(prefix) else {
         return false;
     };
     // A zombie owner (killed, not yet reaped) is dead too.
     sys::start_time(pid) == Some(start) && sys::is_running(pid)
+}
+
+/// The prefixes of the runs this process owns.
+fn own_runs() -> Vec<String> {
+    let me = std::process::id() as i32;
+    let Some(my_start) = sys::start_time(me) else {
+        return Vec::new();
+    };
+    let Ok(dir) = std::fs::read_dir(RUNS_DIR) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| is_prefix(name) && owner(name) == Some((me, my_start)))
+        .collect()
+}
+
+/// What a process that is about to exit without unwinding (on a signal, say) calls instead
+/// of its clusters' drops: stops its own child processes by PID (SIGTERM, then SIGKILL after
+/// `grace`), then removes every run it owns (the processes inside their namespaces, the
+/// namespaces, the run directories). Returns the prefixes removed.
+///
+/// Without it such a process leaves its runs until the next [`cleanup_stale`]. Safe beside
+/// other runs: only runs whose owner file names this process, and only its own children,
+/// are touched. A cluster still being built by another thread may add a namespace after
+/// this; the next [`cleanup_stale`] removes that.
+pub fn teardown_own(grace: Duration) -> Vec<String> {
+    sys::stop_children(grace);
+    let own = own_runs();
+    for prefix in &own {
+        destroy_run_netns(prefix, grace);
+        let _ = std::fs::remove_dir_all(Path::new(RUNS_DIR).join(prefix));
+    }
+    // Reaps what another thread started in the meantime (and the namespaces' removal ended).
+    sys::stop_children(grace);
+    own
 }
 
 fn older_than(path: &Path, age: Duration) -> bool {

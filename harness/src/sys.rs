@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::WaitPidFlag;
 use nix::unistd::Pid;
 use std::fs::File;
 use std::io::Write;
@@ -120,7 +121,47 @@ fn stat_start_time(stat: &str) -> Option<u64> {
 /// Ends every process inside the namespace: SIGTERM, then SIGKILL for those still running
 /// after `grace`. Returns once none is left running (bounded by `grace` + 2 s).
 pub(crate) fn kill_netns_processes(name: &str, grace: Duration) {
-    let pids = pids_in_netns(name);
+    stop_all(pids_in_netns(name), grace);
+}
+
+/// Ends this process's own children (running or not yet reaped) as
+/// [`kill_netns_processes`] does, and reaps them, so that no zombie outlives this process
+/// waiting for init to reap it. Their PIDs cannot have been reused by another process: an
+/// unreaped child keeps its PID.
+pub(crate) fn stop_children(grace: Duration) {
+    let me = std::process::id() as i32;
+    let Ok(proc_dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let children: Vec<i32> = proc_dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| parent_of(pid) == Some(me))
+        .collect();
+    stop_all(children.clone(), grace);
+    for pid in children {
+        // Not running any more (a zombie at most): returns at once.
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+    }
+}
+
+/// The parent PID (field 4) of a process.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_parent(&stat)
+}
+
+fn stat_parent(stat: &str) -> Option<i32> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// SIGTERM, then SIGKILL for those still running after `grace`; returns once none is left
+/// running (bounded by `grace` + 2 s).
+fn stop_all(pids: Vec<i32>, grace: Duration) {
     if pids.is_empty() {
         return;
     }
@@ -195,6 +236,7 @@ mod tests {
         let stat = "42 (a) b) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 987654 0";
         assert_eq!(stat_state(stat), Some('S'));
         assert_eq!(stat_start_time(stat), Some(987654));
+        assert_eq!(stat_parent(stat), Some(1));
         let me = std::process::id() as i32;
         assert!(start_time(me).is_some());
         assert!(is_running(me));
