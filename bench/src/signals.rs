@@ -1,19 +1,24 @@
 //! Stopping on a signal without leaving anything behind.
 //!
-//! In: SIGTERM, SIGINT or SIGHUP, taken by one thread (`sigwait`). Out: this process's
-//! children stopped by PID and its harness clusters removed ([`weft_harness::teardown_own`]),
-//! then exit with 128 + the signal's number, as a shell reports a process killed by it.
+//! In: SIGTERM, SIGINT or SIGHUP, caught by handlers that one thread waits on. Out: this
+//! process's children stopped by PID and its harness clusters removed
+//! ([`weft_harness::teardown_own`]), then exit with 128 + the signal's number, as a shell
+//! reports a process killed by it.
 //!
 //! Why: the default action ends the process without running any drop, so a stopped
 //! benchmark would leave its namespaces, demo apps and collector until the next harness run
 //! cleans them up.
+//!
+//! Handlers, not a blocked mask and `sigwait`: children inherit the signal mask
+//! (`std::process::Command` keeps it), and a collector that never sees SIGTERM cannot
+//! detach its programs or write its profile.
 
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use nix::sys::signal::{SigSet, Signal};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// How long children get to exit on SIGTERM before SIGKILL (a collector detaches its
 /// programs on SIGTERM, well within this).
@@ -31,34 +36,60 @@ pub fn finish(code: ExitCode) -> ExitCode {
     code
 }
 
-/// Blocks the signals in this thread, so in every thread started after it, and starts the
-/// thread that waits for them. Call first in `main`, before any other thread exists:
-/// a thread started earlier would keep them unblocked and could take the signal itself.
-/// Children are unaffected: `std::process::Command` clears the mask in the child.
+/// Installs the handlers (before this returns, so no signal is missed after it) and starts
+/// the thread that tears down on the first signal.
 pub fn stop_cleanly_on_signal() -> Result<()> {
-    let mut set = SigSet::empty();
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        set.add(signal);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("building the signal thread's runtime")?;
+    let mut streams = Vec::new();
+    for (kind, number) in [
+        (SignalKind::terminate(), libc::SIGTERM),
+        (SignalKind::interrupt(), libc::SIGINT),
+        (SignalKind::hangup(), libc::SIGHUP),
+    ] {
+        // `signal` needs the runtime's reactor: enter it to install the handler now.
+        let stream = runtime
+            .block_on(async { signal(kind) })
+            .with_context(|| format!("installing a handler for signal {number}"))?;
+        streams.push((stream, number));
     }
-    set.thread_block()
-        .context("blocking SIGTERM, SIGINT and SIGHUP")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let Ok(signal) = set.wait() else {
-                return;
-            };
-            // Never released: the process exits holding it.
-            let _teardown = TEARDOWN.lock();
-            eprintln!(
-                "weft-bench: {signal}: stopping its processes and removing its harness clusters"
-            );
-            let removed = weft_harness::teardown_own(GRACE);
-            if !removed.is_empty() {
-                eprintln!("weft-bench: removed {}", removed.join(", "));
-            }
-            std::process::exit(128 + signal as i32);
+            let number = runtime.block_on(first_of(streams));
+            teardown_and_exit(number);
         })
         .context("starting the signal thread")?;
     Ok(())
+}
+
+/// The number of the first signal that arrives on any of `streams`.
+async fn first_of(streams: Vec<(tokio::signal::unix::Signal, i32)>) -> i32 {
+    let waits = streams.into_iter().map(|(mut stream, number)| {
+        Box::pin(async move {
+            stream.recv().await;
+            number
+        })
+    });
+    futures::future::select_all(waits).await.0
+}
+
+fn teardown_and_exit(number: i32) -> ! {
+    // Never released: the process exits holding it.
+    let _teardown = TEARDOWN.lock();
+    let name = nix::sys::signal::Signal::try_from(number).map_or("signal", |s| s.as_str());
+    eprintln!("weft-bench: {name}: stopping its processes and removing its harness clusters");
+    let done = weft_harness::teardown_own(GRACE);
+    if done.killed > 0 {
+        eprintln!(
+            "weft-bench: {} processes did not stop within {GRACE:?} of SIGTERM: killed",
+            done.killed
+        );
+    }
+    if !done.removed.is_empty() {
+        eprintln!("weft-bench: removed {}", done.removed.join(", "));
+    }
+    std::process::exit(128 + number);
 }

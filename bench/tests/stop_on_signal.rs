@@ -1,6 +1,6 @@
 //! `weft-bench` stopped by SIGTERM mid-benchmark leaves nothing behind: not its harness
 //! cluster (namespaces, run directory), nor the processes in it (demo app, collector,
-//! h2load), nor its own children.
+//! h2load), nor its own children; and each of them got a SIGTERM it could act on.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -165,7 +165,11 @@ fn sigterm_mid_benchmark_removes_the_cluster_and_every_process() {
         .map(|mut e| e.read_to_string(&mut stderr));
 
     assert_eq!(status.code(), Some(128 + 15), "{stderr}");
-    assert!(stderr.contains(&format!("removed {prefix}")), "{stderr}");
+    // Every child saw its SIGTERM: the collector detached by itself, none needed SIGKILL.
+    assert!(!stderr.contains("did not stop"), "{stderr}");
+    assert!(stderr.contains("SIGTERM: stopping"), "{stderr}");
+    // Removed by the teardown, or by the cluster's drop when the benchmark failed first
+    // (its load stopped): either way, gone.
     assert_eq!(namespaces_of(&prefix), Vec::<String>::new());
     assert!(!Path::new(RUNS_DIR).join(&prefix).exists());
     // Gone, not even zombies: weft-bench reaps what it stopped.

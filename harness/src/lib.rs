@@ -59,5 +59,5 @@ mod sys;
 
 pub use cluster::{Cluster, Node, Pod, Service};
 pub use proc::{IntoSignal, Proc};
-pub use run::{cleanup_stale, teardown_own};
+pub use run::{Teardown, cleanup_stale, teardown_own};
 pub use spec::{ClusterSpec, NodeSpec, PodSpec, ServiceSpec};

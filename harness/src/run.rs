@@ -105,25 +105,34 @@ fn own_runs() -> Vec<String> {
         .collect()
 }
 
+/// What [`teardown_own`] did.
+#[derive(Debug, Default)]
+pub struct Teardown {
+    /// The prefixes of the runs removed.
+    pub removed: Vec<String>,
+    /// Child processes that did not exit within the grace after SIGTERM and were killed.
+    pub killed: usize,
+}
+
 /// What a process that is about to exit without unwinding (on a signal, say) calls instead
 /// of its clusters' drops: stops its own child processes by PID (SIGTERM, then SIGKILL after
 /// `grace`), then removes every run it owns (the processes inside their namespaces, the
-/// namespaces, the run directories). Returns the prefixes removed.
+/// namespaces, the run directories).
 ///
 /// Without it such a process leaves its runs until the next [`cleanup_stale`]. Safe beside
 /// other runs: only runs whose owner file names this process, and only its own children,
 /// are touched. A cluster still being built by another thread may add a namespace after
 /// this; the next [`cleanup_stale`] removes that.
-pub fn teardown_own(grace: Duration) -> Vec<String> {
-    sys::stop_children(grace);
-    let own = own_runs();
-    for prefix in &own {
+pub fn teardown_own(grace: Duration) -> Teardown {
+    let mut killed = sys::stop_children(grace);
+    let removed = own_runs();
+    for prefix in &removed {
         destroy_run_netns(prefix, grace);
         let _ = std::fs::remove_dir_all(Path::new(RUNS_DIR).join(prefix));
     }
     // Reaps what another thread started in the meantime (and the namespaces' removal ended).
-    sys::stop_children(grace);
-    own
+    killed += sys::stop_children(grace);
+    Teardown { removed, killed }
 }
 
 fn older_than(path: &Path, age: Duration) -> bool {

@@ -128,20 +128,22 @@ pub(crate) fn kill_netns_processes(name: &str, grace: Duration) {
 /// [`kill_netns_processes`] does, and reaps them, so that no zombie outlives this process
 /// waiting for init to reap it. Their PIDs cannot have been reused by another process: an
 /// unreaped child keeps its PID.
-pub(crate) fn stop_children(grace: Duration) {
+/// Returns how many needed SIGKILL.
+pub(crate) fn stop_children(grace: Duration) -> usize {
     let me = std::process::id() as i32;
     let Ok(proc_dir) = std::fs::read_dir("/proc") else {
-        return;
+        return 0;
     };
     let children: Vec<i32> = proc_dir
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| parent_of(pid) == Some(me))
         .collect();
-    stop_all(children.clone(), grace);
+    let killed = stop_all(children.clone(), grace);
     for pid in children {
         // Not running any more (a zombie at most): returns at once.
         let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
     }
+    killed
 }
 
 /// The parent PID (field 4) of a process.
@@ -160,10 +162,10 @@ fn stat_parent(stat: &str) -> Option<i32> {
 }
 
 /// SIGTERM, then SIGKILL for those still running after `grace`; returns once none is left
-/// running (bounded by `grace` + 2 s).
-fn stop_all(pids: Vec<i32>, grace: Duration) {
+/// running (bounded by `grace` + 2 s), with how many needed SIGKILL.
+fn stop_all(pids: Vec<i32>, grace: Duration) -> usize {
     if pids.is_empty() {
-        return;
+        return 0;
     }
     if !grace.is_zero() {
         signal_all(&pids, Signal::SIGTERM);
@@ -172,6 +174,7 @@ fn stop_all(pids: Vec<i32>, grace: Duration) {
     let left: Vec<i32> = pids.into_iter().filter(|&p| is_running(p)).collect();
     signal_all(&left, Signal::SIGKILL);
     wait_all_gone(&left, Duration::from_secs(2));
+    left.len()
 }
 
 fn wait_all_gone(pids: &[i32], limit: Duration) {
