@@ -248,4 +248,81 @@ fn collector_image_builds_with_the_profile_that_xtask_pgo_writes() {
     assert!(read(".gitignore").lines().any(|l| l == "/collector/pgo/"));
     // A missing profile stops the build with a message that names both ways out.
     assert!(runs.contains("run cargo xtask pgo first, or build with --build-arg PGO=off"));
+    // So does a profile of other sources: the build compares the fingerprint that xtask
+    // stored with that of the sources it copied, taken by the same script.
+    let sources = str_const("xtask/src/pgo.rs", "pub const SOURCES");
+    let script = str_const("xtask/src/pgo.rs", "pub const FINGERPRINT");
+    assert!(
+        runs.contains(&format!("cat /src/{sources}"))
+            && runs.contains(&format!("sh /src/{script} /src"))
+            && runs.contains("run cargo xtask pgo again, or build with --build-arg PGO=off"),
+        "collector/Dockerfile must check {sources} against {script}"
+    );
+    assert!(sources.starts_with("collector/pgo/") && script.starts_with("collector/"));
+}
+
+/// The fingerprint script (`cargo xtask pgo` stores its output, the collector's image build
+/// checks it) run on `root`.
+fn fingerprint(root: &Path) -> String {
+    let script = repo_root().join(str_const("xtask/src/pgo.rs", "pub const FINGERPRINT"));
+    let out = std::process::Command::new("sh")
+        .arg(&script)
+        .arg(root)
+        .output()
+        .expect("running the fingerprint script");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}
+
+/// Copies `rel` (a file or a directory) from the repository into `to`.
+fn copy_into(rel: &str, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .args(["-r", "--parents", rel])
+        .arg(to)
+        .current_dir(repo_root())
+        .status()
+        .expect("cp");
+    assert!(status.success(), "copying {rel}");
+}
+
+#[test]
+fn profile_fingerprint_follows_the_collectors_sources_and_nothing_else() {
+    let copy = tempfile::tempdir().expect("tempdir");
+    for rel in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "proto",
+        "collector-ebpf",
+        "collector/Cargo.toml",
+        "collector/build.rs",
+        "collector/src",
+    ] {
+        copy_into(rel, copy.path());
+    }
+    let original = fingerprint(&repo_root());
+    assert_eq!(original.len(), 64, "{original}");
+    // The same sources elsewhere (the image's /src): the same fingerprint.
+    assert_eq!(fingerprint(copy.path()), original);
+    // Other parts of the workspace do not count.
+    std::fs::create_dir_all(copy.path().join("stitcher/src")).expect("mkdir");
+    std::fs::write(copy.path().join("stitcher/src/lib.rs"), "// other\n").expect("write");
+    std::fs::write(copy.path().join("collector/Dockerfile"), "FROM x\n").expect("write");
+    assert_eq!(fingerprint(copy.path()), original);
+    // One changed byte of the collector's code does.
+    let main = copy.path().join("collector/src/main.rs");
+    let mut text = std::fs::read_to_string(&main).expect("read");
+    text.push('\n');
+    std::fs::write(&main, text).expect("write");
+    let changed = fingerprint(copy.path());
+    assert_ne!(changed, original);
+    // And a new file in the kernel crate.
+    std::fs::write(copy.path().join("collector-ebpf/src/extra.rs"), "").expect("write");
+    assert_ne!(fingerprint(copy.path()), changed);
 }

@@ -10,7 +10,9 @@
 //!    (needs root, like every harness run) and stops it; it writes `target/pgo/raw/`.
 //! 3. `llvm-profdata-22 merge` makes `collector/pgo/weft-collector.profdata` (the profile
 //!    tool must read what rustc's LLVM, 22, wrote), where `collector/Dockerfile` takes it
-//!    from (not in git: it belongs to the sources it was made from).
+//!    from (not in git: it belongs to the sources it was made from). Beside it,
+//!    `weft-collector.sources` holds those sources' fingerprint (`collector/pgo-sources.sh`,
+//!    taken before the first build), which the Dockerfile checks.
 //! 4. The optimised collector (`-Cprofile-use`) in `target/pgo/use`, and `target/pgo/bin/`:
 //!    it beside links to the other binaries, for `weft-bench --bin-dir`.
 //!
@@ -27,6 +29,10 @@ const COLLECTOR: &str = "weft-collector";
 const PROFDATA_TOOL: &str = "llvm-profdata-22";
 /// Where the merged profile goes, relative to the root (collector/Dockerfile reads it).
 pub const PROFILE: &str = "collector/pgo/weft-collector.profdata";
+/// The fingerprint of the sources the profile was made from, relative to the root.
+pub const SOURCES: &str = "collector/pgo/weft-collector.sources";
+/// Prints the fingerprint of the collector's sources (collector/Dockerfile runs it too).
+pub const FINGERPRINT: &str = "collector/pgo-sources.sh";
 
 /// Builds the profile-guided collector. `tools` holds weft-bench, weft-demo-app and
 /// weft-stitcher for the training run (`target/release` or `target/debug`). Returns
@@ -34,6 +40,8 @@ pub const PROFILE: &str = "collector/pgo/weft-collector.profdata";
 pub fn build(tools: &Path) -> Result<PathBuf, String> {
     let rustc = setup::output(Command::new("rustc").arg("-vV")).ok_or("`rustc -vV` failed")?;
     check_llvm(&rustc)?;
+    // Before the first build: the sources the profile is made from.
+    let sources = fingerprint()?;
     let dir = root().join("target/pgo");
     let raw = dir.join("raw");
     // A profile left by another build of the collector would merge stale counts.
@@ -63,6 +71,9 @@ pub fn build(tools: &Path) -> Result<PathBuf, String> {
         .arg(&profile)
         .arg(&raw))?;
     check_profile(&profile)?;
+    let sources_file = root().join(SOURCES);
+    fs::write(&sources_file, format!("{sources}\n"))
+        .map_err(|e| format!("writing {}: {e}", sources_file.display()))?;
     let use_flag = format!("-Cprofile-use={}", profile.display());
     let pgo_bin = build_collector(&dir.join("use"), &host, &use_flag)?;
     let out = bin_dir(&dir.join("bin"), tools, &pgo_bin)?;
@@ -72,6 +83,17 @@ pub fn build(tools: &Path) -> Result<PathBuf, String> {
         profile.display()
     );
     Ok(out)
+}
+
+/// The fingerprint of the collector's sources in this checkout ([`FINGERPRINT`]).
+fn fingerprint() -> Result<String, String> {
+    let out = setup::output(Command::new("sh").arg(root().join(FINGERPRINT)).arg(root()))
+        .ok_or_else(|| format!("{FINGERPRINT} failed"))?;
+    let hash = out.trim();
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{FINGERPRINT} printed {hash:?}, not a SHA-256"));
+    }
+    Ok(hash.to_owned())
 }
 
 /// A release build of the collector alone with `flag` added to RUSTFLAGS. `--target` keeps
