@@ -95,6 +95,11 @@ struct Cli {
     /// thread).
     #[arg(long)]
     overhead_connections: Option<u32>,
+    /// Overhead benchmark: a third run per round, the collector with `--hooks-only` (its
+    /// classifiers attached but returning at once), which splits the throughput loss into
+    /// what the attached hooks cost and what Weft's capture adds. Half as long again.
+    #[arg(long)]
+    overhead_hooks: bool,
     /// Accuracy benchmark: requests per (concurrency, propagation) phase.
     #[arg(long)]
     accuracy_requests: Option<u64>,
@@ -212,6 +217,7 @@ fn run(cli: &Cli) -> ExitCode {
                         threads: overhead_threads,
                         connections: cli.overhead_connections.unwrap_or(16 * overhead_threads),
                         placements: cli.overhead_client.placements(),
+                        hooks: cli.overhead_hooks,
                     },
                     &mut report,
                 )

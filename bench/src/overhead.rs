@@ -120,6 +120,8 @@ pub struct OverheadArgs {
     /// h2load connections, over all threads.
     pub connections: u32,
     pub placements: Vec<Placement>,
+    /// A third run per round: the collector with `--hooks-only`.
+    pub hooks: bool,
 }
 
 /// One load run as h2load reported it.
@@ -197,6 +199,9 @@ struct Runs {
     without: Vec<LoadResult>,
     with: Vec<LoadResult>,
     collector: Vec<CollectorRound>,
+    /// Round `i`'s run with the collector's classifiers attached but returning at once
+    /// (`--overhead-hooks`; empty without).
+    hooks: Vec<LoadResult>,
     /// One extra run with `--bpf-stats` (not in the ratio: the kernel's timing costs two
     /// clock reads per run): the classifiers' own time per run and per request.
     timed: Option<(LoadResult, CollectorRound)>,
@@ -324,8 +329,39 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
     Ok(())
 }
 
-/// One round of one placement: a run without and one with the collector, the order
-/// alternating per round (off/on, on/off, ...) so drift does not favour one side.
+/// The runs of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arm {
+    Without,
+    With,
+    /// The collector with `--hooks-only`.
+    Hooks,
+}
+
+impl Arm {
+    fn tag(self) -> &'static str {
+        match self {
+            Arm::Without => "without",
+            Arm::With => "with",
+            Arm::Hooks => "hooks",
+        }
+    }
+}
+
+/// The order of round `round`'s runs: rotated each round (off/on, on/off, ...; with
+/// `hooks`, off/on/hooks, on/hooks/off, ...) so that drift favours no run.
+fn round_order(round: u32, hooks: bool) -> Vec<Arm> {
+    let mut arms = vec![Arm::Without, Arm::With];
+    if hooks {
+        arms.push(Arm::Hooks);
+    }
+    let n = arms.len();
+    arms.rotate_left(round as usize % n);
+    arms
+}
+
+/// One round of one placement: a run without and one with the collector (and one with
+/// `--hooks-only` if asked), in [`round_order`].
 fn run_round(
     setup: &Setup,
     placement: Placement,
@@ -334,26 +370,25 @@ fn run_round(
     runs: &mut Runs,
 ) -> Result<()> {
     let client_ns = setup.client_ns(placement);
-    let order = if round.is_multiple_of(2) {
-        [false, true]
-    } else {
-        [true, false]
-    };
-    for attached in order {
-        let label = format!(
-            "{}-r{round}-{}",
-            placement.tag(),
-            if attached { "with" } else { "without" }
-        );
+    for arm in round_order(round, args.hooks) {
+        let label = format!("{}-r{round}-{}", placement.tag(), arm.tag());
         let load = || h2load_run(setup, &client_ns, args, &label);
-        let rps = if attached {
-            let (load, c) = with_collector(setup, &[], None, load)?;
-            runs.collector.push(c);
-            runs.with.push(load);
-            runs.with.last()
-        } else {
-            runs.without.push(load()?);
-            runs.without.last()
+        let rps = match arm {
+            Arm::Without => {
+                runs.without.push(load()?);
+                runs.without.last()
+            }
+            Arm::With => {
+                let (load, c) = with_collector(setup, &[], None, load)?;
+                runs.collector.push(c);
+                runs.with.push(load);
+                runs.with.last()
+            }
+            Arm::Hooks => {
+                runs.hooks
+                    .push(with_collector(setup, &["--hooks-only"], None, load)?.0);
+                runs.hooks.last()
+            }
         }
         .map_or(0.0, |l| l.rps);
         eprintln!("weft-bench: overhead {label}: {rps:.0} req/s");
@@ -374,6 +409,7 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
         without,
         with,
         collector: collector_rounds,
+        hooks,
         timed,
         shipped,
     } = runs;
@@ -390,7 +426,7 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
     let rps_without = med(without, |l| Some(l.rps));
     let failed: u64 = with.iter().chain(without).map(|l| l.failed).sum();
     let cmd = format!(
-        "h2load --h1 -t {} -c {} -D {}s from the {}, {} rounds × (without, with), \
+        "h2load --h1 -t {} -c {} -D {}s from the {}, {} rounds × (without, with{}), \
          weft-demo-app serve in a pod on the same node",
         args.threads,
         args.connections,
@@ -399,7 +435,8 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
             Placement::Pod => "client pod",
             Placement::Node => "node's network namespace",
         },
-        args.rounds
+        args.rounds,
+        if hooks.is_empty() { "" } else { ", hooks only" }
     );
     report.add(
         Figure::new(
@@ -431,12 +468,7 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
     );
     // Paired by round (the two runs of a round are adjacent in time, so they share the
     // machine's background load), then the median over rounds.
-    let paired: Vec<f64> = with
-        .iter()
-        .zip(without)
-        .filter(|(_, wo)| wo.rps > 0.0)
-        .map(|(w, wo)| w.rps / wo.rps)
-        .collect();
+    let paired = paired_ratios(with, without);
     let mut f = Figure::new(
         BENCH,
         &name("throughput ratio with/without"),
@@ -459,6 +491,9 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
         f = f.note(format!("{failed} requests failed"));
     }
     report.add(f);
+    if !hooks.is_empty() {
+        report_hooks(report, &name, without, with, hooks);
+    }
     report.add(Figure::new(
         BENCH,
         &name("p50 latency ratio with/without"),
@@ -580,6 +615,52 @@ fn report_placement(report: &mut Report, placement: Placement, runs: &Runs, args
         });
     }
     report.add(f);
+}
+
+/// Paired by round, `a[i].rps / b[i].rps`, where `b[i]` ran.
+fn paired_ratios(a: &[LoadResult], b: &[LoadResult]) -> Vec<f64> {
+    a.iter()
+        .zip(b)
+        .filter(|(_, b)| b.rps > 0.0)
+        .map(|(a, b)| a.rps / b.rps)
+        .collect()
+}
+
+/// The throughput loss split in two (`--overhead-hooks`): what the attached hooks cost
+/// (classifiers on both directions of the traced veths returning at once: what any
+/// TC-attached tracer pays here), and what Weft's capture adds beyond them.
+fn report_hooks(
+    report: &mut Report,
+    name: &dyn Fn(&str) -> String,
+    without: &[LoadResult],
+    with: &[LoadResult],
+    hooks: &[LoadResult],
+) {
+    let hooks_only = paired_ratios(hooks, without);
+    report.add(
+        Figure::new(
+            BENCH,
+            &name("throughput ratio hooks only/without"),
+            stats::median(&hooks_only),
+            "",
+        )
+        .note(ratio_interval(&hooks_only))
+        .note(
+            "the collector with --hooks-only: its classifiers attached as usual but \
+             returning at once, capturing nothing; informational",
+        ),
+    );
+    let beyond = paired_ratios(with, hooks);
+    report.add(
+        Figure::new(
+            BENCH,
+            &name("throughput ratio with/hooks only"),
+            stats::median(&beyond),
+            "",
+        )
+        .note(ratio_interval(&beyond))
+        .note("what capture, the rings and the collector add beyond the hooks; informational"),
+    );
 }
 
 /// How far the rounds leave the true median ratio uncertain: one run's median moves by a
@@ -982,6 +1063,31 @@ mod tests {
         // 0.05 cores at 20k req/s: 25 millicores per 10k req/s.
         assert_eq!(millicores_per_10k_rps(0.05, 20_000.0), Some(25.0));
         assert_eq!(millicores_per_10k_rps(0.05, 0.0), None);
+    }
+
+    /// Every run once per round, and over as many rounds as there are runs, every run in
+    /// every position once: drift within rounds favours none.
+    #[test]
+    fn round_order_rotates_every_run_through_every_position() {
+        assert_eq!(round_order(0, false), [Arm::Without, Arm::With]);
+        assert_eq!(round_order(1, false), [Arm::With, Arm::Without]);
+        for hooks in [false, true] {
+            let n = if hooks { 3 } else { 2 };
+            let orders: Vec<Vec<Arm>> = (0..n).map(|r| round_order(r, hooks)).collect();
+            for (r, order) in orders.iter().enumerate() {
+                assert_eq!(order.len(), n as usize);
+                let mut tags: Vec<_> = order.iter().map(|a| a.tag()).collect();
+                tags.sort();
+                tags.dedup();
+                assert_eq!(tags.len(), n as usize, "round {r}: {order:?}");
+            }
+            for pos in 0..n as usize {
+                let mut at: Vec<_> = orders.iter().map(|o| o[pos].tag()).collect();
+                at.sort();
+                at.dedup();
+                assert_eq!(at.len(), n as usize, "position {pos}: {orders:?}");
+            }
+        }
     }
 
     #[test]

@@ -69,6 +69,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 #[unsafe(no_mangle)]
 static SKB_SEND_TIME: Global<u8> = Global::new(0);
 
+/// 0 when the collector runs with `--hooks-only`: the classifiers return at once, so that
+/// a benchmark can tell what the attached hooks cost from what capturing costs. Set at
+/// load time; a read-only global, so the verifier drops the dead branch.
+#[unsafe(no_mangle)]
+static CAPTURE: Global<u8> = Global::new(1);
+
 /// `__sk_buff.tstamp_type` of a delivery time on the monotonic clock (uapi
 /// `BPF_SKB_CLOCK_MONOTONIC`, `BPF_SKB_TSTAMP_DELIVERY_MONO` before 6.11).
 const SKB_CLOCK_MONOTONIC: u8 = 1;
@@ -161,6 +167,9 @@ struct Segment {
 
 #[inline(always)]
 fn observe(ctx: &TcContext, direction: u8) {
+    if CAPTURE.load() == 0 {
+        return;
+    }
     count(Counter::Packets);
     let seg = match locate_tcp_payload(ctx) {
         Ok(Some(seg)) => seg,

@@ -50,6 +50,12 @@ pub struct Cli {
     #[arg(long, env = "WEFT_BPF_STATS", default_value_t = false)]
     pub bpf_stats: bool,
 
+    /// Attach the classifiers as usual but have them return at once, capturing nothing: a
+    /// benchmark's reference for what the attached hooks alone cost (`weft-bench
+    /// --overhead-hooks`). Produces no exchanges.
+    #[arg(long, env = "WEFT_HOOKS_ONLY", default_value_t = false)]
+    pub hooks_only: bool,
+
     /// Keep query strings in paths (default: redacted).
     #[arg(long, env = "WEFT_KEEP_QUERY", default_value_t = false)]
     pub keep_query: bool,

@@ -13,7 +13,7 @@ use weft_collector::{
         links::{self, InterfaceFilter, LinkEvent, LinkWatcher},
         tracefs,
     },
-    capture::{Capture, pace::ReadPace, ring::RingLayout},
+    capture::{Capture, GLOBAL_CAPTURE, pace::ReadPace, ring::RingLayout},
     cli::Cli,
     metrics::{self, Metrics},
     parse::ParseConfig,
@@ -91,10 +91,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => EBPF_OBJECT.into(),
     };
     let layout = RingLayout::for_this_machine()?;
-    let mut ebpf = layout
-        .loader()
-        .load(&object)
-        .context("loading the eBPF object")?;
+    let mut loader = layout.loader();
+    if cli.hooks_only {
+        loader.override_global(GLOBAL_CAPTURE, &0u8, true);
+        warn!("--hooks-only: the classifiers are attached but capture nothing");
+    }
+    let mut ebpf = loader.load(&object).context("loading the eBPF object")?;
     // Kept open for the collector's lifetime: the kernel times programs while any such fd is.
     let _bpf_stats = match cli.bpf_stats {
         true => Some(

@@ -1,7 +1,8 @@
 //! Acceptance tests of attaching and detaching on real veths in harness clusters (issue 3):
 //! the chain continues after our classifiers (TCX and netlink), the Cilium rules, clean-up
 //! after SIGTERM and after SIGKILL, new pods are followed, and bad traffic is counted; an
-//! idle reader backs off and loses nothing when traffic returns.
+//! idle reader backs off and loses nothing when traffic returns; `--bpf-stats` times the
+//! programs and `--hooks-only` leaves them attached but inert.
 //! Needs root (network namespaces, BPF).
 
 mod common;
@@ -541,6 +542,43 @@ fn bpf_stats_time_every_program_run() {
         "run-time series without --bpf-stats:\n{text}"
     );
     untimed.stop(Duration::from_secs(5)).unwrap();
+}
+
+/// `--hooks-only`: both classifiers are attached and run on every packet, yet count,
+/// capture and produce nothing: the benchmark's reference for what the hooks alone cost.
+#[test]
+fn hooks_only_runs_the_attached_programs_but_captures_nothing() {
+    let cluster = one_node();
+    let node = cluster.node("a").netns().to_owned();
+    let server = cluster.pod("server");
+    let client = cluster.pod("client");
+    quiet(&[&node, server.netns(), client.netns()]);
+    let collector = start_collector(&cluster, &node, &["--hooks-only", "--bpf-stats"]);
+    let _srv = start_http_server(server.netns());
+    let addr = server_addr(server.ip(), SERVER_PORT);
+    let paths: Vec<String> = (0..50).map(|i| format!("/hooks/{i}")).collect();
+    let statuses = http_requests(&cluster, client.netns(), addr, &paths, true);
+    assert!(statuses.iter().all(|&s| s == 200));
+    let mut text = String::new();
+    let ran = wait_for(Duration::from_secs(5), || {
+        text = scrape(&cluster, &node);
+        ["weft_tc_ingress", "weft_tc_egress"].iter().all(|p| {
+            program_series(&text, "weft_collector_program_runs_total", p).unwrap_or(0.0) >= 100.0
+        })
+    });
+    assert!(ran, "the programs did not run on the traffic:\n{text}");
+    // Past a read of the rings (5 ms) and the counters' one-second tick.
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = scrape(&cluster, &node);
+    for series in [
+        r#"weft_collector_kernel_events_total{counter="packets"}"#,
+        r#"weft_collector_events_read_total{ring="packets"}"#,
+        "weft_collector_exchanges_total",
+    ] {
+        let value = gauge(&text, series);
+        assert_eq!(value, Some(0.0), "{series} with --hooks-only:\n{text}");
+    }
+    collector.stop(Duration::from_secs(5)).unwrap();
 }
 
 /// An idle reader backs off to its bound (reads the rings less often than every 5 ms, as

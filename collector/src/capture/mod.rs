@@ -27,6 +27,8 @@ use ring::{PacketRings, RingLayout};
 pub use ring::{MAP_PACKETS, MAP_RING_CTL};
 pub const MAP_CONNS: &str = "WEFT_CONNS";
 pub const MAP_COUNTERS: &str = "WEFT_COUNTERS";
+/// The classifiers' capture switch (0 with `--hooks-only`: they return at once).
+pub const GLOBAL_CAPTURE: &str = "CAPTURE";
 
 /// One event from the kernel, with its wall-clock time.
 pub enum Captured<'a> {
