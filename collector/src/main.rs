@@ -71,6 +71,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Loads the kernel programs, sized for `layout`; with `hooks_only` they capture nothing.
+/// The loader holds the kernel's parsed BTF (about 11 MiB here): it must not outlive the
+/// load, or the collector carries it for its whole life.
+fn load_programs(layout: RingLayout, object: &[u8], hooks_only: bool) -> anyhow::Result<aya::Ebpf> {
+    let mut loader = layout.loader();
+    if hooks_only {
+        loader.override_global(GLOBAL_CAPTURE, &0u8, true);
+    }
+    loader.load(object).context("loading the eBPF object")
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let listener = metrics::bind(cli.metrics_listen).await?;
@@ -91,12 +102,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => EBPF_OBJECT.into(),
     };
     let layout = RingLayout::for_this_machine()?;
-    let mut loader = layout.loader();
     if cli.hooks_only {
-        loader.override_global(GLOBAL_CAPTURE, &0u8, true);
+        metrics.set_capture(false);
         warn!("--hooks-only: the classifiers are attached but capture nothing");
     }
-    let mut ebpf = loader.load(&object).context("loading the eBPF object")?;
+    let mut ebpf = load_programs(layout, &object, cli.hooks_only)?;
     // Kept open for the collector's lifetime: the kernel times programs while any such fd is.
     let _bpf_stats = match cli.bpf_stats {
         true => Some(

@@ -47,6 +47,8 @@ impl IfaceState {
 pub struct Metrics {
     registry: Mutex<Registry>,
     backend: Family<Labels, Gauge>,
+    /// 1, or 0 with `--hooks-only`.
+    capture_enabled: Gauge,
     interfaces: Family<Labels, Gauge>,
     iface_states: Mutex<std::collections::HashMap<String, IfaceState>>,
     events_read: Family<Labels, Counter>,
@@ -90,6 +92,7 @@ impl Metrics {
         let m = Self {
             registry: Mutex::new(Registry::with_prefix("weft_collector")),
             backend: Family::default(),
+            capture_enabled: Gauge::default(),
             interfaces: Family::default(),
             iface_states: Mutex::default(),
             events_read: Family::default(),
@@ -108,8 +111,14 @@ impl Metrics {
             program_runs: Family::default(),
             last_tick: Default::default(),
         };
+        m.capture_enabled.set(1);
         {
             let mut r = m.registry.lock();
+            r.register(
+                "capture_enabled",
+                "1 when the classifiers capture; 0 with --hooks-only (attached, capturing nothing: a benchmark's reference)",
+                m.capture_enabled.clone(),
+            );
             r.register(
                 "tc_backend",
                 "How classifiers are attached (label backend = tcx | netlink)",
@@ -204,6 +213,10 @@ impl Metrics {
         self.backend
             .get_or_create(&labels("backend", backend))
             .set(1);
+    }
+
+    pub fn set_capture(&self, enabled: bool) {
+        self.capture_enabled.set(i64::from(enabled));
     }
 
     pub fn set_iface(&self, name: &str, state: IfaceState) {
@@ -431,6 +444,12 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains(r#"state="failed""#), "{text}");
+        assert!(
+            text.contains("weft_collector_capture_enabled 1\n"),
+            "{text}"
+        );
+        m.set_capture(false);
+        assert!(m.encode().contains("weft_collector_capture_enabled 0\n"));
         assert!(
             text.contains(r#"weft_collector_ring_drops_total{ring="packets"} 7"#),
             "{text}"
