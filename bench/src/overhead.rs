@@ -636,31 +636,26 @@ fn report_hooks(
     with: &[LoadResult],
     hooks: &[LoadResult],
 ) {
-    let hooks_only = paired_ratios(hooks, without);
-    report.add(
-        Figure::new(
-            BENCH,
-            &name("throughput ratio hooks only/without"),
-            stats::median(&hooks_only),
-            "",
-        )
-        .note(ratio_interval(&hooks_only))
-        .note(
+    let split = [
+        (
+            "throughput ratio hooks only/without",
+            paired_ratios(hooks, without),
             "the collector with --hooks-only: its classifiers attached as usual but \
              returning at once, capturing nothing; informational",
         ),
-    );
-    let beyond = paired_ratios(with, hooks);
-    report.add(
-        Figure::new(
-            BENCH,
-            &name("throughput ratio with/hooks only"),
-            stats::median(&beyond),
-            "",
-        )
-        .note(ratio_interval(&beyond))
-        .note("what capture, the rings and the collector add beyond the hooks; informational"),
-    );
+        (
+            "throughput ratio with/hooks only",
+            paired_ratios(with, hooks),
+            "what capture, the rings and the collector add beyond the hooks; informational",
+        ),
+    ];
+    for (figure, ratios, note) in split {
+        report.add(
+            Figure::new(BENCH, &name(figure), stats::median(&ratios), "")
+                .note(ratio_interval(&ratios))
+                .note(note),
+        );
+    }
 }
 
 /// How far the rounds leave the true median ratio uncertain: one run's median moves by a

@@ -502,6 +502,20 @@ fn program_series(text: &str, name: &str, program: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Waits (up to 5 s: the totals are taken on the collector's one-second tick) until both
+/// classifiers have run at least `runs` times under `--bpf-stats`; whether they did, and
+/// the last scrape.
+fn wait_for_program_runs(cluster: &weft_harness::Cluster, node: &str, runs: f64) -> (bool, String) {
+    let mut text = String::new();
+    let ran = wait_for(Duration::from_secs(5), || {
+        text = scrape(cluster, node);
+        ["weft_tc_ingress", "weft_tc_egress"].iter().all(|p| {
+            program_series(&text, "weft_collector_program_runs_total", p).unwrap_or(0.0) >= runs
+        })
+    });
+    (ran, text)
+}
+
 #[test]
 fn bpf_stats_time_every_program_run() {
     let cluster = one_node();
@@ -515,14 +529,7 @@ fn bpf_stats_time_every_program_run() {
     let paths: Vec<String> = (0..50).map(|i| format!("/timed/{i}")).collect();
     let statuses = http_requests(&cluster, client.netns(), addr, &paths, true);
     assert!(statuses.iter().all(|&s| s == 200));
-    // The totals are taken on the collector's one-second tick.
-    let mut text = String::new();
-    let counted = wait_for(Duration::from_secs(5), || {
-        text = scrape(&cluster, &node);
-        ["weft_tc_ingress", "weft_tc_egress"].iter().all(|p| {
-            program_series(&text, "weft_collector_program_runs_total", p).unwrap_or(0.0) >= 100.0
-        })
-    });
+    let (counted, text) = wait_for_program_runs(&cluster, &node, 100.0);
     // Each request and each response leaves one pod (ingress) and enters the other (egress).
     assert!(counted, "fewer runs than packets of 50 exchanges:\n{text}");
     for p in ["weft_tc_ingress", "weft_tc_egress"] {
@@ -559,13 +566,7 @@ fn hooks_only_runs_the_attached_programs_but_captures_nothing() {
     let paths: Vec<String> = (0..50).map(|i| format!("/hooks/{i}")).collect();
     let statuses = http_requests(&cluster, client.netns(), addr, &paths, true);
     assert!(statuses.iter().all(|&s| s == 200));
-    let mut text = String::new();
-    let ran = wait_for(Duration::from_secs(5), || {
-        text = scrape(&cluster, &node);
-        ["weft_tc_ingress", "weft_tc_egress"].iter().all(|p| {
-            program_series(&text, "weft_collector_program_runs_total", p).unwrap_or(0.0) >= 100.0
-        })
-    });
+    let (ran, text) = wait_for_program_runs(&cluster, &node, 100.0);
     assert!(ran, "the programs did not run on the traffic:\n{text}");
     // Past a read of the rings (5 ms) and the counters' one-second tick.
     std::thread::sleep(Duration::from_millis(1200));
