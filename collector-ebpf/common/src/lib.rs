@@ -196,6 +196,9 @@ pub enum Counter {
     /// (informational: nothing is lost; see `RingControl`). Includes the rare one that
     /// turns out not to be HTTP only once copied, and is then not published.
     Spilled = 10,
+    /// Connection events that woke the collector because the connection ring buffer was a
+    /// quarter full (informational: the others wait for its next timed read).
+    ConnWakeup = 11,
 }
 
 impl Counter {
@@ -212,6 +215,7 @@ impl Counter {
         Counter::NoRing,
         Counter::ClockTime,
         Counter::Spilled,
+        Counter::ConnWakeup,
     ];
 
     /// A stable snake_case name for metrics.
@@ -228,12 +232,13 @@ impl Counter {
             Counter::NoRing => "no_ring",
             Counter::ClockTime => "clock_time",
             Counter::Spilled => "spilled",
+            Counter::ConnWakeup => "conn_wakeup",
         }
     }
 }
 
 /// Number of counters (size of the counter array).
-pub const COUNTER_COUNT: u32 = 11;
+pub const COUNTER_COUNT: u32 = 12;
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,8 @@
 //! Capture: reads what the kernel programs wrote.
 //!
 //! In: the per-CPU packet rings ([`ring`]: read on the caller's timer, paced by [`pace`]), the
-//! `WEFT_CONNS` ring buffer (woken by tokio `AsyncFd`) and the per-CPU `WEFT_COUNTERS`.
+//! `WEFT_CONNS` ring buffer (read on the same timer, and through tokio `AsyncFd` when the
+//! kernel wakes the collector because it is a quarter full) and the per-CPU `WEFT_COUNTERS`.
 //! Out: `Captured` events (a [`Packet`]: the kernel's header copied out of its slot and the
 //! payload head borrowed in place; or a `ConnEvent`), with the monotonic kernel timestamp
 //! converted to wall-clock Unix nanoseconds, and the summed kernel counters.
@@ -124,11 +125,14 @@ impl Capture {
         self.stats
     }
 
-    /// Waits until the connection ring buffer has data, then hands every available event
-    /// to `sink`. Cancel-safe: nothing is consumed before the wait completes.
+    /// Waits until the kernel wakes the collector for the connection ring buffer, then
+    /// hands every available event to `sink`. Cancel-safe: nothing is consumed before the
+    /// wait completes.
     ///
-    /// The packet rings wake nobody (a wakeup per record would cost more than the record):
-    /// the caller must call [`Capture::drain_now`] on a timer ([`pace::ReadPace`]).
+    /// The kernel wakes it only when the buffer is a quarter full (a connection churn of
+    /// thousands a second would otherwise cost a wake-up per event), and the packet rings
+    /// wake nobody (a wake-up per record would cost more than the record): the caller must
+    /// call [`Capture::drain_now`] on a timer ([`pace::ReadPace`]), which reads both.
     pub async fn drain(&mut self, mut sink: impl FnMut(Captured<'_>)) -> anyhow::Result<()> {
         let mut guard = self.conns.readable_mut().await?;
         let offset = self.clock.refresh();

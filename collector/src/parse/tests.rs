@@ -865,9 +865,9 @@ fn close_ends_pending_requests_after_the_grace() {
     );
 }
 
-/// Connection events are handed on as soon as their ring buffer wakes the collector,
-/// packet records only after the watermark: the close of a keep-alive connection often
-/// arrives before its last exchange. That exchange still pairs, with the connection's id.
+/// Connection events are handed on as soon as they are read, packet records only after
+/// the watermark: the close of a keep-alive connection often arrives before its last
+/// exchange. That exchange still pairs, with the connection's id.
 #[test]
 fn a_close_read_before_the_last_exchange_of_its_connection_loses_nothing() {
     let req = b"GET /k HTTP/1.1\r\nHost: x\r\n\r\n";
