@@ -11,13 +11,15 @@
 //! against a harness pod with and without the collector, from a client pod and from the
 //! node; `--overhead-client`), `accuracy` (the harness chain, joins and links checked
 //! against what the demo apps logged; also gives `freshness`),
-//! `query` (Query API calls/s while weft-loadgen ingests 100,000 exchanges/s).
+//! `query` (Query API calls/s while weft-loadgen ingests 100,000 exchanges/s), `idle`
+//! (the collector's wake-ups and CPU with nothing to trace, and under connection churn).
 //! Benchmarks are not tests: nothing here fails on a missed target; the exit code is
 //! non-zero only when a benchmark could not run.
 
 mod accuracy;
 mod child;
 mod harness_stitcher;
+mod idle;
 mod overhead;
 mod procfs;
 mod prom;
@@ -44,6 +46,7 @@ pub enum Bench {
     Overhead,
     Accuracy,
     Query,
+    Idle,
 }
 
 #[derive(Debug, Parser)]
@@ -142,6 +145,7 @@ fn run(cli: &Cli) -> ExitCode {
             Bench::Query,
             Bench::Overhead,
             Bench::Accuracy,
+            Bench::Idle,
         ]
     } else {
         cli.only.clone()
@@ -243,6 +247,14 @@ fn run(cli: &Cli) -> ExitCode {
                         .unwrap_or(if cli.quick { 100 } else { 400 }),
                     concurrency: vec![1, 8, 32],
                     trace_idle: Duration::from_secs(2),
+                },
+                &mut report,
+            ),
+            Bench::Idle => idle::run(
+                &settings,
+                &idle::IdleArgs {
+                    idle: Duration::from_secs(if cli.quick { 3 } else { 10 }),
+                    connections: if cli.quick { 4_000 } else { 20_000 },
                 },
                 &mut report,
             ),

@@ -1,5 +1,6 @@
 //! Resource use of a process from `/proc/<pid>`: CPU time (`stat` utime + stime) and
-//! memory (`status` VmRSS, VmHWM); and of the whole machine from `/proc/stat`.
+//! memory (`status` VmRSS, VmHWM), or its threads' CPU nanoseconds and sleeps
+//! ([`Threads`]); and of the whole machine from `/proc/stat`.
 //!
 //! In: a PID (or nothing, for the machine). Out: a [`Sample`] (a [`MachineCpu`]); the
 //! difference of two samples over wall time gives cores (the busy fraction).
@@ -46,6 +47,63 @@ impl Sample {
     pub fn cpu_seconds_since(&self, earlier: &Sample) -> f64 {
         self.cpu_ticks.saturating_sub(earlier.cpu_ticks) as f64 / clock_ticks_per_second()
     }
+}
+
+/// What all threads of a process did so far, to the nanosecond and the wake-up: `Sample`'s
+/// clock ticks (10 ms) cannot see an idle process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threads {
+    /// CPU time on all threads (`/proc/<pid>/task/*/schedstat`, first field).
+    pub cpu_ns: u64,
+    /// Times a thread went to sleep of its own accord, and so was woken again
+    /// (`voluntary_ctxt_switches` of `/proc/<pid>/task/*/status`).
+    pub sleeps: u64,
+}
+
+impl Threads {
+    pub fn read(pid: i32) -> Result<Threads> {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("reading /proc/{pid}/task"))?;
+        let mut sum = Threads {
+            cpu_ns: 0,
+            sleeps: 0,
+        };
+        for task in tasks {
+            let dir = task?.path();
+            // A thread that ended since the listing counts no more.
+            let (Ok(schedstat), Ok(status)) = (
+                std::fs::read_to_string(dir.join("schedstat")),
+                std::fs::read_to_string(dir.join("status")),
+            ) else {
+                continue;
+            };
+            sum.cpu_ns += parse_schedstat_ns(&schedstat).context("malformed schedstat")?;
+            sum.sleeps += parse_status_count(&status, "voluntary_ctxt_switches")
+                .context("no voluntary_ctxt_switches in status")?;
+        }
+        Ok(sum)
+    }
+
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &Threads) -> Threads {
+        Threads {
+            cpu_ns: self.cpu_ns.saturating_sub(earlier.cpu_ns),
+            sleeps: self.sleeps.saturating_sub(earlier.sleeps),
+        }
+    }
+}
+
+/// The CPU time (ns) of a `schedstat` line: `run_ns wait_ns timeslices`.
+pub fn parse_schedstat_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().next()?.parse().ok()
+}
+
+/// A `Key:\t1234` line of `/proc/<pid>/status`.
+pub fn parse_status_count(status: &str, key: &str) -> Option<u64> {
+    status.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        rest.trim().parse().ok()
+    })
 }
 
 /// The machine's CPU time so far, all CPUs together (the `cpu` line of `/proc/stat`).
@@ -144,6 +202,26 @@ mod tests {
         assert_eq!(parse_status_kib(status, "VmHWM"), Some(51200));
         assert_eq!(parse_status_kib(status, "VmRSS"), Some(40960));
         assert_eq!(parse_status_kib(status, "VmSwap"), None);
+    }
+
+    #[test]
+    fn thread_counters_parse() {
+        assert_eq!(parse_schedstat_ns("123456789 42 7\n"), Some(123_456_789));
+        assert_eq!(parse_schedstat_ns(""), None);
+        let status = "Name:\tweft\nvoluntary_ctxt_switches:\t812\nnonvoluntary_ctxt_switches:\t3\n";
+        assert_eq!(
+            parse_status_count(status, "voluntary_ctxt_switches"),
+            Some(812)
+        );
+        assert_eq!(
+            parse_status_count(status, "nonvoluntary_ctxt_switches"),
+            Some(3)
+        );
+        assert_eq!(parse_status_count(status, "Threads"), None);
+        let this = Threads::read(std::process::id() as i32).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let later = Threads::read(std::process::id() as i32).unwrap();
+        assert!(later.since(&this).sleeps >= 1, "{this:?} then {later:?}");
     }
 
     #[test]
