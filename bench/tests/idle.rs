@@ -2,21 +2,11 @@
 //! every figure with a value, no connection event lost, and no wake-up per event under
 //! churn (the collector reads connection events on its timer).
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::{Command, Stdio};
 
-/// The directory holding the workspace's debug `weft-collector` and `weft-demo-app`.
-fn bin_dir() -> PathBuf {
-    let collector = weft_harness::binaries::path("weft-collector").expect("weft-collector");
-    let demo = weft_harness::binaries::path("weft-demo-app").expect("weft-demo-app");
-    let dir = collector.parent().expect("bin dir").to_path_buf();
-    assert_eq!(
-        demo.parent(),
-        Some(dir.as_path()),
-        "binaries in one directory"
-    );
-    dir
-}
+use common::bin_dir;
 
 fn figure<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     report["figures"]

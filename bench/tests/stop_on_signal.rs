@@ -2,9 +2,13 @@
 //! cluster (namespaces, run directory), nor the processes in it (demo app, collector,
 //! h2load), nor its own children; and each of them got a SIGTERM it could act on.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::bin_dir;
 
 const RUNS_DIR: &str = "/run/weft-harness";
 
@@ -54,19 +58,6 @@ fn processes() -> Vec<(i32, i32, String)> {
         out.push((pid, parent, comm));
     }
     out
-}
-
-/// The directory holding the workspace's debug `weft-collector` and `weft-demo-app`.
-fn bin_dir() -> PathBuf {
-    let collector = weft_harness::binaries::path("weft-collector").expect("weft-collector");
-    let demo = weft_harness::binaries::path("weft-demo-app").expect("weft-demo-app");
-    let dir = collector.parent().expect("bin dir").to_path_buf();
-    assert_eq!(
-        demo.parent(),
-        Some(dir.as_path()),
-        "binaries in one directory"
-    );
-    dir
 }
 
 /// Kills the benchmark if an assertion fails before the test sends its signal.
