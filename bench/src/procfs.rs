@@ -29,8 +29,8 @@ impl Sample {
         Ok(Sample {
             at: Instant::now(),
             cpu_ticks: parse_cpu_ticks(&stat).context("malformed /proc/<pid>/stat")?,
-            rss_kib: parse_status_kib(&status, "VmRSS").unwrap_or(0),
-            hwm_kib: parse_status_kib(&status, "VmHWM").unwrap_or(0),
+            rss_kib: parse_status_number(&status, "VmRSS").unwrap_or(0),
+            hwm_kib: parse_status_number(&status, "VmHWM").unwrap_or(0),
         })
     }
 
@@ -51,7 +51,7 @@ impl Sample {
 
 /// What all threads of a process did so far, to the nanosecond and the wake-up: `Sample`'s
 /// clock ticks (10 ms) cannot see an idle process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Threads {
     /// CPU time on all threads (`/proc/<pid>/task/*/schedstat`, first field).
     pub cpu_ns: u64,
@@ -64,10 +64,7 @@ impl Threads {
     pub fn read(pid: i32) -> Result<Threads> {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
             .with_context(|| format!("reading /proc/{pid}/task"))?;
-        let mut sum = Threads {
-            cpu_ns: 0,
-            sleeps: 0,
-        };
+        let mut sum = Threads::default();
         for task in tasks {
             let dir = task?.path();
             // A thread that ended since the listing counts no more.
@@ -78,7 +75,7 @@ impl Threads {
                 continue;
             };
             sum.cpu_ns += parse_schedstat_ns(&schedstat).context("malformed schedstat")?;
-            sum.sleeps += parse_status_count(&status, "voluntary_ctxt_switches")
+            sum.sleeps += parse_status_number(&status, "voluntary_ctxt_switches")
                 .context("no voluntary_ctxt_switches in status")?;
         }
         Ok(sum)
@@ -96,14 +93,6 @@ impl Threads {
 /// The CPU time (ns) of a `schedstat` line: `run_ns wait_ns timeslices`.
 pub fn parse_schedstat_ns(schedstat: &str) -> Option<u64> {
     schedstat.split_whitespace().next()?.parse().ok()
-}
-
-/// A `Key:\t1234` line of `/proc/<pid>/status`.
-pub fn parse_status_count(status: &str, key: &str) -> Option<u64> {
-    status.lines().find_map(|l| {
-        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
-        rest.trim().parse().ok()
-    })
 }
 
 /// The machine's CPU time so far, all CPUs together (the `cpu` line of `/proc/stat`).
@@ -163,8 +152,9 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// A `Key:   1234 kB` line of `/proc/<pid>/status`, in KiB.
-pub fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+/// The number of a `/proc/<pid>/status` line: `Key:   1234 kB` (memory, in KiB) or
+/// `Key:\t1234` (a count).
+pub fn parse_status_number(status: &str, key: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let rest = l.strip_prefix(key)?.strip_prefix(':')?;
         rest.split_whitespace().next()?.parse().ok()
@@ -199,9 +189,9 @@ mod tests {
     #[test]
     fn status_lines_give_kib() {
         let status = "Name:\tweft\nVmHWM:\t   51200 kB\nVmRSS:\t   40960 kB\n";
-        assert_eq!(parse_status_kib(status, "VmHWM"), Some(51200));
-        assert_eq!(parse_status_kib(status, "VmRSS"), Some(40960));
-        assert_eq!(parse_status_kib(status, "VmSwap"), None);
+        assert_eq!(parse_status_number(status, "VmHWM"), Some(51200));
+        assert_eq!(parse_status_number(status, "VmRSS"), Some(40960));
+        assert_eq!(parse_status_number(status, "VmSwap"), None);
     }
 
     #[test]
@@ -210,14 +200,14 @@ mod tests {
         assert_eq!(parse_schedstat_ns(""), None);
         let status = "Name:\tweft\nvoluntary_ctxt_switches:\t812\nnonvoluntary_ctxt_switches:\t3\n";
         assert_eq!(
-            parse_status_count(status, "voluntary_ctxt_switches"),
+            parse_status_number(status, "voluntary_ctxt_switches"),
             Some(812)
         );
         assert_eq!(
-            parse_status_count(status, "nonvoluntary_ctxt_switches"),
+            parse_status_number(status, "nonvoluntary_ctxt_switches"),
             Some(3)
         );
-        assert_eq!(parse_status_count(status, "Threads"), None);
+        assert_eq!(parse_status_number(status, "Threads"), None);
         let this = Threads::read(std::process::id() as i32).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2));
         let later = Threads::read(std::process::id() as i32).unwrap();
