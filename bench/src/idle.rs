@@ -76,7 +76,7 @@ pub fn run(_settings: &Settings, args: &IdleArgs, report: &mut Report) -> Result
 
     let before = scrape()?;
     let churn = measure(&collector, || churn(&cluster, &pod_ns, &demo_app, args))?;
-    // Past the reader's longest wait (40 ms) and the counters' one-second tick.
+    // Past the reader's longest wait (0.1 s by default) and the counters' one-second tick.
     std::thread::sleep(Duration::from_millis(1200));
     let after = scrape()?;
     let delta = |series: &str, labels: &[(&str, &str)]| {

@@ -5,9 +5,11 @@
 //! Out: packet records (a `PacketHeader` followed by at most `HEAD_LEN` payload bytes, for
 //! segments that begin an HTTP/1 message; only the header when the CPU's previous record
 //! was the same segment, `RECORD_REPEAT`) in the writing CPU's own ring (`WEFT_PACKETS`
-//! slots, `WEFT_RING_CTL` positions: see `RingControl`), `ConnEvent`s on the `CONNS` ring
-//! buffer (which wakes the collector only once a quarter full: `CONNS_WAKE_AT`), and
-//! per-CPU `COUNTERS` for every packet seen, emitted, lost or skipped.
+//! slots, `WEFT_RING_CTL` positions: see `RingControl`), a ring on the `DOORBELL` ring
+//! buffer when a record fills a ring to half while the collector has backed off,
+//! `ConnEvent`s on the `CONNS` ring buffer (which wakes the collector only once a quarter
+//! full: `CONNS_WAKE_AT`), and per-CPU `COUNTERS` for every packet seen, emitted, lost or
+//! skipped.
 //!
 //! Only a segment that *begins* an HTTP message is captured, and only its first `HEAD_LEN`
 //! bytes: headers beyond them, or continued in later segments, are not followed. The cut is
@@ -57,6 +59,13 @@ static PACKETS: Array<PacketEvent> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map(name = "WEFT_RING_CTL")]
 static RING_CTL: Array<RingControl> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
+/// Wakes the collector when a packet ring is half full while it reads on its idle
+/// schedule (see `ring_doorbell`). Each ring rings at most once between two reads of the
+/// collector, which empties this on every read: 16 KiB (16-byte records) is room for the
+/// rings of 512 CPUs.
+#[map(name = "WEFT_DOORBELL")]
+static DOORBELL: RingBuf = RingBuf::with_byte_size(16 * 1024, 0);
+
 /// TCP connection opens and closes.
 #[map(name = "WEFT_CONNS")]
 static CONNS: RingBuf = RingBuf::with_byte_size(CONNS_BYTES, 0);
@@ -65,8 +74,8 @@ const CONNS_BYTES: u32 = 256 * 1024;
 
 /// Unread bytes of `CONNS` from which a connection event wakes the collector. Below it
 /// the event waits for the collector's next timed read of its rings (every 5 ms under
-/// traffic, at most 40 ms when idle): the tracepoint sees every TCP socket of the host, and
-/// a wake-up per event cost the collector about 7 µs of CPU each (16 % of a CPU at 6,000
+/// traffic, by default at most 100 ms when idle): the tracepoint sees every TCP socket of
+/// the host, and a wake-up per event cost the collector about 7 µs of CPU each (16 % of a CPU at 6,000
 /// connections a second). A quarter of the ring leaves three quarters for the events that
 /// come while the woken collector gets to it.
 const CONNS_WAKE_AT: u64 = CONNS_BYTES as u64 / 4;
@@ -383,7 +392,7 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
     }
     unsafe { (*ctl).busy = 1 };
     let written = match ring_with_room(ctl, slots) {
-        Some(ring) => write_record(ctx, seg, direction, ctl, ring),
+        Some(ring) => write_record(ctx, seg, direction, ctl, &ring).map(|()| ring),
         // Lost only if it was HTTP.
         None => Err(match begins_http(ctx, seg.payload_off) {
             true => Counter::RingFull,
@@ -391,7 +400,10 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
         }),
     };
     match written {
-        Ok(()) => count(Counter::Emitted),
+        Ok(ring) => {
+            count(Counter::Emitted);
+            ring_doorbell(&ring, cpu);
+        }
         Err(lost) => count(lost),
     }
     unsafe { (*ctl).busy = 0 };
@@ -425,13 +437,13 @@ fn write_record(
     seg: &Segment,
     direction: u8,
     ctl: *mut RingControl,
-    ring: Ring,
+    ring: &Ring,
 ) -> Result<(), Counter> {
     let sent = send_time(ctx);
     // SAFETY: see `emit`.
     let last = unsafe { (*ctl).last };
     let which = ring.which();
-    let ev = slot_at_head(&ring)?;
+    let ev = slot_at_head(ring)?;
     let repeat = match sent {
         Some(ts) => {
             last.ring == which
@@ -454,7 +466,7 @@ fn write_record(
         captured,
         flags,
     };
-    publish_header(ctx, seg, direction, &ring, ev, header);
+    publish_header(ctx, seg, direction, ring, ev, header);
     if !repeat {
         unsafe { (*ctl).last = remember(seg, sent, captured, which) };
     }
@@ -505,10 +517,36 @@ fn ring_with_room(ctl: *mut RingControl, slots: u64) -> Option<Ring> {
 /// Whether the collector has read the slot at `head`.
 #[inline(always)]
 fn has_room(ctl: *mut RingControl, slots: u64) -> bool {
+    unread(ctl) < slots
+}
+
+/// Records published and not yet read.
+#[inline(always)]
+fn unread(ctl: *mut RingControl) -> u64 {
     let head = unsafe { (*ctl).head };
     // Volatile: the collector moves `tail` behind the compiler's back.
     let tail = unsafe { read_volatile(addr_of_mut!((*ctl).tail)) };
-    head.wrapping_sub(tail) < slots
+    head.wrapping_sub(tail)
+}
+
+/// Wakes the collector when it has backed off (it armed `doorbell`) and the record just
+/// published filled `ring` to half: its next timed read might otherwise come after the
+/// rings are full (a busy CPU fills them in about 60 ms). One record rings: the one that
+/// rings disarms the ring, and the collector arms it again after its next read if it is
+/// still idle. While the collector reads every 5 ms it leaves the doorbell disarmed, and
+/// this costs a load from the line `has_room` just read.
+#[inline(always)]
+fn ring_doorbell(ring: &Ring, cpu: u32) {
+    // SAFETY: see `emit`. Volatile: the collector arms it behind the compiler's back.
+    let doorbell = unsafe { addr_of_mut!((*ring.ctl).doorbell) };
+    if unsafe { read_volatile(doorbell) } == 0 || unread(ring.ctl) < ring.slots / 2 {
+        return;
+    }
+    unsafe { write_volatile(doorbell, 0) };
+    match DOORBELL.output::<u32>(&cpu, BPF_RB_FORCE_WAKEUP as u64) {
+        Ok(()) => count(Counter::Doorbell),
+        Err(_) => count(Counter::DoorbellFull),
+    }
 }
 
 /// Makes the slots before `head` readable by the collector: the slot's bytes must be

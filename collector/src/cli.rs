@@ -2,9 +2,11 @@
 //! reads `WEFT_<FLAG>`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::capture::pace::parse_max_interval;
 pub use crate::print::PrintMode;
 use crate::ship::ShipArgs;
 
@@ -55,6 +57,13 @@ pub struct Cli {
     /// --overhead-hooks`). Produces no exchanges.
     #[arg(long, env = "WEFT_HOOKS_ONLY", default_value_t = false)]
     pub hooks_only: bool,
+
+    /// Longest wait between reads of the packet rings while no traffic comes (under traffic
+    /// they are read every 5 ms). A burst wakes the collector at once whatever this is (a
+    /// ring half full rings its doorbell); a lone request or connection event waits up to
+    /// this long, and an idle collector wakes about once per interval.
+    #[arg(long, env = "WEFT_MAX_READ_INTERVAL", default_value = "100ms", value_parser = parse_max_interval)]
+    pub max_read_interval: Duration,
 
     /// Keep query strings in paths (default: redacted).
     #[arg(long, env = "WEFT_KEEP_QUERY", default_value_t = false)]

@@ -163,8 +163,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // The packet rings wake nobody: this timer reads them, on the schedule of `pace`.
-    let mut pace = ReadPace::new(layout.slots_per_cpu());
+    // The packet rings wake nobody per record: this timer reads them, on the schedule of
+    // `pace`, and while it has backed off their doorbells wake the collector for a burst.
+    let mut pace = ReadPace::new(cli.max_read_interval);
     metrics.record_read_interval(pace.interval());
     let read_timer = tokio::time::sleep(pace.interval());
     tokio::pin!(read_timer);
@@ -176,18 +177,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = sigterm.recv() => Wake::Stop("SIGTERM"),
             _ = sigint.recv() => Wake::Stop("SIGINT"),
             ev = watcher.next() => Wake::Link(ev),
-            res = capture.drain(|c| pipeline.on_captured(c)) => { res?; continue; }
-            () = &mut read_timer => {
-                let (due, woke) = (read_timer.deadline(), Instant::now());
-                let found = capture.drain_now(|c| pipeline.on_captured(c));
-                pipeline.flush_output();
-                read_timer.as_mut().reset(pace.after_read(due, woke, found));
-                metrics.record_read_interval(pace.interval());
-                continue;
+            res = capture.woken() => {
+                res?;
+                let now = Instant::now();
+                Wake::Read { due: now, woke: now, cause: "kernel" }
             }
+            () = &mut read_timer => Wake::Read {
+                due: read_timer.deadline(),
+                woke: Instant::now(),
+                cause: "timer",
+            },
             _ = tick.tick() => Wake::Tick,
         };
         match wake {
+            Wake::Read { due, woke, cause } => {
+                let found = capture.drain_now(|c| pipeline.on_captured(c));
+                pipeline.flush_output();
+                // A wake-up for connection events alone (every socket of the host) leaves
+                // the packet rings' schedule as it was.
+                if cause == "timer" || found > 0 {
+                    read_timer.as_mut().reset(pace.after_read(due, woke, found));
+                    capture.arm_doorbell(pace.backed_off());
+                }
+                metrics.record_pace(cause, pace.interval());
+            }
             Wake::Stop(sig) => {
                 info!("{sig}: detaching");
                 break;
@@ -223,6 +236,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 enum Wake {
+    /// Read the rings: the timer was due at `due`, or the kernel woke us (`due` = `woke`);
+    /// `cause` is `timer` or `kernel`.
+    Read {
+        due: Instant,
+        woke: Instant,
+        cause: &'static str,
+    },
     Stop(&'static str),
     Link(Option<LinkEvent>),
     Tick,

@@ -63,6 +63,7 @@ pub struct Metrics {
     stages: Family<Labels, Counter>,
     ship_queue: Gauge,
     read_interval: Gauge<f64, AtomicU64>,
+    reads: Family<Labels, Counter>,
     program_run_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     program_runs: Family<Labels, Counter>,
     /// When the capture loop last finished its periodic work (Unix seconds; 0 = not yet).
@@ -107,6 +108,7 @@ impl Metrics {
             stages: Family::default(),
             ship_queue: Gauge::default(),
             read_interval: Gauge::default(),
+            reads: Family::default(),
             program_run_seconds: Family::default(),
             program_runs: Family::default(),
             last_tick: Default::default(),
@@ -136,8 +138,13 @@ impl Metrics {
             );
             r.register(
                 "read_interval_seconds",
-                "Time between reads of the packet rings now: 0.005 while packet records come; after 0.1 s without any, up to a third of what a CPU's rings hold at 150k records/s (0.02048 on a small node)",
+                "Time between reads of the packet rings now: 0.005 while packet records come; after 0.1 s without any, doubling up to --max-read-interval (default 0.1), while a ring half full wakes the collector at once",
                 m.read_interval.clone(),
+            );
+            r.register(
+                "reads",
+                "Reads of the kernel's rings, by cause: timer (the read schedule) or kernel (a ring half full rang its doorbell, or the connection ring buffer was a quarter full)",
+                m.reads.clone(),
             );
             r.register(
                 "events_read",
@@ -292,6 +299,13 @@ impl Metrics {
             ];
             raise_to(&self.stages.get_or_create(&labels), *total);
         }
+    }
+
+    /// A read of the rings by its cause (`timer` or `kernel`), and the time to the next
+    /// timed read (see `capture::pace`).
+    pub fn record_pace(&self, cause: &str, interval: std::time::Duration) {
+        self.reads.get_or_create(&labels("cause", cause)).inc();
+        self.record_read_interval(interval);
     }
 
     /// The time between reads of the packet rings now (see `capture::pace`).

@@ -143,6 +143,10 @@ impl Pipeline {
                 Counter::BadHeader,
                 "packets skipped: truncated or malformed IP/TCP headers",
             ),
+            (
+                Counter::DoorbellFull,
+                "a half-full packet ring could not wake the collector: the doorbell ring buffer was full (its records wait for the next timed read)",
+            ),
         ];
         for (counter, why) in losses {
             let n = kernel[counter as usize];

@@ -13,10 +13,7 @@ use std::{net::SocketAddr, process::Command, time::Duration};
 use aya::programs::TcAttachType;
 use common::*;
 use nix::sys::signal::Signal;
-use weft_collector::capture::{
-    pace::{self, ReadPace},
-    ring::RingLayout,
-};
+use weft_collector::capture::pace;
 
 const HOOKS: [TcAttachType; 2] = [TcAttachType::Ingress, TcAttachType::Egress];
 
@@ -614,31 +611,57 @@ fn a_running_collector_holds_no_load_time_memory() {
     collector.stop(Duration::from_secs(5)).unwrap();
 }
 
-/// An idle reader backs off to its bound (reads the rings less often than every 5 ms, as
-/// far as this machine's rings allow), returns to 5 ms as soon as records come, reads
-/// every request of the burst that ends the quiet spell, and backs off again after it.
+/// An idle reader backs off to its bound and arms the rings' doorbells. A burst that
+/// begins right after a timed read fills a ring to half, which rings: the reader reads it
+/// and returns to 5 ms long before its next timed read is due, reads every request, and
+/// backs off again after it. Idle at its bound, it wakes only a few times a second.
 #[test]
-fn an_idle_reader_backs_off_to_its_bound_and_returns_to_5_ms_for_a_burst() {
+fn an_idle_reader_is_woken_by_a_doorbell_for_a_burst() {
     const REQUESTS: usize = 4_000;
     const INTERVAL: &str = "weft_collector_read_interval_seconds";
+    const TIMED_READS: &str = r#"weft_collector_reads_total{cause="timer"}"#;
+    const WOKEN_READS: &str = r#"weft_collector_reads_total{cause="kernel"}"#;
+    const DOORBELL: &str = r#"weft_collector_kernel_events_total{counter="doorbell"}"#;
+    // Long, so that only the doorbell explains a read soon after the burst began.
+    const BOUND: f64 = 2.0;
+    // A read every 2 s and the metrics' one-second tick; 65 a second with the 20 ms
+    // bound the reader had before the doorbell.
+    const MAX_IDLE_WAKE_UPS_PER_SEC: f64 = 10.0;
     let base = pace::BASE_INTERVAL.as_secs_f64();
-    // The bound of this machine's rings, sized as the collector sizes them.
-    let layout = RingLayout::for_this_machine().expect("ring layout");
-    let bound = ReadPace::new(layout.slots_per_cpu())
-        .max_interval()
-        .as_secs_f64();
-    let t = traced_node(&[]);
+    let t = traced_node(&["--max-read-interval", "2s"]);
     let (cluster, node, addr) = (&t.cluster, t.node.as_str(), t.server);
     let client = cluster.pod("client").netns().to_owned();
+    quiet(&[node, &client, cluster.pod("server").netns()]);
     let interval = || gauge(&scrape(cluster, node), INTERVAL);
     let at = |v: f64| move |i: Option<f64>| i.is_some_and(|i| (i - v).abs() < 1e-9);
-    let at_bound = || at(bound)(interval());
+    let at_bound = || at(BOUND)(interval());
     assert!(
-        wait_for(Duration::from_secs(3), at_bound),
-        "the idle reader is not at its bound of {bound} s: {:?}",
+        wait_for(Duration::from_secs(8), at_bound),
+        "the idle reader is not at its bound of {BOUND} s: {:?}",
         interval()
     );
 
+    let pid = t.collector.pid();
+    let woke_before = voluntary_switches(pid);
+    let idle = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let per_sec = (voluntary_switches(pid) - woke_before) as f64 / idle.elapsed().as_secs_f64();
+    assert!(
+        per_sec < MAX_IDLE_WAKE_UPS_PER_SEC,
+        "the idle collector woke {per_sec:.1} times a second"
+    );
+
+    // Right after a timed read, the next one is 2 s away.
+    let text = scrape(cluster, node);
+    let (timed, rang) = (metric(&text, TIMED_READS), metric(&text, DOORBELL));
+    assert!(
+        wait_for(Duration::from_secs(4), || metric(
+            &scrape(cluster, node),
+            TIMED_READS
+        ) > timed),
+        "no timed read"
+    );
+    let start = std::time::Instant::now();
     let paths: Vec<String> = (0..REQUESTS).map(|i| format!("/burst/{i}")).collect();
     let mut seen = Vec::new();
     let sent = std::thread::scope(|s| {
@@ -650,15 +673,17 @@ fn an_idle_reader_backs_off_to_its_bound_and_returns_to_5_ms_for_a_burst() {
         });
         // Bounded by the burst (whose requests time out after 5 s each).
         while !burst.is_finished() {
-            seen.push(interval());
+            seen.push((start.elapsed(), interval()));
             std::thread::sleep(Duration::from_millis(10));
         }
         burst.join()
     });
     assert_eq!(sent.expect("requests"), REQUESTS);
+    let first_base = seen.iter().find(|(_, i)| at(base)(*i)).map(|(t, _)| *t);
+    eprintln!("idle: {per_sec:.1} wake-ups a second; the burst first read at {first_base:?}");
     assert!(
-        seen.iter().copied().any(at(base)),
-        "the reader never read every 5 ms during the burst: {seen:?}"
+        first_base.is_some_and(|t| t < Duration::from_secs(1)),
+        "the burst was first read at {first_base:?} (the next timed read was 2 s away): {seen:?}"
     );
 
     // Both halves of every request (client and server pod are on this node).
@@ -676,9 +701,11 @@ fn an_idle_reader_backs_off_to_its_bound_and_returns_to_5_ms_for_a_burst() {
         0,
         "{text}"
     );
+    assert!(metric(&text, DOORBELL) > rang, "no doorbell rang: {text}");
+    assert!(metric(&text, WOKEN_READS) > 0, "{text}");
     assert!(
-        wait_for(Duration::from_secs(3), at_bound),
-        "the reader did not back off to {bound} s again after the burst: {:?}",
+        wait_for(Duration::from_secs(8), at_bound),
+        "the reader did not back off to {BOUND} s again after the burst: {:?}",
         interval()
     );
 }

@@ -94,6 +94,11 @@ pub struct PacketEvent {
 ///
 /// `head` and `tail` are on separate cache lines: the kernel writes the first once per
 /// record, the collector the second once per read.
+///
+/// The rings wake nobody per record (a wake-up would cost more than the record): the
+/// collector reads them on a timer, and backs off when they stay empty. While it has
+/// backed off it arms `doorbell`, and the first record that fills a ring to half rings
+/// the `WEFT_DOORBELL` ring buffer once, which wakes it at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RingControl {
@@ -115,7 +120,11 @@ pub struct RingControl {
     pub last: LastRecord,
     /// Records the collector has read (written by user space).
     pub tail: u64,
-    pub _pad2: [u64; 7],
+    /// Non-zero while the collector reads on its idle schedule and wants to be woken when
+    /// this ring is half full: set by the collector, cleared by the classifier that rings
+    /// (so one record rings, not every record until the collector comes).
+    pub doorbell: u64,
+    pub _pad2: [u64; 6],
 }
 
 /// What identifies a published record's segment, for `RECORD_REPEAT`: a segment sent
@@ -199,6 +208,13 @@ pub enum Counter {
     /// Connection events that woke the collector because the connection ring buffer was a
     /// quarter full (informational: the others wait for its next timed read).
     ConnWakeup = 11,
+    /// Records that woke the collector, which had backed off, because their ring was half
+    /// full (informational: see `RingControl::doorbell`).
+    Doorbell = 12,
+    /// Doorbell rings lost to a full `WEFT_DOORBELL` ring buffer: the collector then reads
+    /// at its next timed read, and records beyond what its rings hold are counted in
+    /// `RingFull`.
+    DoorbellFull = 13,
 }
 
 impl Counter {
@@ -216,6 +232,8 @@ impl Counter {
         Counter::ClockTime,
         Counter::Spilled,
         Counter::ConnWakeup,
+        Counter::Doorbell,
+        Counter::DoorbellFull,
     ];
 
     /// A stable snake_case name for metrics.
@@ -233,12 +251,14 @@ impl Counter {
             Counter::ClockTime => "clock_time",
             Counter::Spilled => "spilled",
             Counter::ConnWakeup => "conn_wakeup",
+            Counter::Doorbell => "doorbell",
+            Counter::DoorbellFull => "doorbell_full",
         }
     }
 }
 
 /// Number of counters (size of the counter array).
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 14;
 
 #[cfg(test)]
 mod tests {
@@ -268,8 +288,10 @@ mod tests {
     fn ring_control_keeps_head_and_tail_apart() {
         assert_eq!(offset_of!(RingControl, head), 0);
         assert_eq!(offset_of!(RingControl, slots), 8);
-        // The tail starts its own cache line.
+        // The tail starts its own cache line, which the doorbell shares: the classifier
+        // reads both together.
         assert_eq!(offset_of!(RingControl, tail), 64);
+        assert_eq!(offset_of!(RingControl, doorbell), 72);
         // One entry per CPU, each two whole cache lines: no CPU's head shares a line with
         // another CPU's or with a tail.
         assert_eq!(size_of::<RingControl>(), 128);

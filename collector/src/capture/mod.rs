@@ -1,8 +1,11 @@
 //! Capture: reads what the kernel programs wrote.
 //!
 //! In: the per-CPU packet rings ([`ring`]: read on the caller's timer, paced by [`pace`]), the
-//! `WEFT_CONNS` ring buffer (read on the same timer, and through tokio `AsyncFd` when the
-//! kernel wakes the collector because it is a quarter full) and the per-CPU `WEFT_COUNTERS`.
+//! `WEFT_CONNS` ring buffer (read on the same timer), the `WEFT_DOORBELL` ring buffer (rung
+//! by a classifier when a packet ring is half full while the reader has backed off) and the
+//! per-CPU `WEFT_COUNTERS`. The kernel wakes the collector (tokio `AsyncFd`) only through
+//! the doorbell and when the connection ring buffer is a quarter full; then the caller reads
+//! everything at once.
 //! Out: `Captured` events (a [`Packet`]: the kernel's header copied out of its slot and the
 //! payload head borrowed in place; or a `ConnEvent`), with the monotonic kernel timestamp
 //! converted to wall-clock Unix nanoseconds, and the summed kernel counters.
@@ -27,6 +30,7 @@ use ring::{PacketRings, RingLayout};
 
 pub use ring::{MAP_PACKETS, MAP_RING_CTL};
 pub const MAP_CONNS: &str = "WEFT_CONNS";
+pub const MAP_DOORBELL: &str = "WEFT_DOORBELL";
 pub const MAP_COUNTERS: &str = "WEFT_COUNTERS";
 /// The classifiers' capture switch (0 with `--hooks-only`: they return at once).
 pub const GLOBAL_CAPTURE: &str = "CAPTURE";
@@ -94,6 +98,7 @@ pub struct ReadStats {
 pub struct Capture {
     packets: PacketRings,
     conns: AsyncFd<RingBuf<MapData>>,
+    doorbell: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     stats: ReadStats,
     clock: WallClock,
@@ -111,10 +116,12 @@ impl Capture {
         let packets = PacketRings::open(take(MAP_PACKETS)?, take(MAP_RING_CTL)?, layout)
             .context("setting up the per-CPU packet rings")?;
         let conns = RingBuf::try_from(take(MAP_CONNS)?)?;
+        let doorbell = RingBuf::try_from(take(MAP_DOORBELL)?)?;
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         Ok(Self {
             packets,
             conns: poll(conns).context("polling the connection ring buffer")?,
+            doorbell: poll(doorbell).context("polling the doorbell ring buffer")?,
             counters,
             stats: ReadStats::default(),
             clock: WallClock::new(),
@@ -125,20 +132,30 @@ impl Capture {
         self.stats
     }
 
-    /// Waits until the kernel wakes the collector for the connection ring buffer, then
-    /// hands every available event to `sink`. Cancel-safe: nothing is consumed before the
-    /// wait completes.
+    /// Waits until the kernel wakes the collector: a packet ring half full while the
+    /// doorbell was armed ([`Capture::arm_doorbell`]), or the connection ring buffer a
+    /// quarter full. The caller then reads with [`Capture::drain_now`]. Cancel-safe:
+    /// nothing is consumed.
     ///
-    /// The kernel wakes it only when the buffer is a quarter full (a connection churn of
-    /// thousands a second would otherwise cost a wake-up per event), and the packet rings
-    /// wake nobody (a wake-up per record would cost more than the record): the caller must
-    /// call [`Capture::drain_now`] on a timer ([`pace::ReadPace`]), which reads both.
-    pub async fn drain(&mut self, mut sink: impl FnMut(Captured<'_>)) -> anyhow::Result<()> {
-        let mut guard = self.conns.readable_mut().await?;
-        let offset = self.clock.refresh();
-        read_conns(guard.get_inner_mut(), &mut self.stats, offset, &mut sink);
-        guard.clear_ready();
+    /// The kernel wakes nobody per record or event (a connection churn of thousands a
+    /// second, or a packet rate of a hundred thousand, would otherwise cost a wake-up
+    /// each): the caller must also call [`Capture::drain_now`] on a timer
+    /// ([`pace::ReadPace`]).
+    pub async fn woken(&mut self) -> anyhow::Result<()> {
+        // Readiness is cleared before the read that follows, so a wake-up during that read
+        // is not lost.
+        tokio::select! {
+            guard = self.conns.readable_mut() => guard?.clear_ready(),
+            guard = self.doorbell.readable_mut() => guard?.clear_ready(),
+        }
         Ok(())
+    }
+
+    /// Arms every packet ring's doorbell while the reader reads less often than every
+    /// [`pace::BASE_INTERVAL`], disarms them when it reads at that pace again (see
+    /// `RingControl::doorbell`). Call after every read.
+    pub fn arm_doorbell(&mut self, armed: bool) {
+        self.packets.set_doorbell(armed);
     }
 
     /// Hands every event available now to `sink`, without waiting: the packet records
@@ -171,6 +188,9 @@ impl Capture {
         self.stats.repeats += read.repeats;
         self.stats.unresolved_repeats += read.unresolved_repeats;
         read_conns(self.conns.get_mut(), &mut self.stats, offset, &mut sink);
+        // Its rings have done their job: this read is the one they asked for.
+        let doorbell = self.doorbell.get_mut();
+        while doorbell.next().is_some() {}
         read.found()
     }
 

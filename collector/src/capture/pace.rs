@@ -1,32 +1,29 @@
 //! When to read the packet rings next.
 //!
 //! In: what each read of the packet rings found (records handed on or left waiting).
-//! Out: when the next read is due.
+//! Out: when the next read is due, and whether the rings' doorbells should be armed.
 //!
-//! The rings wake nobody (see [`super::Capture::drain`]), so the collector reads them on a
-//! timer. While records come, it reads every [`BASE_INTERVAL`]. An idle node would still
-//! wake it 200 times a second, and a wake-up of an idle CPU is dear: 55 µs of the
-//! collector's CPU each on the 2-vCPU VMs measured (23 µs of it for any process that
-//! sleeps and wakes), 1.1 % of a CPU for reading nothing. So after [`IDLE_READS`] empty
-//! reads in a row the interval doubles with each further empty read, up to a bound; the
-//! first read that finds a record brings it back to [`BASE_INTERVAL`]. Connection events
-//! do not: they come from every socket of the host (kubelet, scrapes). Each read takes them
-//! too, so they wait at most [`MAX_IDLE_INTERVAL`]; their ring buffer wakes the collector
-//! only when a quarter full.
+//! The rings wake nobody per record (see [`super::Capture::woken`]), so the collector reads
+//! them on a timer. While records come, it reads every [`BASE_INTERVAL`]. An idle node would
+//! still wake it 200 times a second, and a wake-up of an idle CPU is dear: 55 µs of the
+//! collector's CPU each on the 2-vCPU VMs measured (23 µs of it for any process that sleeps
+//! and wakes), 1.1 % of a CPU for reading nothing. So after [`IDLE_READS`] empty reads in a
+//! row the interval doubles with each further empty read, up to a bound
+//! ([`DEFAULT_MAX_INTERVAL`], `--max-read-interval`); the first read that finds a record
+//! brings it back to [`BASE_INTERVAL`]. Connection events do not: they come from every
+//! socket of the host (kubelet, scrapes). Each read takes them too, so they wait at most
+//! the bound; their ring buffer wakes the collector only when a quarter full.
 //!
-//! Measured there (`/proc/<pid>/schedstat` over 10 s of an idle collector): 31–38 ms of
-//! CPU and about 60 wake-ups a second, against 117 ms and 200 reading every 5 ms.
-//!
-//! What backing off costs: the first records after a quiet spell are read up to one
-//! bound late, the fast ring may spill for that one read (see `ring`), and every later
-//! read is on the base schedule again. The bound is a third of what a CPU's rings (fast
-//! and spill; every CPU has the same) hold at [`PEAK_RECORDS_PER_SEC`]: on a small node
-//! 20.48 ms of 61 ms, which leaves 41 ms for the reader to be late before a record is
-//! lost (at 5 ms, 56 ms were left). Measured there: 12 saturating bursts (h2load, 32
-//! connections) each after 1.2 s of quiet, 733,109 requests, 0 ring drops, about 2,000
-//! records spilled per burst. The bound shrinks as more CPUs share the rings' budget:
-//! 20.48 ms up to 2 CPUs, 11.4 ms up to 5, 5.7 ms up to 10, and from 11 CPUs on, whose
-//! rings are small, [`BASE_INTERVAL`]: no backing off.
+//! What makes a long bound safe is the doorbell: while the interval is longer than
+//! [`BASE_INTERVAL`] ([`ReadPace::backed_off`]), the collector arms every ring's doorbell,
+//! and the first record that fills a ring to half wakes it at once (see
+//! `RingControl::doorbell`). A burst after a quiet spell is then read within a wake-up's
+//! latency, not up to a bound later, whatever the rings hold: before the doorbell the bound
+//! had to be a third of what a CPU's rings hold at 150k records/s, which was 20 ms on a
+//! small node (about 60 wake-ups a second idle) and nothing at all from 11 CPUs on, whose
+//! rings are small (200 a second). What the bound still costs is latency: the first records
+//! after a quiet spell (too few to fill half a ring) and connection events wait up to one
+//! bound before they are read.
 
 use std::time::Duration;
 
@@ -40,19 +37,17 @@ pub const BASE_INTERVAL: Duration = Duration::from_millis(5);
 /// pauses of a steady load change nothing.
 pub const IDLE_READS: u32 = 20;
 
-/// The interval never grows beyond this, whatever the rings hold (latency of the first
-/// records after a quiet spell). Rings as sized today (at most 9,216 slots per CPU) give a
-/// bound of 20.48 ms at most: this only caps bigger rings.
-pub const MAX_IDLE_INTERVAL: Duration = Duration::from_millis(40);
+/// The longest interval by default: an idle collector wakes about ten times a second to
+/// read, and a lone request is read at most 0.1 s after it was sent.
+pub const DEFAULT_MAX_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The longest bound accepted (`--max-read-interval`): connection events and the first
+/// records after a quiet spell wait up to the bound.
+pub const MAX_INTERVAL_LIMIT: Duration = Duration::from_secs(60);
 
 /// A reader woken later than this after its due time reads as if due when it woke
 /// (tokio's `MissedTickBehavior::Delay` rule).
 pub const LATE_TOLERANCE: Duration = Duration::from_millis(5);
-
-/// The busiest CPU's record rate assumed when sizing the bound: a saturated 2-vCPU node
-/// tracing both halves of pod-to-pod requests writes about 110k records per second on
-/// one CPU (see `ring`).
-pub const PEAK_RECORDS_PER_SEC: u64 = 150_000;
 
 /// The read schedule (see the module doc).
 #[derive(Debug, Clone)]
@@ -63,11 +58,11 @@ pub struct ReadPace {
 }
 
 impl ReadPace {
-    /// A schedule for rings of `slots_per_cpu` slots per CPU (fast and spill together).
-    pub fn new(slots_per_cpu: u64) -> Self {
+    /// A schedule that backs off to `max` at most (at least [`BASE_INTERVAL`]).
+    pub fn new(max: Duration) -> Self {
         ReadPace {
             interval: BASE_INTERVAL,
-            max: idle_bound(slots_per_cpu),
+            max: max.max(BASE_INTERVAL),
             empty_reads: 0,
         }
     }
@@ -82,11 +77,17 @@ impl ReadPace {
         self.max
     }
 
+    /// Whether the reader reads less often than every [`BASE_INTERVAL`] now: the rings'
+    /// doorbells must then wake it when a burst comes.
+    pub fn backed_off(&self) -> bool {
+        self.interval > BASE_INTERVAL
+    }
+
     /// When the read after one due at `due` is due, given that the timer woke the reader
     /// at `woke` and the read found `records` (handed on or still waiting). As a
     /// fixed-rate timer: one interval after `due`, unless the reader woke more than
     /// [`LATE_TOLERANCE`] late; then one interval after it woke (no burst of reads to
-    /// catch up).
+    /// catch up). A read the kernel woke the reader for is due when it woke.
     pub fn after_read(&mut self, due: Instant, woke: Instant, records: u64) -> Instant {
         if records > 0 {
             self.empty_reads = 0;
@@ -105,18 +106,21 @@ impl ReadPace {
     }
 }
 
-/// The longest interval rings of `slots_per_cpu` slots allow (see the module doc).
-fn idle_bound(slots_per_cpu: u64) -> Duration {
-    let holds = Duration::from_secs_f64(slots_per_cpu as f64 / PEAK_RECORDS_PER_SEC as f64);
-    (holds / 3).clamp(BASE_INTERVAL, MAX_IDLE_INTERVAL)
+/// Parses `--max-read-interval` (humantime: `100ms`, `2s`), within [`BASE_INTERVAL`] and
+/// [`MAX_INTERVAL_LIMIT`].
+pub fn parse_max_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d < BASE_INTERVAL || d > MAX_INTERVAL_LIMIT {
+        return Err(format!(
+            "{s:?}: must be between {BASE_INTERVAL:?} (the interval under traffic) and {MAX_INTERVAL_LIMIT:?}"
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A small node's rings: 1,024 fast and 8,192 spill slots per CPU.
-    const SMALL_NODE: u64 = 9216;
 
     /// Runs `n` reads that find `records` each, on time; returns the last interval.
     fn reads(pace: &mut ReadPace, at: &mut Instant, n: u32, records: u64) -> Duration {
@@ -129,18 +133,20 @@ mod tests {
 
     #[test]
     fn reads_stay_at_the_base_interval_while_records_come() {
-        let mut pace = ReadPace::new(SMALL_NODE);
+        let mut pace = ReadPace::new(DEFAULT_MAX_INTERVAL);
         let mut at = Instant::now();
         let start = at;
         assert_eq!(reads(&mut pace, &mut at, 1000, 3), BASE_INTERVAL);
         assert_eq!(at - start, BASE_INTERVAL * 1000);
+        assert!(!pace.backed_off());
     }
 
     #[test]
     fn a_short_pause_changes_nothing() {
-        let mut pace = ReadPace::new(SMALL_NODE);
+        let mut pace = ReadPace::new(DEFAULT_MAX_INTERVAL);
         let mut at = Instant::now();
         assert_eq!(reads(&mut pace, &mut at, IDLE_READS, 0), BASE_INTERVAL);
+        assert!(!pace.backed_off());
         assert_eq!(reads(&mut pace, &mut at, 1, 1), BASE_INTERVAL);
         // The count of empty reads started again.
         assert_eq!(reads(&mut pace, &mut at, IDLE_READS, 0), BASE_INTERVAL);
@@ -148,34 +154,45 @@ mod tests {
 
     #[test]
     fn an_idle_node_backs_off_to_the_bound_and_the_first_record_returns() {
-        let mut pace = ReadPace::new(SMALL_NODE);
+        let mut pace = ReadPace::new(DEFAULT_MAX_INTERVAL);
         let mut at = Instant::now();
         reads(&mut pace, &mut at, IDLE_READS, 0);
         assert_eq!(reads(&mut pace, &mut at, 1, 0), BASE_INTERVAL * 2);
+        assert!(
+            pace.backed_off(),
+            "the doorbells must be armed from here on"
+        );
         assert_eq!(reads(&mut pace, &mut at, 1, 0), BASE_INTERVAL * 4);
-        // 9,216 slots hold 61 ms at 150k records/s: a third of that, 20 ms.
-        assert_eq!(pace.max_interval(), Duration::from_micros(20_480));
-        assert_eq!(reads(&mut pace, &mut at, 100, 0), pace.max_interval());
+        assert_eq!(reads(&mut pace, &mut at, 100, 0), DEFAULT_MAX_INTERVAL);
         let due = at;
         let next = pace.after_read(due, due, 7);
         assert_eq!(pace.interval(), BASE_INTERVAL);
+        assert!(!pace.backed_off());
         assert_eq!(next, due + BASE_INTERVAL);
     }
 
     #[test]
-    fn rings_too_small_to_wait_longer_never_back_off() {
-        // A node with many CPUs: 128 fast and 512 spill slots each hold 4 ms.
-        let mut pace = ReadPace::new(640);
+    fn a_read_the_kernel_woke_for_is_due_when_it_woke() {
+        let mut pace = ReadPace::new(Duration::from_secs(2));
+        let mut at = Instant::now();
+        assert_eq!(reads(&mut pace, &mut at, 100, 0), Duration::from_secs(2));
+        // A doorbell half-way through the interval: the next read 5 ms after it.
+        let rung = at - Duration::from_secs(1);
+        assert_eq!(pace.after_read(rung, rung, 512), rung + BASE_INTERVAL);
+    }
+
+    #[test]
+    fn the_bound_is_never_below_the_base_interval() {
+        let mut pace = ReadPace::new(Duration::ZERO);
         let mut at = Instant::now();
         assert_eq!(pace.max_interval(), BASE_INTERVAL);
         assert_eq!(reads(&mut pace, &mut at, 10 * IDLE_READS, 0), BASE_INTERVAL);
-        // Huge rings: the interval stays bounded by latency.
-        assert_eq!(ReadPace::new(1 << 24).max_interval(), MAX_IDLE_INTERVAL);
+        assert!(!pace.backed_off());
     }
 
     #[test]
     fn reads_keep_a_fixed_rate_unless_the_reader_woke_too_late() {
-        let mut pace = ReadPace::new(SMALL_NODE);
+        let mut pace = ReadPace::new(DEFAULT_MAX_INTERVAL);
         let due = Instant::now();
         // Woken a little late: still one interval after the due time.
         let woke = due + Duration::from_millis(2);
@@ -183,5 +200,15 @@ mod tests {
         // Woken later than the tolerance: an interval after it woke, not at once.
         let late = due + LATE_TOLERANCE + Duration::from_millis(1);
         assert_eq!(pace.after_read(due, late, 1), late + BASE_INTERVAL);
+    }
+
+    #[test]
+    fn the_bound_flag_takes_durations_within_limits() {
+        assert_eq!(parse_max_interval("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_max_interval("2s"), Ok(Duration::from_secs(2)));
+        for bad in ["1ms", "2m", "soon", ""] {
+            let err = parse_max_interval(bad).expect_err(bad);
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
     }
 }

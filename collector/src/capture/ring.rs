@@ -50,7 +50,7 @@ const GLOBAL_SKB_SEND_TIME: &str = "SKB_SEND_TIME";
 /// nodes with over 40 CPUs). A 2-CPU node gets a spill ring of 8,192 slots per CPU: about
 /// 55 ms of HTTP segments at 150k per second on one CPU (a saturated 2-CPU node tracing
 /// both halves of pod-to-pod requests). The reader comes every 5 ms (after a quiet spell,
-/// the first time up to a third of what the rings hold later: see `pace`), but on a
+/// at once when a ring is half full: see `pace`), but on a
 /// saturated node it can wait its turn for tens of milliseconds: 4,096 slots lost records
 /// in 2 of 5 such runs of the overhead benchmark. The fast ring in front of it has a quarter of
 /// that, at most `MAX_FAST_SLOTS` (see `RingControl`).
@@ -90,11 +90,6 @@ impl RingLayout {
         let cpus =
             aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
         Ok(Self::for_cpus(u32::try_from(cpus).context("CPU count")?))
-    }
-
-    /// The slots of one CPU's rings, fast and spill together.
-    pub fn slots_per_cpu(&self) -> u64 {
-        self.fast_slots + self.spill_slots
     }
 
     pub fn for_cpus(cpus: u32) -> Self {
@@ -211,6 +206,8 @@ pub struct PacketRings {
     originals: Vec<Original>,
     /// Reused by every read: (timestamp of a CPU's next record, CPU).
     merge: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Whether the rings' doorbells were last armed (see [`PacketRings::set_doorbell`]).
+    doorbell: bool,
     /// The maps themselves: their fds must stay open, the classifiers are loaded and
     /// attached with them later.
     maps: Option<(MapData, MapData)>,
@@ -299,6 +296,7 @@ impl PacketRings {
             freed: vec![0; rings_n],
             originals: (0..rings_n).map(|_| Original::default()).collect(),
             merge: BinaryHeap::with_capacity(rings_n),
+            doorbell: false,
             maps: None,
         };
         for ring in 0..layout.rings() {
@@ -393,6 +391,20 @@ impl PacketRings {
         out
     }
 
+    /// Arms or disarms every ring's doorbell (`RingControl::doorbell`). Armed again on
+    /// every call while armed, since the classifier that rang disarmed its own ring; not
+    /// written at all while disarmed, which is the reader's state under load.
+    pub fn set_doorbell(&mut self, armed: bool) {
+        if !armed && !self.doorbell {
+            return;
+        }
+        for ring in 0..self.layout.rings() {
+            self.field(ring, |c| unsafe { addr_of_mut!((*c).doorbell) })
+                .store(u64::from(armed), Ordering::Release);
+        }
+        self.doorbell = armed;
+    }
+
     /// Where record `n` of `ring` sorts in a read whose clock said `now` after taking the
     /// heads, and the time it is read with: its own, unless that is later than a time by
     /// which it was known to be published (see the module doc).
@@ -483,9 +495,9 @@ impl PacketRings {
         unsafe { self.ctl.at(ring as usize) }
     }
 
-    /// A u64 field of `ring`'s control block (`f` picks it). Only `head` is written by
-    /// the kernel (through aligned 8-byte stores); we write the others, and only `tail`
-    /// after the kernel may have started.
+    /// A u64 field of `ring`'s control block (`f` picks it). Only `head` and `doorbell`
+    /// are written by the kernel (through aligned 8-byte stores); we write the others, and
+    /// only `tail` and `doorbell` after the kernel may have started.
     fn field(&self, ring: u32, f: fn(*mut RingControl) -> *mut u64) -> &AtomicU64 {
         // SAFETY: an aligned u64 in the mapped control block, which outlives `self`.
         unsafe { AtomicU64::from_ptr(f(self.control(ring))) }
@@ -971,5 +983,36 @@ mod tests {
             (read.records, read.repeats, read.unresolved_repeats),
             (2, 0, 3)
         );
+    }
+
+    fn doorbells(r: &PacketRings) -> Vec<u64> {
+        (0..r.layout.rings())
+            .map(|ring| {
+                r.field(ring, |c| unsafe { addr_of_mut!((*c).doorbell) })
+                    .load(Ordering::Relaxed)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn doorbells_are_armed_on_every_idle_read_and_disarmed_once() {
+        let mut r = rings(2, 8);
+        assert_eq!(doorbells(&r), [0; 4], "a new reader reads every 5 ms");
+        r.set_doorbell(true);
+        assert_eq!(doorbells(&r), [1; 4]);
+        // CPU 1's classifier rang: it disarmed its fast ring. The next idle read arms it
+        // again.
+        r.field(1, |c| unsafe { addr_of_mut!((*c).doorbell) })
+            .store(0, Ordering::Relaxed);
+        r.set_doorbell(true);
+        assert_eq!(doorbells(&r), [1; 4]);
+        r.set_doorbell(false);
+        assert_eq!(doorbells(&r), [0; 4]);
+        // Disarmed, the reader leaves the control blocks alone (under load it reads every
+        // 5 ms and writes no more than `tail`).
+        r.field(2, |c| unsafe { addr_of_mut!((*c).doorbell) })
+            .store(7, Ordering::Relaxed);
+        r.set_doorbell(false);
+        assert_eq!(doorbells(&r), [0, 0, 7, 0]);
     }
 }
