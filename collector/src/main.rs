@@ -180,12 +180,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             res = capture.woken() => {
                 res?;
                 let now = Instant::now();
-                Wake::Read { due: now, woke: now, cause: "kernel" }
+                Wake::Read { due: now, woke: now, cause: ReadCause::Kernel }
             }
             () = &mut read_timer => Wake::Read {
                 due: read_timer.deadline(),
                 woke: Instant::now(),
-                cause: "timer",
+                cause: ReadCause::Timer,
             },
             _ = tick.tick() => Wake::Tick,
         };
@@ -195,11 +195,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pipeline.flush_output();
                 // A wake-up for connection events alone (every socket of the host) leaves
                 // the packet rings' schedule as it was.
-                if cause == "timer" || found > 0 {
+                if cause == ReadCause::Timer || found > 0 {
                     read_timer.as_mut().reset(pace.after_read(due, woke, found));
                     capture.arm_doorbell(pace.backed_off());
                 }
-                metrics.record_pace(cause, pace.interval());
+                metrics.record_pace(cause.as_str(), pace.interval());
             }
             Wake::Stop(sig) => {
                 info!("{sig}: detaching");
@@ -236,16 +236,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 enum Wake {
-    /// Read the rings: the timer was due at `due`, or the kernel woke us (`due` = `woke`);
-    /// `cause` is `timer` or `kernel`.
+    /// Read the rings: the timer was due at `due`, or the kernel woke us (`due` = `woke`).
     Read {
         due: Instant,
         woke: Instant,
-        cause: &'static str,
+        cause: ReadCause,
     },
     Stop(&'static str),
     Link(Option<LinkEvent>),
     Tick,
+}
+
+/// Why the rings are read now (`weft_collector_reads_total{cause}`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadCause {
+    /// The read schedule (`capture::pace`).
+    Timer,
+    /// A ring's doorbell, or the connection ring buffer a quarter full.
+    Kernel,
+}
+
+impl ReadCause {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReadCause::Timer => "timer",
+            ReadCause::Kernel => "kernel",
+        }
+    }
 }
 
 fn node_name(cli: &Cli) -> String {
