@@ -75,9 +75,9 @@ const CONNS_BYTES: u32 = 256 * 1024;
 /// Unread bytes of `CONNS` from which a connection event wakes the collector. Below it
 /// the event waits for the collector's next timed read of its rings (every 5 ms under
 /// traffic, by default at most 100 ms when idle): the tracepoint sees every TCP socket of
-/// the host, and a wake-up per event cost the collector about 7 µs of CPU each (16 % of a CPU at 6,000
-/// connections a second). A quarter of the ring leaves three quarters for the events that
-/// come while the woken collector gets to it.
+/// the host, and a wake-up per event cost the collector about 7 µs of CPU each (16 % of a
+/// CPU at 6,000 connections a second). A quarter of the ring leaves three quarters for the
+/// events that come while the woken collector gets to it.
 const CONNS_WAKE_AT: u64 = CONNS_BYTES as u64 / 4;
 
 /// Indexed by `Counter`; user space sums the CPUs.

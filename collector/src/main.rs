@@ -177,26 +177,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = sigterm.recv() => Wake::Stop("SIGTERM"),
             _ = sigint.recv() => Wake::Stop("SIGINT"),
             ev = watcher.next() => Wake::Link(ev),
-            res = capture.woken() => {
-                res?;
-                let now = Instant::now();
-                Wake::Read { due: now, woke: now, cause: ReadCause::Kernel }
-            }
-            () = &mut read_timer => Wake::Read {
-                due: read_timer.deadline(),
-                woke: Instant::now(),
-                cause: ReadCause::Timer,
-            },
+            res = capture.woken() => { res?; Wake::Read(ReadCause::Kernel) }
+            () = &mut read_timer => Wake::Read(ReadCause::Timer { due: read_timer.deadline() }),
             _ = tick.tick() => Wake::Tick,
         };
         match wake {
-            Wake::Read { due, woke, cause } => {
+            Wake::Read(cause) => {
+                let woke = Instant::now();
                 let found = capture.drain_now(|c| pipeline.on_captured(c));
                 pipeline.flush_output();
-                // A wake-up for connection events alone (every socket of the host) leaves
-                // the packet rings' schedule as it was.
-                if cause == ReadCause::Timer || found > 0 {
-                    read_timer.as_mut().reset(pace.after_read(due, woke, found));
+                let next = match cause {
+                    ReadCause::Timer { due } => Some(pace.after_read(due, woke, found)),
+                    ReadCause::Kernel => pace.after_woken_read(woke, found),
+                };
+                if let Some(next) = next {
+                    read_timer.as_mut().reset(next);
                     capture.arm_doorbell(pace.backed_off());
                 }
                 metrics.record_pace(cause.as_str(), pace.interval());
@@ -236,22 +231,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 enum Wake {
-    /// Read the rings: the timer was due at `due`, or the kernel woke us (`due` = `woke`).
-    Read {
-        due: Instant,
-        woke: Instant,
-        cause: ReadCause,
-    },
+    /// Read the rings.
+    Read(ReadCause),
     Stop(&'static str),
     Link(Option<LinkEvent>),
     Tick,
 }
 
 /// Why the rings are read now (`weft_collector_reads_total{cause}`).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum ReadCause {
-    /// The read schedule (`capture::pace`).
-    Timer,
+    /// The read schedule (`capture::pace`): the read was due at `due`.
+    Timer { due: Instant },
     /// A ring's doorbell, or the connection ring buffer a quarter full.
     Kernel,
 }
@@ -259,7 +250,7 @@ enum ReadCause {
 impl ReadCause {
     fn as_str(self) -> &'static str {
         match self {
-            ReadCause::Timer => "timer",
+            ReadCause::Timer { .. } => "timer",
             ReadCause::Kernel => "kernel",
         }
     }

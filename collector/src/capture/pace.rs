@@ -87,7 +87,7 @@ impl ReadPace {
     /// at `woke` and the read found `records` (handed on or still waiting). As a
     /// fixed-rate timer: one interval after `due`, unless the reader woke more than
     /// [`LATE_TOLERANCE`] late; then one interval after it woke (no burst of reads to
-    /// catch up). A read the kernel woke the reader for is due when it woke.
+    /// catch up).
     pub fn after_read(&mut self, due: Instant, woke: Instant, records: u64) -> Instant {
         if records > 0 {
             self.empty_reads = 0;
@@ -103,6 +103,13 @@ impl ReadPace {
         } else {
             due + self.interval
         }
+    }
+
+    /// After a read the kernel woke the reader for at `woke`: when the next read is due,
+    /// or `None` when it found no packet record. The kernel then woke it for connection
+    /// events alone, which every socket of the host makes: the schedule stays as it was.
+    pub fn after_woken_read(&mut self, woke: Instant, records: u64) -> Option<Instant> {
+        (records > 0).then(|| self.after_read(woke, woke, records))
     }
 }
 
@@ -178,7 +185,19 @@ mod tests {
         assert_eq!(reads(&mut pace, &mut at, 100, 0), Duration::from_secs(2));
         // A doorbell half-way through the interval: the next read 5 ms after it.
         let rung = at - Duration::from_secs(1);
-        assert_eq!(pace.after_read(rung, rung, 512), rung + BASE_INTERVAL);
+        assert_eq!(pace.after_woken_read(rung, 512), Some(rung + BASE_INTERVAL));
+        assert!(!pace.backed_off());
+    }
+
+    #[test]
+    fn a_wake_up_for_connection_events_alone_keeps_the_schedule() {
+        let mut pace = ReadPace::new(DEFAULT_MAX_INTERVAL);
+        let mut at = Instant::now();
+        assert_eq!(reads(&mut pace, &mut at, 100, 0), DEFAULT_MAX_INTERVAL);
+        assert_eq!(pace.after_woken_read(at, 0), None);
+        assert_eq!(pace.interval(), DEFAULT_MAX_INTERVAL);
+        // Nor did it count as an empty read: one record still returns to the base.
+        assert_eq!(reads(&mut pace, &mut at, 1, 1), BASE_INTERVAL);
     }
 
     #[test]
