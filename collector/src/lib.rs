@@ -3,8 +3,10 @@
 //! The data path, one module per stage:
 //! `attach` (kernel programs onto pod veths) → `capture` (ring buffers → raw events)
 //! → `parse` (raw events → `Exchange`/`Connection`) → `ship` (gRPC to the stitcher)
-//! or `print` (local output). `metrics` serves what each stage counted.
+//! or `print` (local output). `metrics` serves what each stage counted; `alarm` is the
+//! loop's timer.
 
+pub mod alarm;
 pub mod attach;
 pub mod capture;
 pub mod cli;

@@ -8,6 +8,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 use weft_collector::{
+    alarm::Alarm,
     attach::{
         self, AttachError, Attacher, Backend, Iface,
         links::{self, InterfaceFilter, LinkEvent, LinkWatcher},
@@ -162,13 +163,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The first tick at once, as tokio's `interval` did: /metrics and the ship info are
+    // filled from the start.
+    let mut tick = Alarm::at(Instant::now()).context("creating the tick's timerfd")?;
     // The packet rings wake nobody per record: this timer reads them, on the schedule of
     // `pace`, and while it has backed off their doorbells wake the collector for a burst.
     let mut pace = ReadPace::new(cli.max_read_interval);
     metrics.record_read_interval(pace.interval());
-    let read_timer = tokio::time::sleep(pace.interval());
-    tokio::pin!(read_timer);
+    let mut read_timer =
+        Alarm::at(Instant::now() + pace.interval()).context("creating the read timerfd")?;
     info!(node = %node_name, "running");
     loop {
         // Each branch only says what happened; the work is done below, where nothing else
@@ -178,8 +181,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = sigint.recv() => Wake::Stop("SIGINT"),
             ev = watcher.next() => Wake::Link(ev),
             res = capture.woken() => { res?; Wake::Read(ReadCause::Kernel) }
-            () = &mut read_timer => Wake::Read(ReadCause::Timer { due: read_timer.deadline() }),
-            _ = tick.tick() => Wake::Tick,
+            due = read_timer.fired() => Wake::Read(ReadCause::Timer { due: due? }),
+            due = tick.fired() => Wake::Tick(due?),
         };
         match wake {
             Wake::Read(cause) => {
@@ -191,7 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ReadCause::Kernel => pace.after_woken_read(woke, found),
                 };
                 if let Some(next) = next {
-                    read_timer.as_mut().reset(next);
+                    read_timer.set(next).context("setting the read timerfd")?;
                     capture.arm_doorbell(pace.backed_off());
                 }
                 metrics.record_pace(cause.as_str(), pace.interval());
@@ -208,7 +211,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 warn!("the rtnetlink link subscription closed; subscribing again");
                 watcher = LinkWatcher::subscribe()?;
             }
-            Wake::Tick => {
+            Wake::Tick(due) => {
+                // A second after this one was due; at once if the loop is a second late
+                // (one tick, not a burst to catch up).
+                tick.set(next_tick(due, Instant::now()))
+                    .context("setting the tick's timerfd")?;
                 pipeline.tick(now_unix_nanos(), &capture, &shipper.stats());
                 if cli.bpf_stats {
                     metrics.record_programs(&attacher.program_stats());
@@ -235,7 +242,16 @@ enum Wake {
     Read(ReadCause),
     Stop(&'static str),
     Link(Option<LinkEvent>),
-    Tick,
+    /// The one-second tick (metrics, ship info), due at this time.
+    Tick(Instant),
+}
+
+/// How often the metrics are refreshed and the shipper's info updated.
+const TICK: Duration = Duration::from_secs(1);
+
+/// When the tick after one due at `due` is due, given that the loop handled it at `now`.
+fn next_tick(due: Instant, now: Instant) -> Instant {
+    (due + TICK).max(now)
 }
 
 /// Why the rings are read now (`weft_collector_reads_total{cause}`).

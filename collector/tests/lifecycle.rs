@@ -624,8 +624,9 @@ fn an_idle_reader_is_woken_by_a_doorbell_for_a_burst() {
     const DOORBELL: &str = r#"weft_collector_kernel_events_total{counter="doorbell"}"#;
     // Long, so that only the doorbell explains a read soon after the burst began.
     const BOUND: f64 = 2.0;
-    // A read every 2 s and the metrics' one-second tick; 65 a second with the 20 ms
-    // bound the reader had before the doorbell.
+    // A read every 2 s and the metrics' one-second tick (about 1.5 a second); 65 with
+    // the 20 ms bound the reader had before the doorbell. How many wake-ups each timer
+    // costs is the idle benchmark's to check (`bench/tests/idle.rs`).
     const MAX_IDLE_WAKE_UPS_PER_SEC: f64 = 10.0;
     let base = pace::BASE_INTERVAL.as_secs_f64();
     let t = traced_node(&["--max-read-interval", "2s"]);
