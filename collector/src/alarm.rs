@@ -7,7 +7,9 @@
 //! in a coarser level, and its driver wakes once to move it down a level and again when it
 //! is due. An idle collector's reads (every 100 ms by default) and its one-second tick thus
 //! cost two wake-ups each, half of an idle collector's wake-ups. A timerfd wakes the thread
-//! once, when due; setting it is one syscall, about 200 a second under traffic.
+//! once, when due. It costs two syscalls per read (reading its count, setting it again):
+//! under traffic, 200 reads a second, the collector used no more CPU for them than on
+//! tokio's timer.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
