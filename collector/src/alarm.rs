@@ -35,9 +35,9 @@ impl AsRawFd for Timer {
 }
 
 impl Alarm {
-    /// An alarm on `CLOCK_MONOTONIC` (the clock of tokio's `Instant`), unset. Must be
-    /// called inside a tokio runtime.
-    pub fn new() -> io::Result<Self> {
+    /// An alarm on `CLOCK_MONOTONIC` (the clock of tokio's `Instant`), set to go off at
+    /// `due`. Must be called inside a tokio runtime.
+    pub fn at(due: Instant) -> io::Result<Self> {
         let fd = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
@@ -47,12 +47,7 @@ impl Alarm {
         let timer =
             unsafe { AsyncFd::register_with_interest(Timer(fd), tokio::io::Interest::READABLE) }
                 .map_err(|e| e.into_parts().1)?;
-        Ok(Alarm { timer, due: None })
-    }
-
-    /// An alarm set to go off at `due`.
-    pub fn at(due: Instant) -> io::Result<Self> {
-        let mut alarm = Alarm::new()?;
+        let mut alarm = Alarm { timer, due: None };
         alarm.set(due)?;
         Ok(alarm)
     }
@@ -70,7 +65,8 @@ impl Alarm {
     }
 
     /// When it goes off next; `None` once it went off, until it is set again.
-    pub fn due(&self) -> Option<Instant> {
+    #[cfg(test)]
+    fn due(&self) -> Option<Instant> {
         self.due
     }
 

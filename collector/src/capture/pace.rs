@@ -73,7 +73,8 @@ impl ReadPace {
     }
 
     /// The longest interval this schedule uses.
-    pub fn max_interval(&self) -> Duration {
+    #[cfg(test)]
+    fn max_interval(&self) -> Duration {
         self.max
     }
 
