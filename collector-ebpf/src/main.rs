@@ -4,7 +4,8 @@
 //! it) and TCP state changes (`sock/inet_sock_set_state`).
 //! Out: packet records (a `PacketHeader` followed by at most `HEAD_LEN` payload bytes, for
 //! segments that begin an HTTP/1 message; only the header when the CPU's previous record
-//! was the same segment, `RECORD_REPEAT`) in the writing CPU's own ring (`WEFT_PACKETS`
+//! was the same segment, `RECORD_REPEAT`; nothing but a mark in that record's header when
+//! it can take one, `PacketHeader::also`) in the writing CPU's own ring (`WEFT_PACKETS`
 //! slots, `WEFT_RING_CTL` positions: see `RingControl`), a ring on the `DOORBELL` ring
 //! buffer when a record fills a ring to half while the collector has backed off,
 //! `ConnEvent`s on the `CONNS` ring buffer (which wakes the collector only once a quarter
@@ -22,6 +23,13 @@
 //! Built for `bpfel-unknown-none` by `collector/build.rs`; on the host the crate compiles to
 //! an empty binary so that workspace-wide `cargo clippy`/`cargo fmt` cover this code too.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// `locked_add`: the BPF target has no `AtomicU64::fetch_add` (no compare-and-swap in CPU
+// v1), but LLVM emits its plain atomic add for the intrinsic.
+#![cfg_attr(
+    target_arch = "bpf",
+    allow(internal_features),
+    feature(core_intrinsics)
+)]
 
 use core::{
     mem::offset_of,
@@ -44,8 +52,9 @@ use aya_ebpf::{
 };
 use weft_ebpf_common::{
     COUNTER_COUNT, ConnEvent, Counter, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6,
-    HEAD_LEN, LAST_IN_FAST, LAST_IN_SPILL, LastRecord, PacketEvent, PacketHeader, RECORD_REPEAT,
-    RingControl, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
+    HEAD_LEN, LAST_IN_FAST, LAST_IN_SPILL, LastRecord, PacketEvent, PacketHeader,
+    RECORD_AFTER_MARK, RECORD_REPEAT, RingControl, Sighting, TCP_CLOSE, TCP_ESTABLISHED,
+    TCP_SYN_RECV, TCP_SYN_SENT,
 };
 
 /// The slots of every CPU's packet ring (CPU `c` owns `c * slots .. (c + 1) * slots`).
@@ -371,9 +380,10 @@ fn is_http_start(first: u64) -> bool {
         || p6 == word(b"TRACE ")
 }
 
-/// Writes the record into this CPU's next ring slot and publishes it if its payload begins
-/// an HTTP message: as a `RECORD_REPEAT` when it is the segment this CPU published last
-/// (see `LastRecord`), else with its payload head.
+/// Publishes the sighting of an HTTP segment on this CPU: as a mark on the CPU's last
+/// record when that is the same segment seen on another veth just before (`mark_last`),
+/// else as a record in its next ring slot: a `RECORD_REPEAT` when it is the segment this
+/// CPU published last (see `LastRecord`), else with its payload head.
 #[inline(always)]
 fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
     // A classifier runs start to end on one CPU (migration is disabled), so the ring of
@@ -384,29 +394,192 @@ fn emit(ctx: &TcContext, seg: &Segment, direction: u8) {
         return;
     };
     // SAFETY (all accesses to `*ctl`): a map value the verifier sized; `head`, `busy` and
-    // `last` are written only by this CPU's classifiers, `tail` only by the collector.
+    // `last` are written only by this CPU's classifiers, `tail` and `taken` only by the
+    // collector.
     let slots = unsafe { (*ctl).slots };
     if slots == 0 || unsafe { (*ctl).busy } != 0 {
         count(Counter::NoRing);
         return;
     }
     unsafe { (*ctl).busy = 1 };
-    let written = match ring_with_room(ctl, slots) {
-        Some(ring) => write_record(ctx, seg, direction, ctl, &ring).map(|()| ring),
-        // Lost only if it was HTTP.
-        None => Err(match begins_http(ctx, seg.payload_off) {
-            true => Counter::RingFull,
-            false => Counter::NotHttp,
-        }),
-    };
-    match written {
-        Ok(ring) => {
-            count(Counter::Emitted);
-            ring_doorbell(&ring, cpu);
-        }
+    match publish_sighting(ctx, seg, direction, ctl, slots, cpu) {
+        Ok(()) => count(Counter::Emitted),
         Err(lost) => count(lost),
     }
     unsafe { (*ctl).busy = 0 };
+}
+
+/// `emit`'s work under the CPU's `busy` flag.
+#[inline(always)]
+fn publish_sighting(
+    ctx: &TcContext,
+    seg: &Segment,
+    direction: u8,
+    ctl: *mut RingControl,
+    slots: u64,
+    cpu: u32,
+) -> Result<(), Counter> {
+    let sent = send_time(ctx);
+    let flags = match mark_last(ctx, seg, direction, ctl, sent) {
+        Mark::Written => {
+            count(Counter::Marked);
+            return Ok(());
+        }
+        Mark::Late => {
+            count(Counter::MarkedLate);
+            RECORD_AFTER_MARK
+        }
+        Mark::Unmarked => 0,
+    };
+    let Some(ring) = ring_with_room(ctl, slots) else {
+        // Lost only if it was HTTP. (After a late mark the collector may still hand the
+        // sighting on from the mark; counted lost all the same: a full ring and a read in
+        // the microsecond between two sightings almost never meet.)
+        return Err(match begins_http(ctx, seg.payload_off) {
+            true => Counter::RingFull,
+            false => Counter::NotHttp,
+        });
+    };
+    write_record(ctx, seg, direction, ctl, &ring, sent, flags)?;
+    ring_doorbell(&ring, cpu);
+    Ok(())
+}
+
+/// What `mark_last` did.
+enum Mark {
+    /// The sighting is in the mark, which the collector will see.
+    Written,
+    /// The mark is written, but the collector may have read the record before it: the
+    /// sighting must be written as a record too.
+    Late,
+    /// No mark: not the same segment as the CPU's last record, or that record cannot take
+    /// one.
+    Unmarked,
+}
+
+/// Marks this sighting on the CPU's last record (`PacketHeader::also`) when that record is
+/// the same segment (the same skb, seen on the veth before this one: `LastRecord`) with
+/// the same addresses and ports (no NAT between the two veths), has no mark yet and is not
+/// itself a repeat. Its slot was written a moment ago on this CPU, so this touches only
+/// lines in its cache, where a record of its own cost two cold lines and a `head` store.
+///
+/// The record is already published: the collector may be reading it. The mark is a locked
+/// add (a full fence on x86-64), then `taken` says whether the collector had begun a read
+/// that covers the record (see `RingControl::taken`).
+#[inline(always)]
+fn mark_last(
+    ctx: &TcContext,
+    seg: &Segment,
+    direction: u8,
+    ctl: *mut RingControl,
+    sent: Option<u64>,
+) -> Mark {
+    let Some(ts) = sent else {
+        return Mark::Unmarked;
+    };
+    // SAFETY: see `emit`.
+    let last = unsafe { (*ctl).last };
+    if last.ts_ns != ts
+        || last.seq != seg.seq
+        || last.ack != seg.ack
+        || last.payload_len != seg.payload_len as u32
+    {
+        return Mark::Unmarked;
+    }
+    let ring = match last.ring {
+        LAST_IN_FAST => ctl,
+        LAST_IN_SPILL => match spill_of(ctl) {
+            Some(spill) => spill,
+            None => return Mark::Unmarked,
+        },
+        _ => return Mark::Unmarked,
+    };
+    let sighting = Sighting {
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        direction,
+    };
+    let (Some(mark), Some(ev)) = (sighting.mark(), last_slot(ring)) else {
+        return Mark::Unmarked;
+    };
+    if !can_mark(ev, seg, ts) {
+        return Mark::Unmarked;
+    }
+    // BPF's CPU v1 has 64-bit atomics only: `also` is the high half of the aligned word it
+    // shares with `captured_len` (little-endian), so adding the mark shifted there stores
+    // it (it was 0) and leaves `captured_len` as it was. The add's result is unused: it is
+    // BPF's plain atomic add, which the x86-64 JIT emits as `lock add`.
+    // SAFETY: an aligned u64 in a slot (a map value); only this CPU's classifiers write a
+    // published slot's `also`, under `busy`, and `can_mark` found it 0.
+    let word = unsafe { addr_of_mut!((*ev).header.captured_len) }.cast::<u64>();
+    unsafe { locked_add(word, u64::from(mark) << 32) };
+    // SAFETY: see `emit`. Volatile: the collector writes it behind the compiler's back.
+    let taken = unsafe { read_volatile(addr_of!((*ring).taken)) };
+    let head = unsafe { (*ring).head };
+    match taken >= head {
+        true => Mark::Late,
+        false => Mark::Written,
+    }
+}
+
+/// `*p += v` as one locked instruction: a full fence on x86-64. Its result is not read, so
+/// LLVM emits BPF's `lock *(u64 *)(p) += v` (CPU v1), with no compare-and-swap.
+///
+/// # Safety
+/// `p` must be an aligned u64 in a map value.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+unsafe fn locked_add(p: *mut u64, v: u64) {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, v) };
+}
+
+/// The host build only type-checks the programs (see the crate doc).
+#[cfg(not(target_arch = "bpf"))]
+unsafe fn locked_add(p: *mut u64, v: u64) {
+    // SAFETY: as the caller promises.
+    unsafe { core::sync::atomic::AtomicU64::from_ptr(p) }.fetch_add(v, Ordering::SeqCst);
+}
+
+const _: () = assert!(
+    offset_of!(PacketHeader, captured_len) % 8 == 0
+        && offset_of!(PacketHeader, also) == offset_of!(PacketHeader, captured_len) + 4,
+    "`mark_last` stores `also` as the high half of the word at `captured_len`"
+);
+
+/// The slot of the last record published on `ring`.
+#[inline(always)]
+fn last_slot(ring: *mut RingControl) -> Option<*mut PacketEvent> {
+    // SAFETY: see `emit`.
+    let (head, slots, base) = unsafe { ((*ring).head, (*ring).slots, (*ring).base) };
+    if head == 0 || slots == 0 {
+        return None;
+    }
+    PACKETS.get_ptr_mut((base + ((head - 1) & (slots - 1))) as u32)
+}
+
+/// Whether the record in `ev` can take a mark for `seg`, sent at `ts`: a record with its
+/// own payload and no mark, of this segment between the same addresses and ports.
+#[inline(always)]
+fn can_mark(ev: *mut PacketEvent, seg: &Segment, ts: u64) -> bool {
+    // SAFETY: a slot this CPU wrote (`last_slot`); the header's fields are read whole, the
+    // addresses as the aligned words `Addrs` holds.
+    let h = unsafe { addr_of!((*ev).header) };
+    let (flags, also, ts_ns) = unsafe { ((*h).record_flags, (*h).also, (*h).ts_ns) };
+    let (saddr, daddr) = unsafe {
+        (
+            core::ptr::read(addr_of!((*h).saddr).cast::<[u64; 2]>()),
+            core::ptr::read(addr_of!((*h).daddr).cast::<[u64; 2]>()),
+        )
+    };
+    let (sport, dport, family) = unsafe { ((*h).sport, (*h).dport, (*h).family) };
+    flags == 0
+        && also == 0
+        && ts_ns == ts
+        && saddr == seg.addrs.saddr
+        && daddr == seg.addrs.daddr
+        && sport == seg.sport
+        && dport == seg.dport
+        && family == seg.addrs.family
 }
 
 /// A ring with room for a record: its control block and its slots.
@@ -428,8 +601,9 @@ impl Ring {
     }
 }
 
-/// The record of `seg` into `ring`: a repeat of the CPU's last record (`ctl.last`) if it
-/// is the same segment in the same ring, else a copy of its head. Both end in one
+/// The record of `seg` (sent at `sent`, with `flags`) into `ring`: a repeat of the CPU's
+/// last record (`ctl.last`) if it is the same segment in the same ring, else a copy of its
+/// head. Both end in one
 /// `publish_header` (each inlined call site is a copy of the header's stores).
 #[inline(always)]
 fn write_record(
@@ -438,8 +612,9 @@ fn write_record(
     direction: u8,
     ctl: *mut RingControl,
     ring: &Ring,
+    sent: Option<u64>,
+    flags: u8,
 ) -> Result<(), Counter> {
-    let sent = send_time(ctx);
     // SAFETY: see `emit`.
     let last = unsafe { (*ctl).last };
     let which = ring.which();
@@ -455,8 +630,8 @@ fn write_record(
         None => false,
     };
     let (captured, flags) = match repeat {
-        true => (last.captured_len as usize, RECORD_REPEAT),
-        false => (copy_http_head(ctx, seg, ev)?, 0),
+        true => (last.captured_len as usize, RECORD_REPEAT | flags),
+        false => (copy_http_head(ctx, seg, ev)?, flags),
     };
     // A repeat's `sent` is its record's time. Without one, the clock is read only now that
     // the record is known to be HTTP (a helper call).
@@ -498,11 +673,7 @@ fn ring_with_room(ctl: *mut RingControl, slots: u64) -> Option<Ring> {
     if has_room(ctl, slots) {
         return Some(Ring { ctl, slots });
     }
-    let spill = unsafe { (*ctl).spill };
-    if spill == 0 {
-        return None;
-    }
-    let spill_ctl = RING_CTL.get_ptr_mut((spill - 1) as u32)?;
+    let spill_ctl = spill_of(ctl)?;
     let spill_slots = unsafe { (*spill_ctl).slots };
     if spill_slots == 0 || !has_room(spill_ctl, spill_slots) {
         return None;
@@ -512,6 +683,17 @@ fn ring_with_room(ctl: *mut RingControl, slots: u64) -> Option<Ring> {
         ctl: spill_ctl,
         slots: spill_slots,
     })
+}
+
+/// The control block of the spill ring of the CPU whose fast ring is `ctl`.
+#[inline(always)]
+fn spill_of(ctl: *mut RingControl) -> Option<*mut RingControl> {
+    // SAFETY: see `emit`.
+    let spill = unsafe { (*ctl).spill };
+    if spill == 0 {
+        return None;
+    }
+    RING_CTL.get_ptr_mut((spill - 1) as u32)
 }
 
 /// Whether the collector has read the slot at `head`.
@@ -655,6 +837,7 @@ fn fill_header(
         tcp_flags: seg.tcp_flags,
         record_flags: header.flags,
         captured_len: header.captured as u32,
+        also: 0,
     };
     // SAFETY: `ev` is a ring slot (a map value the verifier sized) that only this CPU
     // writes until it is published.

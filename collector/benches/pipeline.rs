@@ -84,6 +84,7 @@ fn record(
         tcp_flags: 0x18,
         record_flags: 0,
         captured_len: payload.len() as u32,
+        also: 0,
     };
     out.clear();
     out.resize(PACKET_HEADER_LEN, 0);

@@ -55,6 +55,8 @@ pub struct Metrics {
     ring_malformed: Counter,
     ring_repeats: Counter,
     ring_unresolved_repeats: Counter,
+    ring_marked: Counter,
+    ring_twins: Counter,
     kernel: Family<Labels, Counter>,
     ring_drops: Family<Labels, Counter>,
     parse_failures: Counter,
@@ -100,6 +102,8 @@ impl Metrics {
             ring_malformed: Counter::default(),
             ring_repeats: Counter::default(),
             ring_unresolved_repeats: Counter::default(),
+            ring_marked: Counter::default(),
+            ring_twins: Counter::default(),
             kernel: Family::default(),
             ring_drops: Family::default(),
             parse_failures: Counter::default(),
@@ -165,6 +169,16 @@ impl Metrics {
                 "ring_unresolved_repeats",
                 "Packet records that repeat a record the reader did not have (read before it started, or malformed); dropped",
                 m.ring_unresolved_repeats.clone(),
+            );
+            r.register(
+                "ring_marked",
+                "Second sightings of a segment on the node read from a mark on its first record, not from a record of their own (included in ring_repeats)",
+                m.ring_marked.clone(),
+            );
+            r.register(
+                "ring_twins",
+                "Sightings the kernel wrote both as a mark and as a record (it marked a record the reader may have passed): handed on once, the other skipped",
+                m.ring_twins.clone(),
             );
             r.register(
                 "kernel_events",
@@ -265,6 +279,8 @@ impl Metrics {
         raise_to(&self.ring_malformed, read.malformed);
         raise_to(&self.ring_repeats, read.repeats);
         raise_to(&self.ring_unresolved_repeats, read.unresolved_repeats);
+        raise_to(&self.ring_marked, read.marked);
+        raise_to(&self.ring_twins, read.twins);
     }
 
     pub fn record_kernel(&self, counters: &[u64; COUNTER_COUNT as usize]) {

@@ -2,8 +2,9 @@
 //! backed by a pod on node B is reported once as CLIENT by node A's collector and once as
 //! SERVER by node B's, with the right method, path and status and the same TCP seqs on both
 //! sides (Service DNAT rewrites addresses, not sequence numbers); the same for IPv6 between
-//! two pods of one node; pipelined requests pair with their own responses; and exchange
-//! times are those of the segments. Needs root.
+//! two pods of one node; through a ClusterIP between two pods of one node, where the two
+//! veths see different addresses; pipelined requests pair with their own responses; and
+//! exchange times are those of the segments. Needs root.
 
 mod common;
 
@@ -17,6 +18,7 @@ use std::{
 
 use common::*;
 use serde_json::Value;
+use weft_harness::{Cluster, ClusterSpec, ServiceSpec};
 
 const REQUESTS: usize = 1000;
 
@@ -271,6 +273,86 @@ fn ipv6_requests_between_pods_are_seen_on_both_veths_with_their_addresses_and_se
     collector.stop(Duration::from_secs(5)).unwrap();
 }
 
+/// Pods `client` and `server` on node `a`, and a Service `server` (80 → 8080).
+fn one_node_with_a_service() -> Cluster {
+    Cluster::up(&ClusterSpec {
+        nodes: vec![node(
+            "a",
+            vec![pod("client", "client"), pod("server", "server")],
+        )],
+        services: vec![ServiceSpec {
+            name: "server".into(),
+            namespace: "demo".into(),
+            port: 80,
+            target_port: SERVER_PORT,
+            workload: "server".into(),
+        }],
+    })
+    .expect("cluster up")
+}
+
+/// Through a ClusterIP between two pods of one node, the node DNATs each request between
+/// the two veths (and un-DNATs each response): the client's veth sees the Service's
+/// address, the server's the pod's. A second sighting is only marked on the first record
+/// when its addresses are the first's, so here each is a record of its own, and each side
+/// reports the addresses it saw, with the same seqs.
+#[test]
+fn through_a_cluster_ip_on_one_node_each_veth_reports_the_addresses_it_saw() {
+    const N: usize = 50;
+    let cluster = one_node_with_a_service();
+    let node = cluster.node("a").netns().to_owned();
+    let collector = start_collector(&cluster, &node, &["--print", "json"]);
+    let _server = start_http_server(cluster.pod("server").netns());
+    let svc = cluster.service("server");
+    let service = server_addr(svc.cluster_ip(), svc.port());
+    let pod_addr = server_addr(cluster.pod("server").ip(), SERVER_PORT);
+    let paths: Vec<String> = (0..N).map(|i| format!("/nat/{i}")).collect();
+    let client = cluster.pod("client").netns();
+    let statuses = http_requests(&cluster, client, service, &paths, true);
+    assert_eq!(statuses, vec![200; N]);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while collector.stdout_text().lines().count() < 2 * N && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let by_path = exchanges_by_path(&collector.stdout_text());
+    for path in &paths {
+        let seen = by_path
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} not seen"));
+        let side = |s: &str| {
+            let mut of_side = seen.iter().filter(|e| e["side"] == s);
+            let ex = of_side.next().unwrap_or_else(|| panic!("{path}: no {s}"));
+            assert!(of_side.next().is_none(), "{path}: {s} twice");
+            ex
+        };
+        let (c, s) = (side("CLIENT"), side("SERVER"));
+        assert_eq!(c["server"], service.to_string(), "{c}");
+        assert_eq!(s["server"], pod_addr.to_string(), "{s}");
+        assert_eq!(c["request_seq"], s["request_seq"], "{path}: {c} vs {s}");
+        assert_eq!(c["response_seq"], s["response_seq"], "{path}: {c} vs {s}");
+    }
+    // (The kernel counters are published on the collector's one-second tick.)
+    let kernel = |metrics: &str, c: &str| {
+        metric(
+            metrics,
+            &format!("weft_collector_kernel_events_total{{counter=\"{c}\"}}"),
+        )
+    };
+    let mut metrics = String::new();
+    let published = wait_for(Duration::from_secs(3), || {
+        metrics = scrape(&cluster, &node);
+        kernel(&metrics, "emitted") >= 4 * N as u64
+    });
+    assert!(published, "{metrics}");
+    assert_eq!(kernel(&metrics, "marked"), 0, "{metrics}");
+    assert!(
+        metric(&metrics, "weft_collector_ring_repeats_total") > 0,
+        "{metrics}"
+    );
+    collector.stop(Duration::from_secs(5)).unwrap();
+}
+
 /// Pipelining with real packets: each batch of requests is one write (one segment holding
 /// several requests), the server answers them in order (its responses may coalesce into
 /// one segment too). Every request must pair with its own response: the test server's
@@ -347,19 +429,43 @@ fn pipelined_requests_in_one_segment_pair_with_their_own_responses() {
             );
         }
     }
-    // Each segment passed both veths on one CPU: the kernel wrote the second record as a
-    // repeat of the first (no payload of its own), and the reader found every one's
-    // payload (what was asserted above came from them too).
+    // Each segment passed both veths on one CPU: the kernel wrote the second sighting as
+    // a mark on the first record (or, where it could not, as a repeat with no payload of
+    // its own), and the reader found every one's payload (what was asserted above came
+    // from them too). Every sighting published was read once: from its mark, or from its
+    // record when the mark came after the reader had passed the record.
     // (The metrics are published on the collector's one-second tick.)
-    let repeats = || {
+    let kernel = |metrics: &str, c: &str| {
         metric(
-            &scrape(cluster, &t.node),
-            "weft_collector_ring_repeats_total",
+            metrics,
+            &format!("weft_collector_kernel_events_total{{counter=\"{c}\"}}"),
         )
     };
-    let repeated = wait_for(Duration::from_secs(3), || repeats() > 0);
-    let metrics = scrape(cluster, &t.node);
-    assert!(repeated, "{metrics}");
+    let read = |metrics: &str| {
+        metric(
+            metrics,
+            r#"weft_collector_events_read_total{ring="packets"}"#,
+        )
+    };
+    let mut metrics = String::new();
+    let all_read = wait_for(Duration::from_secs(3), || {
+        metrics = scrape(cluster, &t.node);
+        // At least a request segment and a response segment per batch, each seen twice.
+        kernel(&metrics, "emitted") >= 2 * 2 * BATCHES as u64
+            && read(&metrics) == kernel(&metrics, "emitted")
+    });
+    assert!(all_read, "{metrics}");
+    let (marked, late) = (kernel(&metrics, "marked"), kernel(&metrics, "marked_late"));
+    let read_from_marks = metric(&metrics, "weft_collector_ring_marked_total");
+    assert!(marked > 0, "{metrics}");
+    assert!(
+        (marked..=marked + late).contains(&read_from_marks),
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "weft_collector_ring_repeats_total") >= read_from_marks,
+        "{metrics}"
+    );
     assert_eq!(
         metric(&metrics, "weft_collector_ring_unresolved_repeats_total"),
         0,

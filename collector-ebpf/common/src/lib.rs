@@ -49,6 +49,45 @@ pub struct PacketHeader {
     /// Payload bytes captured (at most `HEAD_LEN`): they follow the header in the record,
     /// or, in a `RECORD_REPEAT` record, in the record it repeats.
     pub captured_len: u32,
+    /// A second sighting of this record's segment, marked here by the classifier that saw
+    /// it after the record was published (`Sighting::mark`); 0: none. The only field the
+    /// kernel writes in a published slot: user space reads it atomically, after
+    /// announcing the read (`RingControl::taken`), and not from a copy of the header.
+    pub also: u32,
+}
+
+/// A segment seen on one more veth of the node: where, and in which direction. Written
+/// into the segment's record (`PacketHeader::also`) instead of a record of its own, since
+/// the second sighting comes right after the first, on the same CPU, while the record's
+/// lines are still in its cache: a `RECORD_REPEAT` slot cost two cold lines more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sighting {
+    pub ifindex: u32,
+    pub direction: u8,
+}
+
+impl Sighting {
+    /// As `PacketHeader::also` holds it: never 0 (ifindexes start at 1). `None` for an
+    /// ifindex beyond 31 bits or a direction that is not one (then no mark is written).
+    #[inline(always)]
+    pub const fn mark(self) -> Option<u32> {
+        if self.ifindex == 0 || self.ifindex > u32::MAX >> 1 || self.direction > DIR_TO_POD {
+            return None;
+        }
+        Some((self.ifindex << 1) | self.direction as u32)
+    }
+
+    /// What `mark` wrote; `None` for 0 (no mark).
+    #[inline(always)]
+    pub const fn from_mark(also: u32) -> Option<Self> {
+        if also == 0 {
+            return None;
+        }
+        Some(Sighting {
+            ifindex: also >> 1,
+            direction: (also & 1) as u8,
+        })
+    }
 }
 
 /// `PacketHeader::record_flags`: the record carries no payload bytes. Its segment is the
@@ -58,6 +97,12 @@ pub struct PacketHeader {
 /// record. The classifier writes one only when `ts_ns`, `seq`, `ack` and `payload_len`
 /// equal that record's (see `LastRecord`), and sets `captured_len` to that record's.
 pub const RECORD_REPEAT: u8 = 1;
+
+/// `PacketHeader::record_flags`: the classifier also marked this sighting on the record
+/// before it (`PacketHeader::also`), but after the collector may have read that record
+/// (`RingControl::taken`), so it wrote this record too. User space hands the sighting on
+/// once: from the mark if it saw it, else from this record.
+pub const RECORD_AFTER_MARK: u8 = 2;
 
 /// Bytes of a record before the payload.
 pub const PACKET_HEADER_LEN: usize = core::mem::size_of::<PacketHeader>();
@@ -124,7 +169,14 @@ pub struct RingControl {
     /// this ring is half full: set by the collector, cleared by the classifier that rings
     /// (so one record rings, not every record until the collector comes).
     pub doorbell: u64,
-    pub _pad2: [u64; 6],
+    /// `head` as the collector took it when it began its latest read (written by user
+    /// space, then a full fence, before it reads any slot): the records before it may have
+    /// been read already, so a classifier that marks one of them (`PacketHeader::also`,
+    /// with a locked add, also a full fence) and then finds it here writes a record of its
+    /// own as well (`RECORD_AFTER_MARK`). The two fences make sure that at least one side
+    /// sees the other's store: a mark is never lost between them.
+    pub taken: u64,
+    pub _pad2: [u64; 5],
 }
 
 /// What identifies a published record's segment, for `RECORD_REPEAT`: a segment sent
@@ -215,6 +267,13 @@ pub enum Counter {
     /// at its next timed read, and records beyond what its rings hold are counted in
     /// `RingFull`.
     DoorbellFull = 13,
+    /// Second sightings written as a mark on the record of their first
+    /// (`PacketHeader::also`), not as a record of their own (informational: included in
+    /// `Emitted`).
+    Marked = 14,
+    /// Marks written after the collector may have read their record, and so also written
+    /// as a record (`RECORD_AFTER_MARK`; informational: counted once in `Emitted`).
+    MarkedLate = 15,
 }
 
 impl Counter {
@@ -234,6 +293,8 @@ impl Counter {
         Counter::ConnWakeup,
         Counter::Doorbell,
         Counter::DoorbellFull,
+        Counter::Marked,
+        Counter::MarkedLate,
     ];
 
     /// A stable snake_case name for metrics.
@@ -253,12 +314,14 @@ impl Counter {
             Counter::ConnWakeup => "conn_wakeup",
             Counter::Doorbell => "doorbell",
             Counter::DoorbellFull => "doorbell_full",
+            Counter::Marked => "marked",
+            Counter::MarkedLate => "marked_late",
         }
     }
 }
 
 /// Number of counters (size of the counter array).
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 16;
 
 #[cfg(test)]
 mod tests {
@@ -273,6 +336,8 @@ mod tests {
         assert_eq!(offset_of!(PacketHeader, sport), 56);
         assert_eq!(offset_of!(PacketHeader, family), 60);
         assert_eq!(offset_of!(PacketHeader, captured_len), 64);
+        // In the record's second line, which the classifier has just written when it marks.
+        assert_eq!(offset_of!(PacketHeader, also), 68);
         assert_eq!(PACKET_HEADER_LEN, 72);
         assert_eq!(align_of::<PacketHeader>(), 8);
         // The payload follows the header directly: the kernel copies one prefix.
@@ -292,9 +357,25 @@ mod tests {
         // reads both together.
         assert_eq!(offset_of!(RingControl, tail), 64);
         assert_eq!(offset_of!(RingControl, doorbell), 72);
+        assert_eq!(offset_of!(RingControl, taken), 80);
         // One entry per CPU, each two whole cache lines: no CPU's head shares a line with
         // another CPU's or with a tail.
         assert_eq!(size_of::<RingControl>(), 128);
+    }
+
+    #[test]
+    fn a_sighting_survives_its_mark_and_no_mark_is_zero() {
+        for (ifindex, direction) in [(1, DIR_FROM_POD), (7, DIR_TO_POD), (u32::MAX >> 1, 1)] {
+            let s = Sighting { ifindex, direction };
+            let mark = s.mark().unwrap();
+            assert_ne!(mark, 0);
+            assert_eq!(Sighting::from_mark(mark), Some(s));
+        }
+        assert_eq!(Sighting::from_mark(0), None);
+        let unmarkable = [(0, 0), ((u32::MAX >> 1) + 1, 0), (3, 2)];
+        for (ifindex, direction) in unmarkable {
+            assert_eq!(Sighting { ifindex, direction }.mark(), None);
+        }
     }
 
     #[test]

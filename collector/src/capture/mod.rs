@@ -93,6 +93,11 @@ pub struct ReadStats {
     pub repeats: u64,
     /// Repeats skipped because the record they repeat was not there (see `ring`).
     pub unresolved_repeats: u64,
+    /// Repeats read from a mark on the record they repeat (included in `repeats`).
+    pub marked: u64,
+    /// Sightings written both as a mark and as a record, skipped the second time (see
+    /// `ring`).
+    pub twins: u64,
 }
 
 pub struct Capture {
@@ -187,6 +192,8 @@ impl Capture {
         self.stats.malformed += read.malformed;
         self.stats.repeats += read.repeats;
         self.stats.unresolved_repeats += read.unresolved_repeats;
+        self.stats.marked += read.marked;
+        self.stats.twins += read.twins;
         read_conns(self.conns.get_mut(), &mut self.stats, offset, &mut sink);
         // Its rings have done their job: this read is the one they asked for.
         let doorbell = self.doorbell.get_mut();

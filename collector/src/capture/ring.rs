@@ -28,16 +28,26 @@
 //! its own. It is handed on with the payload of its ring's last record that had one, read
 //! from that record's slot, or from a copy taken when the slot was freed (a read may end
 //! between the two).
+//!
+//! Marks: more often the second sighting is no record at all but a mark in the first
+//! record's header (`PacketHeader::also`), written after that record was published. A
+//! read therefore first announces which records it may read (`RingControl::taken`), then
+//! fences, then reads the marks: a classifier that marks a record this read may already
+//! have passed writes the sighting as a record too (`RECORD_AFTER_MARK`), and the reader
+//! hands such a sighting on once, whichever of the two it comes upon first.
 
+use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::{NonNull, addr_of_mut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use anyhow::{Context as _, bail};
 use aya::maps::MapData;
-use weft_ebpf_common::{PacketEvent, PacketHeader, RECORD_REPEAT, RingControl};
+use weft_ebpf_common::{
+    PacketEvent, PacketHeader, RECORD_AFTER_MARK, RECORD_REPEAT, RingControl, Sighting,
+};
 
 use super::Packet;
 
@@ -176,6 +186,12 @@ pub struct RingRead {
     /// `RECORD_REPEAT` records whose record was not there to repeat (skipped): read before
     /// this reader started, or malformed, or not the same segment.
     pub unresolved_repeats: u64,
+    /// Second sightings read from a mark on their first record (included in `records`
+    /// and `repeats`).
+    pub marked: u64,
+    /// Sightings found both as a mark and as a `RECORD_AFTER_MARK` record, and handed on
+    /// from the first of the two only: the second is skipped here.
+    pub twins: u64,
     /// Records published but stamped after the watermark: left for the next read.
     pub waiting: u64,
 }
@@ -183,7 +199,7 @@ pub struct RingRead {
 impl RingRead {
     /// Every record the read came upon: handed on, skipped, or left waiting.
     pub fn found(&self) -> u64 {
-        self.records + self.malformed + self.unresolved_repeats + self.waiting
+        self.records + self.malformed + self.unresolved_repeats + self.waiting + self.twins
     }
 }
 
@@ -202,6 +218,10 @@ pub struct PacketRings {
     /// Per ring: `tail` as the kernel knows it. Slots from here on are not yet its to
     /// write again.
     freed: Vec<u64>,
+    /// Per ring: what we last stored into `taken`.
+    taken: Vec<u64>,
+    /// Per CPU: the last sighting handed on that may have a twin (see the module doc).
+    twins: Vec<Cell<Option<Twin>>>,
     /// Per ring: the last record read that carried its payload.
     originals: Vec<Original>,
     /// Reused by every read: (timestamp of a CPU's next record, CPU).
@@ -229,10 +249,31 @@ struct Original {
     saved_payload: Vec<u8>,
 }
 
+/// A sighting that may come twice, as a mark and as a `RECORD_AFTER_MARK` record: its
+/// record's time (as the kernel wrote it) and segment, and where it was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Twin {
+    ts_ns: u64,
+    seq: u32,
+    ack: u32,
+    sighting: Sighting,
+}
+
+impl Twin {
+    fn of(header: &PacketHeader, sighting: Sighting) -> Self {
+        Twin {
+            ts_ns: header.ts_ns,
+            seq: header.seq,
+            ack: header.ack,
+            sighting,
+        }
+    }
+}
+
 /// A slot as read.
 enum Slot<'a> {
-    /// A record with its own payload.
-    Original(Packet<'a>),
+    /// A record with its own payload, and the second sighting marked on it.
+    Original(Packet<'a>, Option<Sighting>),
     /// A `RECORD_REPEAT` record, with the payload of the one it repeats.
     Repeat(Packet<'a>),
     Malformed,
@@ -291,6 +332,8 @@ impl PacketRings {
             layout,
             tails: vec![0; rings_n],
             heads: vec![0; rings_n],
+            taken: vec![0; rings_n],
+            twins: vec![Cell::new(None); layout.cpus as usize],
             seen: vec![0; rings_n],
             seen_at: 0,
             freed: vec![0; rings_n],
@@ -306,7 +349,9 @@ impl PacketRings {
             rings.tails[ring as usize] = head;
             rings.seen[ring as usize] = head;
             rings.freed[ring as usize] = head;
+            rings.taken[ring as usize] = head;
             rings.tail(ring).store(head, Ordering::Release);
+            rings.taken_field(ring).store(head, Ordering::Release);
             let place = layout.place(ring);
             let field = |f| rings.field(ring, f);
             field(|c| unsafe { addr_of_mut!((*c).base) }).store(place.base, Ordering::Release);
@@ -331,6 +376,7 @@ impl PacketRings {
         for ring in 0..self.layout.rings() {
             self.heads[ring as usize] = self.head(ring).load(Ordering::Acquire);
         }
+        self.announce_taken();
         // After the heads: every record before them was published, so sent, by now.
         let now = clock();
         for ring in 0..self.layout.rings() {
@@ -346,29 +392,7 @@ impl PacketRings {
             }
             let c = ring as usize;
             let n = self.tails[c];
-            let (packet, original) = match self.read_slot(ring, n) {
-                Slot::Original(p) => (Some(p), true),
-                Slot::Repeat(p) => {
-                    out.repeats += 1;
-                    (Some(p), false)
-                }
-                Slot::Malformed => {
-                    out.malformed += 1;
-                    (None, false)
-                }
-                Slot::Unresolved => {
-                    out.unresolved_repeats += 1;
-                    (None, false)
-                }
-            };
-            if let Some(mut p) = packet {
-                out.records += 1;
-                p.header.ts_ns = ts;
-                sink(p);
-            }
-            if original {
-                self.originals[c].n = Some(n);
-            }
+            self.hand_on(ring, n, ts, &mut out, &mut sink);
             self.tails[c] += 1;
             if self.tails[c] + 1 < self.heads[c] {
                 self.prefetch(ring, self.tails[c] + 1);
@@ -389,6 +413,90 @@ impl PacketRings {
             out.waiting += self.heads[c] - self.tails[c];
         }
         out
+    }
+
+    /// Stores every ring's head as this read took it into `taken`, where it changed, then
+    /// fences: no mark is read before the kernel can see which records this read may have
+    /// passed (see `RingControl::taken`).
+    fn announce_taken(&mut self) {
+        let mut stored = false;
+        for ring in 0..self.layout.rings() {
+            let c = ring as usize;
+            if self.taken[c] != self.heads[c] {
+                self.taken[c] = self.heads[c];
+                self.taken_field(ring)
+                    .store(self.heads[c], Ordering::Relaxed);
+                stored = true;
+            }
+        }
+        if stored {
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    /// Hands record `n` of `ring` to `sink` as of time `ts`, with the second sighting
+    /// marked on it, and counts what it was.
+    fn hand_on(
+        &mut self,
+        ring: u32,
+        n: u64,
+        ts: u64,
+        out: &mut RingRead,
+        sink: &mut impl FnMut(Packet<'_>),
+    ) {
+        let twins = &self.twins[(ring % self.layout.cpus) as usize];
+        let (packet, also, original) = match self.read_slot(ring, n) {
+            Slot::Original(p, also) => (p, also, true),
+            Slot::Repeat(p) => (p, None, false),
+            Slot::Malformed => {
+                out.malformed += 1;
+                return;
+            }
+            Slot::Unresolved => {
+                out.unresolved_repeats += 1;
+                return;
+            }
+        };
+        let (header, payload) = (packet.header, packet.payload);
+        let own = Sighting {
+            ifindex: header.ifindex,
+            direction: header.direction,
+        };
+        if header.record_flags & RECORD_AFTER_MARK != 0 && !first_of_twins(twins, &header, own) {
+            out.twins += 1;
+        } else {
+            out.records += 1;
+            out.repeats += u64::from(!original);
+            sink(Packet {
+                header: PacketHeader {
+                    ts_ns: ts,
+                    ..header
+                },
+                payload,
+            });
+        }
+        match also {
+            Some(marked) if first_of_twins(twins, &header, marked) => {
+                out.records += 1;
+                out.repeats += 1;
+                out.marked += 1;
+                sink(Packet {
+                    header: PacketHeader {
+                        ts_ns: ts,
+                        ifindex: marked.ifindex,
+                        direction: marked.direction,
+                        record_flags: RECORD_REPEAT,
+                        ..header
+                    },
+                    payload,
+                });
+            }
+            Some(_) => out.twins += 1,
+            None => {}
+        }
+        if original {
+            self.originals[ring as usize].n = Some(n);
+        }
     }
 
     /// Arms or disarms every ring's doorbell (`RingControl::doorbell`). Armed again on
@@ -416,11 +524,17 @@ impl PacketRings {
         self.slot(ring, n).header.ts_ns.min(published_by)
     }
 
-    /// The record in `ring`'s slot `n` (published, unread).
+    /// The record in `ring`'s slot `n` (published, unread). A record with payload comes
+    /// with the sighting marked on it, read after `announce_taken`.
     fn read_slot(&self, ring: u32, n: u64) -> Slot<'_> {
         let slot = self.slot(ring, n);
         if slot.header.record_flags & RECORD_REPEAT == 0 {
-            return Packet::from_slot(slot).map_or(Slot::Malformed, Slot::Original);
+            let Some(mut packet) = Packet::from_slot(slot) else {
+                return Slot::Malformed;
+            };
+            let also = self.also(ring, n);
+            packet.header.also = 0;
+            return Slot::Original(packet, Sighting::from_mark(also));
         }
         match self.original(ring) {
             Some(original) if same_segment(&slot.header, &original.header) => {
@@ -511,6 +625,19 @@ impl PacketRings {
         self.field(ring, |c| unsafe { addr_of_mut!((*c).tail) })
     }
 
+    fn taken_field(&self, ring: u32) -> &AtomicU64 {
+        self.field(ring, |c| unsafe { addr_of_mut!((*c).taken) })
+    }
+
+    /// The mark on record `n` of `ring` (`PacketHeader::also`): the one field the kernel
+    /// may write in a published slot, so read atomically, not from a copy of the header.
+    fn also(&self, ring: u32, n: u64) -> u32 {
+        let p = self.slot_ptr(ring, n);
+        // SAFETY: an aligned u32 in the mapped slot, which outlives `self`; the kernel
+        // writes it with a locked add on the word it shares with `captured_len`.
+        unsafe { AtomicU32::from_ptr(addr_of_mut!((*p).header.also)) }.load(Ordering::Relaxed)
+    }
+
     /// The slot of `ring`'s record number `n`. Only called for published, unread records,
     /// which the kernel does not write until `tail` moves past them.
     fn slot(&self, ring: u32, n: u64) -> &PacketEvent {
@@ -524,6 +651,21 @@ impl PacketRings {
         // SAFETY: index < total slots, the region's length in slots.
         unsafe { self.slots.at(index as usize) }
     }
+}
+
+/// Whether a sighting of the segment of `header` that may have a twin (a mark, or a
+/// `RECORD_AFTER_MARK` record) is handed on: not if its twin was just handed on on this
+/// CPU (`last`; then that twin is forgotten), else yes (and it is remembered). A CPU's
+/// twins come one right after the other: a classifier writes the `RECORD_AFTER_MARK`
+/// record right after the mark, with the record's time.
+fn first_of_twins(last: &Cell<Option<Twin>>, header: &PacketHeader, sighting: Sighting) -> bool {
+    let twin = Twin::of(header, sighting);
+    if last.get() == Some(twin) {
+        last.set(None);
+        return false;
+    }
+    last.set(Some(twin));
+    true
 }
 
 fn array_data(map: aya::maps::Map, name: &str) -> anyhow::Result<MapData> {
@@ -983,6 +1125,183 @@ mod tests {
             (read.records, read.repeats, read.unresolved_repeats),
             (2, 0, 3)
         );
+    }
+
+    /// What a classifier does with a second sighting (`mark_last`): marks the last record
+    /// of `ring` with it (a locked add on the word `also` shares with `captured_len`),
+    /// then tells whether the reader may have passed that record (`taken`), in which case
+    /// the classifier writes the sighting as a `RECORD_AFTER_MARK` record too.
+    fn mark(r: &PacketRings, ring: u32, sighting: Sighting) -> bool {
+        let head = r.head(ring).load(Ordering::Relaxed);
+        let word = unsafe { addr_of_mut!((*r.slot_ptr(ring, head - 1)).header.captured_len) };
+        let mark = u64::from(sighting.mark().expect("a markable sighting")) << 32;
+        unsafe { AtomicU64::from_ptr(word.cast::<u64>()) }.fetch_add(mark, Ordering::SeqCst);
+        r.taken_field(ring).load(Ordering::SeqCst) >= head
+    }
+
+    const SECOND: Sighting = Sighting {
+        ifindex: 5,
+        direction: weft_ebpf_common::DIR_TO_POD,
+    };
+
+    /// The record of a first sighting: leaving the pod on interface 3.
+    fn first_sighting(ts_ns: u64, payload: &[u8]) -> PacketHeader {
+        PacketHeader {
+            ifindex: 3,
+            ..header(ts_ns, 7, payload)
+        }
+    }
+
+    /// The `RECORD_AFTER_MARK` repeat a classifier writes after a late mark of `first`.
+    fn late_repeat(first: PacketHeader) -> PacketHeader {
+        PacketHeader {
+            ifindex: SECOND.ifindex,
+            direction: SECOND.direction,
+            record_flags: RECORD_REPEAT | RECORD_AFTER_MARK,
+            ..first
+        }
+    }
+
+    /// (interface, direction, record flags, timestamp, payload) of every record handed on
+    /// by a read up to `watermark`.
+    type Sightings = Vec<(u32, u8, u8, u64, Vec<u8>)>;
+    fn read_sightings(r: &mut PacketRings, watermark: u64) -> (Sightings, RingRead) {
+        let mut got = Vec::new();
+        let now = watermark.saturating_add(WATERMARK_MARGIN_NANOS);
+        let read = r.read(
+            watermark,
+            || now,
+            |p| {
+                let h = p.header;
+                got.push((
+                    h.ifindex,
+                    h.direction,
+                    h.record_flags,
+                    h.ts_ns,
+                    p.payload.to_vec(),
+                ))
+            },
+        );
+        (got, read)
+    }
+
+    #[test]
+    fn a_marked_record_is_handed_on_twice_the_second_time_as_the_marked_sighting() {
+        let mut r = rings(2, 8);
+        let req = b"GET /m HTTP/1.1";
+        assert!(write_record(&r, 0, first_sighting(10, req), req));
+        assert!(!mark(&r, 0, SECOND), "no read began: the mark is not late");
+        let (got, read) = read_sightings(&mut r, u64::MAX);
+        assert_eq!(
+            got,
+            [
+                (3, 0, 0, 10, req.to_vec()),
+                (5, 1, RECORD_REPEAT, 10, req.to_vec()),
+            ]
+        );
+        assert_eq!(
+            (read.records, read.repeats, read.marked, read.twins),
+            (2, 1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn a_mark_on_a_record_already_read_is_late_and_its_record_is_handed_on() {
+        let mut r = rings(1, 8);
+        let req = b"GET /late HTTP/1.1";
+        let first = first_sighting(10, req);
+        assert!(write_record(&r, 0, first, req));
+        let (got, _) = read_sightings(&mut r, u64::MAX);
+        assert_eq!(got.len(), 1);
+        // The read took the record before the mark: the classifier finds it in `taken`.
+        assert!(mark(&r, 0, SECOND));
+        assert!(write_record(&r, 0, late_repeat(first), b""));
+        let (got, read) = read_sightings(&mut r, u64::MAX);
+        let flags = RECORD_REPEAT | RECORD_AFTER_MARK;
+        assert_eq!(got, [(5, 1, flags, 10, req.to_vec())]);
+        assert_eq!(
+            (read.records, read.repeats, read.marked, read.twins),
+            (1, 1, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_late_mark_the_reader_sees_as_well_hands_the_sighting_on_once() {
+        let mut r = rings(1, 8);
+        let req = b"GET /both HTTP/1.1";
+        let first = first_sighting(100, req);
+        assert!(write_record(&r, 0, first, req));
+        // A read takes the head but leaves the record, stamped after its watermark.
+        let (got, read) = read_sightings(&mut r, 50);
+        assert_eq!((got.len(), read.waiting), (0, 1));
+        assert!(mark(&r, 0, SECOND), "the read took the record: late");
+        assert!(write_record(&r, 0, late_repeat(first), b""));
+        let (got, read) = read_sightings(&mut r, u64::MAX);
+        assert_eq!(
+            got,
+            [
+                (3, 0, 0, 100, req.to_vec()),
+                (5, 1, RECORD_REPEAT, 100, req.to_vec()),
+            ]
+        );
+        assert_eq!(
+            (read.records, read.repeats, read.marked, read.twins),
+            (2, 1, 1, 1)
+        );
+        assert_eq!(read.found(), 3);
+    }
+
+    #[test]
+    fn a_late_record_read_before_its_mark_hands_the_sighting_on_once() {
+        // 2 fast slots, 4 spill slots.
+        let mut r = rings(1, 2);
+        assert!(write(&r, 0, 10, b"GET /1"));
+        assert!(write(&r, 0, 20, b"GET /2"));
+        let req = b"GET /spilled HTTP/1.1";
+        let first = first_sighting(100, req);
+        assert!(write_record(&r, 0, first, req));
+        assert_eq!(r.head(1).load(Ordering::Relaxed), 1, "spilled");
+        // A read frees the fast ring but leaves the spilled record (after its watermark).
+        let (got, read) = read_sightings(&mut r, 50);
+        assert_eq!((got.len(), read.waiting), (2, 1));
+        assert!(mark(&r, 1, SECOND), "the read took the record: late");
+        // The fast ring has room again: the late sighting is a record with its own payload
+        // there, which the next read comes upon first (same time, lower ring).
+        let late = PacketHeader {
+            ifindex: SECOND.ifindex,
+            direction: SECOND.direction,
+            record_flags: RECORD_AFTER_MARK,
+            ..first
+        };
+        assert!(write_record(&r, 0, late, req));
+        assert_eq!(r.head(0).load(Ordering::Relaxed), 3);
+        let (got, read) = read_sightings(&mut r, u64::MAX);
+        assert_eq!(
+            got,
+            [
+                (5, 1, RECORD_AFTER_MARK, 100, req.to_vec()),
+                (3, 0, 0, 100, req.to_vec()),
+            ]
+        );
+        assert_eq!(
+            (read.records, read.repeats, read.marked, read.twins),
+            (2, 0, 0, 1)
+        );
+    }
+
+    #[test]
+    fn a_read_announces_the_heads_it_took_before_it_reads_a_mark() {
+        let mut r = rings(2, 8);
+        assert!(write(&r, 1, 10, b"GET /"));
+        assert!(write(&r, 1, 20, b"GET /"));
+        read_sightings(&mut r, u64::MAX);
+        let taken: Vec<u64> = (0..4)
+            .map(|ring| r.taken_field(ring).load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(taken, [0, 2, 0, 0]);
+        // A record published after the read began is not covered: marking it is not late.
+        assert!(write(&r, 1, 30, b"GET /"));
+        assert!(!mark(&r, 1, SECOND));
     }
 
     fn doorbells(r: &PacketRings) -> Vec<u64> {

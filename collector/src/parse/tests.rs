@@ -117,6 +117,7 @@ fn pkt(direction: u8, src: &str, dst: &str, seq: u32, ack: u32, payload: &[u8]) 
             tcp_flags: 0x18,
             record_flags: 0,
             captured_len: captured as u32,
+            also: 0,
         },
         head: payload[..captured].to_vec(),
     }
