@@ -758,7 +758,9 @@ compile_error!(
 /// head back (the stall moved to the stores, same time); storing to the next free slot's
 /// lines at the end of each run (~100 ns less per run by bpf-stats, but lower throughput:
 /// the stall moved past the program into the network stack). What was kept: a segment's
-/// second sighting on the node writes only the header (`RECORD_REPEAT`, 2 lines).
+/// second sighting on the node writes only a mark in the first record's header, which is
+/// still in cache (`mark_last`), or where it cannot, only a header (`RECORD_REPEAT`, 2
+/// cold lines).
 #[inline(always)]
 fn copy_http_head(ctx: &TcContext, seg: &Segment, ev: *mut PacketEvent) -> Result<usize, Counter> {
     let captured = copy_head(ctx, seg, ev).map_err(|()| Counter::CopyFailed)?;
@@ -852,7 +854,7 @@ fn fill_header(
 /// pod or the node sends arrives here with it, microseconds before this classifier runs.
 /// Reading it instead of the clock saves a helper call on every record: 35 of the ~200 ns
 /// a classifier run took here; and, being the same on every veth the skb passes, it tells a
-/// segment seen twice (`RECORD_REPEAT`). Segments without it (forwarded from
+/// segment seen twice (`mark_last`, `RECORD_REPEAT`). Segments without it (forwarded from
 /// another node, say, or with a receive timestamp on the real-time clock) read the clock,
 /// counted as `ClockTime`.
 ///
