@@ -479,11 +479,7 @@ fn mark_last(
     };
     // SAFETY: see `emit`.
     let last = unsafe { (*ctl).last };
-    if last.ts_ns != ts
-        || last.seq != seg.seq
-        || last.ack != seg.ack
-        || last.payload_len != seg.payload_len as u32
-    {
+    if !is_last(&last, seg, ts) {
         return Mark::Unmarked;
     }
     let ring = match last.ring {
@@ -619,16 +615,7 @@ fn write_record(
     let last = unsafe { (*ctl).last };
     let which = ring.which();
     let ev = slot_at_head(ring)?;
-    let repeat = match sent {
-        Some(ts) => {
-            last.ring == which
-                && last.ts_ns == ts
-                && last.seq == seg.seq
-                && last.ack == seg.ack
-                && last.payload_len == seg.payload_len as u32
-        }
-        None => false,
-    };
+    let repeat = sent.is_some_and(|ts| last.ring == which && is_last(&last, seg, ts));
     let (captured, flags) = match repeat {
         true => (last.captured_len as usize, RECORD_REPEAT | flags),
         false => (copy_http_head(ctx, seg, ev)?, flags),
@@ -646,6 +633,16 @@ fn write_record(
         unsafe { (*ctl).last = remember(seg, sent, captured, which) };
     }
     Ok(())
+}
+
+/// Whether `last` is the record of `seg` sent at `sent`: the same skb, seen again (see
+/// `LastRecord`).
+#[inline(always)]
+fn is_last(last: &LastRecord, seg: &Segment, sent: u64) -> bool {
+    last.ts_ns == sent
+        && last.seq == seg.seq
+        && last.ack == seg.ack
+        && last.payload_len == seg.payload_len as u32
 }
 
 /// What `ctl.last` holds after a record with payload: the segment, unless its time came

@@ -175,6 +175,17 @@ fn thousand_requests_through_a_cluster_ip_are_seen_on_both_nodes_with_the_same_s
 }
 
 /// Runs `ip` with `args`, failing the test with its message if it fails.
+/// The CLIENT and the SERVER exchange of `path`, of those `seen` for it: exactly one each.
+fn client_and_server<'a>(path: &str, seen: &'a [Value]) -> (&'a Value, &'a Value) {
+    let side = |s: &str| {
+        let mut of_side = seen.iter().filter(|e| e["side"] == s);
+        let ex = of_side.next().unwrap_or_else(|| panic!("{path}: no {s}"));
+        assert!(of_side.next().is_none(), "{path}: {s} twice");
+        ex
+    };
+    (side("CLIENT"), side("SERVER"))
+}
+
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(
@@ -252,13 +263,7 @@ fn ipv6_requests_between_pods_are_seen_on_both_veths_with_their_addresses_and_se
         let seen = by_path
             .get(&path)
             .unwrap_or_else(|| panic!("{path} not seen"));
-        let side = |s: &str| {
-            let mut of_side = seen.iter().filter(|e| e["side"] == s);
-            let ex = of_side.next().unwrap_or_else(|| panic!("{path}: no {s}"));
-            assert!(of_side.next().is_none(), "{path}: {s} twice");
-            ex
-        };
-        let (c, s) = (side("CLIENT"), side("SERVER"));
+        let (c, s) = client_and_server(&path, seen);
         for ex in [c, s] {
             assert_eq!(ex["method"], "GET", "{ex}");
             assert_eq!(ex["status"], 200, "{ex}");
@@ -320,13 +325,7 @@ fn through_a_cluster_ip_on_one_node_each_veth_reports_the_addresses_it_saw() {
         let seen = by_path
             .get(path)
             .unwrap_or_else(|| panic!("{path} not seen"));
-        let side = |s: &str| {
-            let mut of_side = seen.iter().filter(|e| e["side"] == s);
-            let ex = of_side.next().unwrap_or_else(|| panic!("{path}: no {s}"));
-            assert!(of_side.next().is_none(), "{path}: {s} twice");
-            ex
-        };
-        let (c, s) = (side("CLIENT"), side("SERVER"));
+        let (c, s) = client_and_server(path, seen);
         assert_eq!(c["server"], service.to_string(), "{c}");
         assert_eq!(s["server"], pod_addr.to_string(), "{s}");
         assert_eq!(c["request_seq"], s["request_seq"], "{path}: {c} vs {s}");

@@ -135,6 +135,14 @@ impl RingLayout {
         2 * self.cpus
     }
 
+    /// The CPU whose fast or spill ring `ring` is.
+    fn cpu_of(&self, ring: u32) -> u32 {
+        match ring < self.cpus {
+            true => ring,
+            false => ring - self.cpus,
+        }
+    }
+
     /// Where `ring` is: its `base`, `slots` and `spill` as its control block holds them.
     fn place(&self, ring: u32) -> RingPlace {
         let cpus = u64::from(self.cpus);
@@ -218,8 +226,6 @@ pub struct PacketRings {
     /// Per ring: `tail` as the kernel knows it. Slots from here on are not yet its to
     /// write again.
     freed: Vec<u64>,
-    /// Per ring: what we last stored into `taken`.
-    taken: Vec<u64>,
     /// Per CPU: the last sighting handed on that may have a twin (see the module doc).
     twins: Vec<Cell<Option<Twin>>>,
     /// Per ring: the last record read that carried its payload.
@@ -332,7 +338,6 @@ impl PacketRings {
             layout,
             tails: vec![0; rings_n],
             heads: vec![0; rings_n],
-            taken: vec![0; rings_n],
             twins: vec![Cell::new(None); layout.cpus as usize],
             seen: vec![0; rings_n],
             seen_at: 0,
@@ -349,7 +354,6 @@ impl PacketRings {
             rings.tails[ring as usize] = head;
             rings.seen[ring as usize] = head;
             rings.freed[ring as usize] = head;
-            rings.taken[ring as usize] = head;
             rings.tail(ring).store(head, Ordering::Release);
             rings.taken_field(ring).store(head, Ordering::Release);
             let place = layout.place(ring);
@@ -415,15 +419,15 @@ impl PacketRings {
         out
     }
 
-    /// Stores every ring's head as this read took it into `taken`, where it changed, then
-    /// fences: no mark is read before the kernel can see which records this read may have
-    /// passed (see `RingControl::taken`).
-    fn announce_taken(&mut self) {
+    /// Stores every ring's head as this read took it into `taken`, where it changed since
+    /// the previous read (`seen`, what that one stored), then fences: no mark is read
+    /// before the kernel can see which records this read may have passed (see
+    /// `RingControl::taken`).
+    fn announce_taken(&self) {
         let mut stored = false;
         for ring in 0..self.layout.rings() {
             let c = ring as usize;
-            if self.taken[c] != self.heads[c] {
-                self.taken[c] = self.heads[c];
+            if self.seen[c] != self.heads[c] {
                 self.taken_field(ring)
                     .store(self.heads[c], Ordering::Relaxed);
                 stored = true;
@@ -444,7 +448,7 @@ impl PacketRings {
         out: &mut RingRead,
         sink: &mut impl FnMut(Packet<'_>),
     ) {
-        let twins = &self.twins[(ring % self.layout.cpus) as usize];
+        let twins = &self.twins[self.layout.cpu_of(ring) as usize];
         let (packet, also, original) = match self.read_slot(ring, n) {
             Slot::Original(p, also) => (p, also, true),
             Slot::Repeat(p) => (p, None, false),
@@ -458,11 +462,11 @@ impl PacketRings {
             }
         };
         let (header, payload) = (packet.header, packet.payload);
-        let own = Sighting {
+        let own = || Sighting {
             ifindex: header.ifindex,
             direction: header.direction,
         };
-        if header.record_flags & RECORD_AFTER_MARK != 0 && !first_of_twins(twins, &header, own) {
+        if header.record_flags & RECORD_AFTER_MARK != 0 && !first_of_twins(twins, &header, own()) {
             out.twins += 1;
         } else {
             out.records += 1;
@@ -1185,6 +1189,11 @@ mod tests {
         (got, read)
     }
 
+    /// (records, repeats, marked, twins) of a read.
+    fn sighting_counts(read: &RingRead) -> (u64, u64, u64, u64) {
+        (read.records, read.repeats, read.marked, read.twins)
+    }
+
     #[test]
     fn a_marked_record_is_handed_on_twice_the_second_time_as_the_marked_sighting() {
         let mut r = rings(2, 8);
@@ -1199,10 +1208,7 @@ mod tests {
                 (5, 1, RECORD_REPEAT, 10, req.to_vec()),
             ]
         );
-        assert_eq!(
-            (read.records, read.repeats, read.marked, read.twins),
-            (2, 1, 1, 0)
-        );
+        assert_eq!(sighting_counts(&read), (2, 1, 1, 0));
     }
 
     #[test]
@@ -1219,10 +1225,7 @@ mod tests {
         let (got, read) = read_sightings(&mut r, u64::MAX);
         let flags = RECORD_REPEAT | RECORD_AFTER_MARK;
         assert_eq!(got, [(5, 1, flags, 10, req.to_vec())]);
-        assert_eq!(
-            (read.records, read.repeats, read.marked, read.twins),
-            (1, 1, 0, 0)
-        );
+        assert_eq!(sighting_counts(&read), (1, 1, 0, 0));
     }
 
     #[test]
@@ -1244,10 +1247,7 @@ mod tests {
                 (5, 1, RECORD_REPEAT, 100, req.to_vec()),
             ]
         );
-        assert_eq!(
-            (read.records, read.repeats, read.marked, read.twins),
-            (2, 1, 1, 1)
-        );
+        assert_eq!(sighting_counts(&read), (2, 1, 1, 1));
         assert_eq!(read.found(), 3);
     }
 
@@ -1283,10 +1283,7 @@ mod tests {
                 (3, 0, 0, 100, req.to_vec()),
             ]
         );
-        assert_eq!(
-            (read.records, read.repeats, read.marked, read.twins),
-            (2, 0, 0, 1)
-        );
+        assert_eq!(sighting_counts(&read), (2, 0, 0, 1));
     }
 
     #[test]
