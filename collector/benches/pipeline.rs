@@ -6,15 +6,19 @@
 //! Traffic shape: the overhead benchmark's (h2load `GET /` and `weft-demo-app serve`'s JSON
 //! answer, client and server pods on one node): each request crosses the client's veth
 //! (leaving it, a CLIENT half) and the server's veth (entering it, a SERVER half), and so
-//! does its response: 4 events per request, 2 exchanges. The second sight of a segment
-//! repeats the first one's bytes (the parser answers it from memory: `parse::repeat`);
-//! with `WEFT_BENCH_VETHS=1` only the server's veth is traced (a client outside the
-//! node's pods, as in the lead's node → pod measurement): 2 events per request, 1
+//! does its response: 4 sightings per request, 2 exchanges. The second sighting of a
+//! segment is a mark on the first one's record, handed on in the same packet
+//! (`Packet::also`), as the ring reader does: 2 packets per request. With
+//! `WEFT_BENCH_MARKS=0` it is a packet of its own with the same bytes (a repeat record,
+//! which the parser answers from memory: `parse::repeat`), as where the kernel cannot
+//! mark. With `WEFT_BENCH_VETHS=1` only the server's veth is traced (a client outside the
+//! node's pods, as in the lead's node → pod measurement): 2 sightings per request, 1
 //! exchange, no repeats.
 //!
 //! Run: `cargo bench -p weft-collector --bench pipeline`
-//! Knobs: `WEFT_BENCH_EVENTS` (default 4,000,000), `WEFT_BENCH_CONNS` connections (16),
-//! `WEFT_BENCH_VETHS` traced veths per request (2, or 1).
+//! Knobs: `WEFT_BENCH_EVENTS` sightings (default 4,000,000), `WEFT_BENCH_CONNS`
+//! connections (16), `WEFT_BENCH_VETHS` traced veths per request (2, or 1),
+//! `WEFT_BENCH_MARKS` (1, or 0).
 //! Under callgrind: `valgrind --tool=callgrind target/release/deps/pipeline-<hash>` with
 //! `WEFT_BENCH_EVENTS=200000`.
 
@@ -29,7 +33,9 @@ use weft_collector::{
     print::PrintMode,
     ship::{ShipConfig, Shipper},
 };
-use weft_ebpf_common::{DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, PACKET_HEADER_LEN, PacketHeader};
+use weft_ebpf_common::{
+    DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, PACKET_HEADER_LEN, PacketHeader, Sighting,
+};
 
 const REQUEST: &[u8] =
     b"GET / HTTP/1.1\r\nHost: 10.200.1.3:8080\r\nuser-agent: h2load nghttp2/1.52.0\r\n\r\n";
@@ -99,11 +105,25 @@ fn main() {
     }
     let events = env_or("WEFT_BENCH_EVENTS", 4_000_000);
     let conns = env_or("WEFT_BENCH_CONNS", 16) as u16;
-    // Which of the 4 records of a request are handed in: all, or the server veth's.
-    let traced: &[usize] = match env_or("WEFT_BENCH_VETHS", 2) {
-        1 => &[1, 2],
-        _ => &[0, 1, 2, 3],
+    // Which of the 4 records of a request are handed in, and with which marked sighting:
+    // both veths' (the second sighting of each segment as a mark, or as a record of its
+    // own), or the server veth's.
+    let mark = |ifindex| {
+        Some(Sighting {
+            ifindex,
+            direction: DIR_TO_POD,
+        })
     };
+    let traced: Vec<(usize, Option<Sighting>)> =
+        match (env_or("WEFT_BENCH_VETHS", 2), env_or("WEFT_BENCH_MARKS", 1)) {
+            (1, _) => vec![(1, None), (2, None)],
+            (_, 0) => vec![(0, None), (1, None), (2, None), (3, None)],
+            _ => vec![(0, mark(SERVER_IF)), (2, mark(CLIENT_IF))],
+        };
+    let sightings_per_request = traced
+        .iter()
+        .map(|(_, m)| 1 + m.is_some() as u64)
+        .sum::<u64>();
     let metrics = Arc::new(Metrics::new());
     let shipper = Shipper::spawn(ShipConfig::new(None, "bench"));
     let mut pipeline = Pipeline::new(
@@ -129,7 +149,7 @@ fn main() {
         .collect();
     let wall0 = 1_795_341_600_000_000_000u64;
     let mut ts = 0u64;
-    let requests = events / traced.len() as u64;
+    let requests = events / sightings_per_request;
     let mut buf: Vec<Vec<u8>> = (0..4).map(|_| Vec::with_capacity(512)).collect();
     let (cpu0, t0) = (thread_cpu_ns(), Instant::now());
     for i in 0..requests {
@@ -184,19 +204,19 @@ fn main() {
             ts + 25,
         );
         seqs[c] = (cseq2, sseq.wrapping_add(RESPONSE.len() as u32));
-        for rec in traced.iter().map(|&i| &buf[i]) {
-            let Some(event) = Packet::from_record(rec) else {
+        for &(i, also) in &traced {
+            let Some(event) = Packet::from_record(&buf[i]) else {
                 panic!("the bench wrote a malformed record");
             };
             pipeline.on_captured(Captured::Packet {
-                event,
+                event: Packet { also, ..event },
                 wall_unix_nanos: wall0 + event.header.ts_ns,
             });
         }
     }
     let cpu = thread_cpu_ns() - cpu0;
     let wall = t0.elapsed();
-    let n = requests * traced.len() as u64;
+    let n = requests * sightings_per_request;
     // Building the events is part of the loop: measure it alone and subtract it.
     let cpu1 = thread_cpu_ns();
     let mut sink = 0u64;
@@ -222,9 +242,11 @@ fn main() {
     std::hint::black_box(sink);
     let stats = pipeline.parse_stats().exchanges;
     println!(
-        "events {n}, exchanges {}, CPU {:.1} ns/event (building the events: {:.1} ns/event, excluded), wall {:.2} s",
+        "sightings {n} in {} packets, exchanges {}, CPU {:.1} ns/sighting, {:.1} ns/request (building the records: {:.1} ns/sighting, excluded), wall {:.2} s",
+        requests * traced.len() as u64,
         stats,
         (cpu.saturating_sub(build)) as f64 / n as f64,
+        (cpu.saturating_sub(build)) as f64 / requests as f64,
         build as f64 / n as f64,
         wall.as_secs_f64()
     );

@@ -58,15 +58,16 @@ impl Pipeline {
                 event,
                 wall_unix_nanos,
             } => {
-                let ifname = self
-                    .ifnames
-                    .get(&event.header.ifindex)
-                    .map_or("", String::as_str);
+                let name = |ifindex| self.ifnames.get(&ifindex).map_or("", String::as_str);
+                let ifnames = [
+                    name(event.header.ifindex),
+                    event.also.map_or("", |s| name(s.ifindex)),
+                ];
                 let (printer, print_failed, sender) =
                     (&mut self.printer, &mut self.print_failed, &self.sender);
                 let sink = |ex| deliver(printer, print_failed, sender, ex);
                 self.parser
-                    .on_packet_with(&event, wall_unix_nanos, ifname, sink);
+                    .on_packet_with(&event, wall_unix_nanos, ifnames, sink);
             }
             Captured::Conn {
                 event,

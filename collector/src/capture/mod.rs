@@ -23,7 +23,7 @@ use aya::{
 use tokio::io::unix::AsyncFd;
 use weft_ebpf_common::{
     COUNTER_COUNT, ConnEvent, Counter, HEAD_LEN, PACKET_HEADER_LEN, PacketEvent, PacketHeader,
-    RECORD_REPEAT,
+    RECORD_REPEAT, Sighting,
 };
 
 use ring::{PacketRings, RingLayout};
@@ -53,6 +53,10 @@ pub enum Captured<'a> {
 pub struct Packet<'a> {
     pub header: PacketHeader,
     pub payload: &'a [u8],
+    /// The same segment seen on one more veth of the node (a mark on the record, see
+    /// [`ring`]), handed on together with this sighting: the two are the same bytes, so
+    /// what reads them can read them once.
+    pub also: Option<Sighting>,
 }
 
 impl<'a> Packet<'a> {
@@ -62,6 +66,7 @@ impl<'a> Packet<'a> {
         Some(Packet {
             header: slot.header,
             payload,
+            also: None,
         })
     }
 
@@ -76,7 +81,35 @@ impl<'a> Packet<'a> {
             return None;
         }
         let payload = bytes.get(PACKET_HEADER_LEN..PACKET_HEADER_LEN + captured)?;
-        Some(Packet { header, payload })
+        Some(Packet {
+            header,
+            payload,
+            also: None,
+        })
+    }
+
+    /// The segment as seen at `also`: that interface and direction, flagged
+    /// `RECORD_REPEAT` (a record without payload of its own would have said so).
+    pub fn seen_at(&self, also: Sighting) -> Packet<'a> {
+        Packet {
+            header: PacketHeader {
+                ifindex: also.ifindex,
+                direction: also.direction,
+                record_flags: RECORD_REPEAT,
+                ..self.header
+            },
+            payload: self.payload,
+            also: None,
+        }
+    }
+
+    /// Every sighting the record stands for, one packet each: itself, then `also`'s.
+    pub fn sightings(&self) -> impl Iterator<Item = Packet<'a>> + use<'a> {
+        let own = Packet {
+            also: None,
+            ..*self
+        };
+        std::iter::once(own).chain(self.also.map(|s| self.seen_at(s)))
     }
 }
 

@@ -34,7 +34,9 @@
 //! read therefore first announces which records it may read (`RingControl::taken`), then
 //! fences, then reads the marks: a classifier that marks a record this read may already
 //! have passed writes the sighting as a record too (`RECORD_AFTER_MARK`), and the reader
-//! hands such a sighting on once, whichever of the two it comes upon first.
+//! hands such a sighting on once, whichever of the two it comes upon first. A mark is
+//! handed on with its record, in the same [`Packet`] (`also`): parse reads the bytes once
+//! for both sightings.
 
 use std::cell::Cell;
 use std::cmp::Reverse;
@@ -439,7 +441,7 @@ impl PacketRings {
     }
 
     /// Hands record `n` of `ring` to `sink` as of time `ts`, with the second sighting
-    /// marked on it, and counts what it was.
+    /// marked on it in the same packet (`Packet::also`), and counts what it was.
     fn hand_on(
         &mut self,
         ring: u32,
@@ -466,37 +468,42 @@ impl PacketRings {
             ifindex: header.ifindex,
             direction: header.direction,
         };
-        if header.record_flags & RECORD_AFTER_MARK != 0 && !first_of_twins(twins, &header, own()) {
-            out.twins += 1;
-        } else {
-            out.records += 1;
-            out.repeats += u64::from(!original);
-            sink(Packet {
-                header: PacketHeader {
-                    ts_ns: ts,
-                    ..header
-                },
-                payload,
-            });
-        }
-        match also {
+        // Its own sighting is skipped when the mark it repeats was handed on. (Such a
+        // record carries no mark: `can_mark` refuses records with flags.)
+        let own_sighting =
+            header.record_flags & RECORD_AFTER_MARK == 0 || first_of_twins(twins, &header, own());
+        let also = match also {
             Some(marked) if first_of_twins(twins, &header, marked) => {
                 out.records += 1;
                 out.repeats += 1;
                 out.marked += 1;
-                sink(Packet {
-                    header: PacketHeader {
-                        ts_ns: ts,
-                        ifindex: marked.ifindex,
-                        direction: marked.direction,
-                        record_flags: RECORD_REPEAT,
-                        ..header
-                    },
-                    payload,
-                });
+                Some(marked)
             }
-            Some(_) => out.twins += 1,
-            None => {}
+            Some(_) => {
+                out.twins += 1;
+                None
+            }
+            None => None,
+        };
+        let packet = Packet {
+            header: PacketHeader {
+                ts_ns: ts,
+                ..header
+            },
+            payload,
+            also,
+        };
+        match (own_sighting, also) {
+            (true, _) => {
+                out.records += 1;
+                out.repeats += u64::from(!original);
+                sink(packet);
+            }
+            (false, Some(marked)) => {
+                out.twins += 1;
+                sink(packet.seen_at(marked));
+            }
+            (false, None) => out.twins += 1,
         }
         if original {
             self.originals[ring as usize].n = Some(n);
@@ -545,6 +552,7 @@ impl PacketRings {
                 Slot::Repeat(Packet {
                     header: slot.header,
                     payload: original.payload,
+                    also: None,
                 })
             }
             _ => Slot::Unresolved,
@@ -563,6 +571,7 @@ impl PacketRings {
         (o.saved_n == Some(n)).then_some(Packet {
             header: o.saved_header,
             payload: &o.saved_payload,
+            also: None,
         })
     }
 
@@ -1176,14 +1185,16 @@ mod tests {
             watermark,
             || now,
             |p| {
-                let h = p.header;
-                got.push((
-                    h.ifindex,
-                    h.direction,
-                    h.record_flags,
-                    h.ts_ns,
-                    p.payload.to_vec(),
-                ))
+                for p in p.sightings() {
+                    let h = p.header;
+                    got.push((
+                        h.ifindex,
+                        h.direction,
+                        h.record_flags,
+                        h.ts_ns,
+                        p.payload.to_vec(),
+                    ))
+                }
             },
         );
         (got, read)
@@ -1195,18 +1206,28 @@ mod tests {
     }
 
     #[test]
-    fn a_marked_record_is_handed_on_twice_the_second_time_as_the_marked_sighting() {
+    fn a_marked_record_is_handed_on_with_the_marked_sighting() {
         let mut r = rings(2, 8);
         let req = b"GET /m HTTP/1.1";
         assert!(write_record(&r, 0, first_sighting(10, req), req));
         assert!(!mark(&r, 0, SECOND), "no read began: the mark is not late");
-        let (got, read) = read_sightings(&mut r, u64::MAX);
+        let mut packets = Vec::new();
+        let read = r.read(
+            u64::MAX,
+            || u64::MAX,
+            |p| {
+                packets.push((p.header.ifindex, p.header.also, p.also, p.payload.to_vec()));
+                let sightings: Vec<_> = p
+                    .sightings()
+                    .map(|s| (s.header.ifindex, s.header.direction, s.header.record_flags))
+                    .collect();
+                assert_eq!(sightings, [(3, 0, 0), (5, 1, RECORD_REPEAT)]);
+            },
+        );
         assert_eq!(
-            got,
-            [
-                (3, 0, 0, 10, req.to_vec()),
-                (5, 1, RECORD_REPEAT, 10, req.to_vec()),
-            ]
+            packets,
+            [(3, 0, Some(SECOND), req.to_vec())],
+            "one packet, the mark in `also` (not in the header's raw field)"
         );
         assert_eq!(sighting_counts(&read), (2, 1, 1, 0));
     }

@@ -56,7 +56,7 @@ use http::{Head, RequestHead, ResponseHead};
 pub use http::{ParseError, REDACTED_QUERY};
 use repeat::LastSegment;
 use spare::{Spares, write_endpoint};
-use table::{Addr, Pending, SockPair, Table};
+use table::{Addr, Evicted, Flow, Pending, SockPair, Table};
 
 /// The TCP ACK flag in `PacketEvent::tcp_flags`.
 const TCP_FLAG_ACK: u8 = 0x10;
@@ -239,15 +239,19 @@ impl Parser {
     /// pipelined responses). Handed on at once, not queued: an Exchange is a few hundred
     /// bytes, and a queue cost two more copies of each. `sink` gives the Exchange back
     /// when it is done with it, for the next ones to reuse (see [`spare`]).
+    ///
+    /// `ifnames`: the names of the interfaces the segment was seen on, the record's own
+    /// and `Packet::also`'s (`""` when it has none). A segment seen on two veths is read
+    /// once, and each message updates both veths' flows.
     pub fn on_packet_with(
         &mut self,
         pkt: &Packet<'_>,
         wall_unix_nanos: u64,
-        ifname: &str,
+        ifnames: [&str; 2],
         mut sink: impl FnMut(Box<Exchange>) -> Option<Box<Exchange>>,
     ) {
-        self.stats.packets += 1;
-        self.read_packet(pkt, wall_unix_nanos, ifname, &mut sink);
+        self.stats.packets += 1 + u64::from(pkt.also.is_some());
+        self.read_packet(pkt, wall_unix_nanos, ifnames, &mut sink);
         self.log_new_losses();
     }
 
@@ -351,25 +355,24 @@ impl Parser {
         &mut self,
         pkt: &Packet<'_>,
         wall: u64,
-        ifname: &str,
+        ifnames: [&str; 2],
         sink: &mut dyn FnMut(Box<Exchange>) -> Option<Box<Exchange>>,
     ) {
         let ev = &pkt.header;
-        let (Some(src), Some(dst)) = (
+        let (Some(src), Some(dst), Some(first)) = (
             Addr::from_kernel(ev.family, &ev.saddr, ev.sport),
             Addr::from_kernel(ev.family, &ev.daddr, ev.dport),
+            Seen::of(ev.ifindex, ev.direction, ifnames[0]),
         ) else {
             self.stats.parse_errors.add(ParseError::BadEvent);
             return;
         };
-        let side = match ev.direction {
-            DIR_FROM_POD => Side::Client,
-            DIR_TO_POD => Side::Server,
-            _ => {
-                self.stats.parse_errors.add(ParseError::BadEvent);
-                return;
-            }
-        };
+        // A mark's direction is always one (`Sighting::from_mark`).
+        let second = pkt
+            .also
+            .and_then(|s| Seen::of(s.ifindex, s.direction, ifnames[1]));
+        let seen = [Some(first), second];
+        let n = 1 + u64::from(second.is_some());
         let captured = pkt.payload;
         let ack = (ev.tcp_flags & TCP_FLAG_ACK != 0).then_some(ev.ack);
         let redact = self.cfg.redact_query;
@@ -377,12 +380,11 @@ impl Parser {
         let mut last = std::mem::take(&mut self.last_segment);
         let end = last.for_each_message(captured, ev.payload_len, redact, |msg| {
             if msg.truncated {
-                self.stats.truncated_heads += 1;
+                self.stats.truncated_heads += n;
             }
             let seg_ref = SegmentRef {
                 src,
                 dst,
-                ifindex: ev.ifindex,
                 seq: ev.seq.wrapping_add(msg.offset),
                 ack,
                 wall,
@@ -390,68 +392,61 @@ impl Parser {
             };
             match &msg.head {
                 Head::Request(req) => {
-                    self.stats.requests += 1;
-                    self.on_request(seg_ref, side, req);
+                    self.stats.requests += n;
+                    self.on_request(seg_ref, &seen, req);
                 }
                 Head::Response(resp) => {
-                    self.stats.responses += 1;
-                    self.on_response(seg_ref, resp, ifname, sink);
+                    self.stats.responses += n;
+                    self.on_response(seg_ref, resp, &seen, sink);
                 }
             }
         });
+        if second.is_some() {
+            last.count_shared();
+        }
         self.last_segment = last;
         if let Some(e) = end.error {
-            self.stats.parse_errors.add(e);
+            for _ in 0..n {
+                self.stats.parse_errors.add(e);
+            }
         }
         if end.beyond_capture {
-            self.stats.heads_beyond_capture += 1;
+            self.stats.heads_beyond_capture += n;
         }
     }
 
-    fn on_request(&mut self, seg: SegmentRef, side: Side, req: &RequestHead<'_>) {
+    /// Queues the request on the flow of every veth it was seen on (one connection
+    /// lookup for both).
+    fn on_request(&mut self, seg: SegmentRef, seen: &[Option<Seen<'_>>; 2], req: &RequestHead<'_>) {
         let pair = SockPair::new(seg.src, seg.dst);
-        let (flow, _, evicted) = self.table.flow_or_insert(
-            pair,
-            seg.src,
-            seg.ifindex,
-            seg.wall,
-            self.cfg.max_connections,
-        );
-        // Pending on a closed connection whose 4-tuple came back: never answered.
-        self.stats.unanswered_requests += evicted.unanswered;
-        self.pending_total -= evicted.unanswered as usize;
-        self.stats.evicted_connections += evicted.connections;
-        self.stats.evicted_requests += evicted.requests;
-        self.pending_total -= evicted.requests as usize;
-        match flow.last_request_seq.map(|last| position(seg.seq, last)) {
-            Some(SeqPosition::Retransmission) => {
-                self.stats.retransmitted_requests += 1;
-                return;
+        let (entry, mut evicted) =
+            self.table
+                .entry_or_insert(pair, seg.wall, self.cfg.max_connections);
+        for s in seen.iter().flatten() {
+            let flow = entry.flow(seg.src, s.ifindex, &mut evicted);
+            // Pending on a closed connection whose 4-tuple came back: never answered.
+            count_evicted(
+                &mut self.stats,
+                &mut self.pending_total,
+                std::mem::take(&mut evicted),
+            );
+            if !admit_request(flow, seg.seq, &mut self.stats, &mut self.pending_total) {
+                continue;
             }
-            Some(SeqPosition::Reused) => {
-                // A new connection on the same 4-tuple whose close was not seen.
-                let n = flow.pending.len();
-                self.stats.unanswered_requests += n as u64;
-                self.pending_total -= n;
-                flow.pending.clear();
-                flow.last_response_seq = None;
+            flow.last_request_seq = Some(seg.seq);
+            if flow.pending.len() >= self.cfg.max_pending_per_conn
+                || self.pending_total >= self.cfg.max_pending_total
+            {
+                // Refuse the newest rather than drop the oldest: the oldest is the one
+                // the next response answers.
+                self.stats.evicted_requests += 1;
+                continue;
             }
-            None | Some(SeqPosition::Ahead) => {}
-        }
-        if flow.pending.len() >= self.cfg.max_pending_per_conn
-            || self.pending_total >= self.cfg.max_pending_total
-        {
-            // Refuse the newest rather than drop the oldest: the oldest is the one
-            // the next response answers.
-            flow.last_request_seq = Some(seg.seq);
-            self.stats.evicted_requests += 1;
-        } else {
-            flow.last_request_seq = Some(seg.seq);
             flow.pending.push_back(Pending {
                 seq: seg.seq,
                 ack: seg.ack,
                 start_unix_nanos: seg.wall,
-                side,
+                side: s.side,
                 request_bytes: seg.body_bytes,
                 // Copied out of the segment only now: a request that is not queued
                 // takes no spare.
@@ -462,128 +457,40 @@ impl Parser {
         }
     }
 
+    /// Completes the oldest request on the flow of every veth the response was seen on
+    /// (one connection lookup for both), and hands each Exchange to `sink`.
     fn on_response(
         &mut self,
         seg: SegmentRef,
         resp: &ResponseHead<'_>,
-        ifname: &str,
+        seen: &[Option<Seen<'_>>; 2],
         sink: &mut dyn FnMut(Box<Exchange>) -> Option<Box<Exchange>>,
     ) {
         let pair = SockPair::new(seg.src, seg.dst);
-        let client = seg.dst;
-        let Some((flow, connection_id)) = self.table.get_touched(&pair, seg.wall).and_then(|e| {
-            let id = e.connection_id;
-            e.flows
-                .iter_mut()
-                .find(|f| f.client == client && f.ifindex == seg.ifindex)
-                .map(|f| (f, id))
-        }) else {
-            self.stats.unmatched_responses += 1;
+        let Some(entry) = self.table.get_touched(&pair, seg.wall) else {
+            self.stats.unmatched_responses += seen.iter().flatten().count() as u64;
             return;
         };
-        if let Some(last) = flow.last_response_seq
-            && position(seg.seq, last) == SeqPosition::Retransmission
-        {
-            self.stats.retransmitted_responses += 1;
-            return;
+        let connection_id = entry.connection_id;
+        for s in seen.iter().flatten() {
+            // The response travels server → client.
+            let Some(flow) = entry.flow_of(seg.dst, s.ifindex) else {
+                self.stats.unmatched_responses += 1;
+                continue;
+            };
+            let Some(req) =
+                answered_request(flow, &seg, resp, &mut self.stats, &mut self.pending_total)
+            else {
+                continue;
+            };
+            self.stats.exchanges += 1;
+            let id = self.next_id;
+            self.next_id += 1;
+            let ex = exchange(id, req, connection_id, &seg, s, resp);
+            if let Some(done) = sink(ex) {
+                self.spares.give(done);
+            }
         }
-        flow.last_response_seq = Some(seg.seq);
-        // Requests whose response came before this one but was not seen.
-        while let (Some(first), Some(second)) = (flow.pending.front(), flow.pending.get(1))
-            && response_was_missed(first, second, seg.seq)
-        {
-            flow.pending.pop_front();
-            self.pending_total -= 1;
-            self.stats.unanswered_requests += 1;
-        }
-        let Some(front) = flow.pending.front_mut() else {
-            self.stats.unmatched_responses += 1;
-            return;
-        };
-        if let Some(ack) = seg.ack
-            && !seq_after(ack, front.seq)
-        {
-            // The server had not yet received the oldest pending request.
-            self.stats.unmatched_responses += 1;
-            return;
-        }
-        if resp.is_interim() {
-            front.interim_seen = true;
-            self.stats.interim_responses += 1;
-            return;
-        }
-        let Some(req) = flow.pending.pop_front() else {
-            return;
-        };
-        self.pending_total -= 1;
-        self.stats.exchanges += 1;
-        let ex = self.exchange(req, connection_id, seg, resp, ifname);
-        if let Some(done) = sink(ex) {
-            self.spares.give(done);
-        }
-    }
-
-    fn exchange(
-        &mut self,
-        req: Pending,
-        connection_id: u64,
-        seg: SegmentRef,
-        resp: &ResponseHead<'_>,
-        ifname: &str,
-    ) -> Box<Exchange> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut ex = req.request;
-        // Every field is named (no `..`): the request's fields (`_` here) were written by
-        // `spare::write_request`, every other one is written here, so nothing of the
-        // spare's earlier Exchange survives (and a field added to the proto does not
-        // compile until it is handled).
-        let Exchange {
-            id: ex_id,
-            side,
-            client,
-            server,
-            request_seq,
-            response_seq,
-            start_unix_nanos,
-            end_unix_nanos,
-            method: _,
-            path: _,
-            status,
-            request_bytes,
-            response_bytes,
-            traceparent: _,
-            tracestate: _,
-            host: _,
-            request_id,
-            ifindex,
-            interface,
-            connection_id: ex_connection_id,
-            pid,
-            tid,
-        } = &mut *ex;
-        *ex_id = id;
-        *side = req.side as i32;
-        // The response travels server → client.
-        write_endpoint(client, seg.dst.ip_bytes(), seg.dst.port());
-        write_endpoint(server, seg.src.ip_bytes(), seg.src.port());
-        (*request_seq, *response_seq) = (req.seq, seg.seq);
-        *start_unix_nanos = req.start_unix_nanos;
-        // The ack check made the response follow its request; only a wall-clock step
-        // between the two could order them the other way (the stitcher rejects that).
-        *end_unix_nanos = seg.wall.max(req.start_unix_nanos);
-        *status = u32::from(resp.status);
-        (*request_bytes, *response_bytes) = (req.request_bytes, seg.body_bytes);
-        // Proxies often set x-request-id on the response only.
-        if request_id.is_empty() {
-            resp.headers.request_id.write_to(request_id);
-        }
-        *ifindex = seg.ifindex;
-        interface.clear();
-        interface.push_str(ifname);
-        *ex_connection_id = connection_id;
-        (*pid, *tid) = (0, 0);
-        ex
     }
 
     fn mark_closed(&mut self, pair: &SockPair, wall: u64) {
@@ -599,17 +506,190 @@ impl Parser {
     }
 }
 
-/// Where and when one message was seen.
+/// When one message was sent, and on which connection.
 #[derive(Clone, Copy)]
 struct SegmentRef {
     src: Addr,
     dst: Addr,
-    ifindex: u32,
     /// TCP seq of the message's first byte.
     seq: u32,
     ack: Option<u32>,
     wall: u64,
     body_bytes: u64,
+}
+
+/// Where a segment was seen: the interface, and the half of the exchange it shows (a
+/// request leaving a pod, `DIR_FROM_POD`, is the pod's `CLIENT` half; entering one, the
+/// `SERVER` half).
+#[derive(Clone, Copy)]
+struct Seen<'n> {
+    ifindex: u32,
+    ifname: &'n str,
+    side: Side,
+}
+
+impl<'n> Seen<'n> {
+    /// `None` for a direction that is neither.
+    #[inline]
+    fn of(ifindex: u32, direction: u8, ifname: &'n str) -> Option<Self> {
+        let side = match direction {
+            DIR_FROM_POD => Side::Client,
+            DIR_TO_POD => Side::Server,
+            _ => return None,
+        };
+        Some(Seen {
+            ifindex,
+            ifname,
+            side,
+        })
+    }
+}
+
+/// Counts what an insertion into the table pushed out.
+#[inline]
+fn count_evicted(stats: &mut ParseStats, pending_total: &mut usize, evicted: Evicted) {
+    stats.unanswered_requests += evicted.unanswered;
+    stats.evicted_connections += evicted.connections;
+    stats.evicted_requests += evicted.requests;
+    *pending_total -= (evicted.unanswered + evicted.requests) as usize;
+}
+
+/// Whether a request at `seq` is new on `flow`: not if it is a retransmission. A request
+/// far behind the flow's last one starts a new connection on the same 4-tuple whose
+/// close was not seen: what was pending is never answered.
+#[inline]
+fn admit_request(
+    flow: &mut Flow,
+    seq: u32,
+    stats: &mut ParseStats,
+    pending_total: &mut usize,
+) -> bool {
+    match flow.last_request_seq.map(|last| position(seq, last)) {
+        Some(SeqPosition::Retransmission) => {
+            stats.retransmitted_requests += 1;
+            false
+        }
+        Some(SeqPosition::Reused) => {
+            let n = flow.pending.len();
+            stats.unanswered_requests += n as u64;
+            *pending_total -= n;
+            flow.pending.clear();
+            flow.last_response_seq = None;
+            true
+        }
+        None | Some(SeqPosition::Ahead) => true,
+    }
+}
+
+/// The request on `flow` that the response `seg` answers, taken off the flow; `None`
+/// (counted) when it answers none: a retransmission, an interim (1xx) response, or no
+/// request the server could have received. Requests whose response came before this one
+/// but was not seen are dropped on the way (see the module doc).
+#[inline]
+fn answered_request(
+    flow: &mut Flow,
+    seg: &SegmentRef,
+    resp: &ResponseHead<'_>,
+    stats: &mut ParseStats,
+    pending_total: &mut usize,
+) -> Option<Pending> {
+    if let Some(last) = flow.last_response_seq
+        && position(seg.seq, last) == SeqPosition::Retransmission
+    {
+        stats.retransmitted_responses += 1;
+        return None;
+    }
+    flow.last_response_seq = Some(seg.seq);
+    while let (Some(first), Some(second)) = (flow.pending.front(), flow.pending.get(1))
+        && response_was_missed(first, second, seg.seq)
+    {
+        flow.pending.pop_front();
+        *pending_total -= 1;
+        stats.unanswered_requests += 1;
+    }
+    let Some(front) = flow.pending.front_mut() else {
+        stats.unmatched_responses += 1;
+        return None;
+    };
+    if let Some(ack) = seg.ack
+        && !seq_after(ack, front.seq)
+    {
+        // The server had not yet received the oldest pending request.
+        stats.unmatched_responses += 1;
+        return None;
+    }
+    if resp.is_interim() {
+        front.interim_seen = true;
+        stats.interim_responses += 1;
+        return None;
+    }
+    let req = flow.pending.pop_front()?;
+    *pending_total -= 1;
+    Some(req)
+}
+
+/// The Exchange `id` of `req` and the response `seg`, as seen at `seen`: the request's
+/// spare, with every field the request did not write written now.
+#[inline]
+fn exchange(
+    id: u64,
+    req: Pending,
+    connection_id: u64,
+    seg: &SegmentRef,
+    seen: &Seen<'_>,
+    resp: &ResponseHead<'_>,
+) -> Box<Exchange> {
+    let mut ex = req.request;
+    // Every field is named (no `..`): the request's fields (`_` here) were written by
+    // `spare::write_request`, every other one is written here, so nothing of the
+    // spare's earlier Exchange survives (and a field added to the proto does not
+    // compile until it is handled).
+    let Exchange {
+        id: ex_id,
+        side,
+        client,
+        server,
+        request_seq,
+        response_seq,
+        start_unix_nanos,
+        end_unix_nanos,
+        method: _,
+        path: _,
+        status,
+        request_bytes,
+        response_bytes,
+        traceparent: _,
+        tracestate: _,
+        host: _,
+        request_id,
+        ifindex,
+        interface,
+        connection_id: ex_connection_id,
+        pid,
+        tid,
+    } = &mut *ex;
+    *ex_id = id;
+    *side = req.side as i32;
+    // The response travels server → client.
+    write_endpoint(client, seg.dst.ip_bytes(), seg.dst.port());
+    write_endpoint(server, seg.src.ip_bytes(), seg.src.port());
+    (*request_seq, *response_seq) = (req.seq, seg.seq);
+    *start_unix_nanos = req.start_unix_nanos;
+    // The ack check made the response follow its request; only a wall-clock step
+    // between the two could order them the other way (the stitcher rejects that).
+    *end_unix_nanos = seg.wall.max(req.start_unix_nanos);
+    *status = u32::from(resp.status);
+    (*request_bytes, *response_bytes) = (req.request_bytes, seg.body_bytes);
+    // Proxies often set x-request-id on the response only.
+    if request_id.is_empty() {
+        resp.headers.request_id.write_to(request_id);
+    }
+    *ifindex = seen.ifindex;
+    interface.clear();
+    interface.push_str(seen.ifname);
+    *ex_connection_id = connection_id;
+    (*pid, *tid) = (0, 0);
+    ex
 }
 
 /// The client had received server bytes between sending `first` and `second`

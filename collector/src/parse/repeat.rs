@@ -106,7 +106,13 @@ impl LastSegment {
         end
     }
 
-    /// Segments answered from memory so far.
+    /// Counts a segment whose messages the caller took from the segment it just read: the
+    /// same bytes seen on a second veth, handed on with the first sighting.
+    pub fn count_shared(&mut self) {
+        self.repeats += 1;
+    }
+
+    /// Segments answered from memory so far (also those counted by `count_shared`).
     pub fn repeats(&self) -> u64 {
         self.repeats
     }

@@ -238,9 +238,16 @@ impl Entry {
         self.flows.iter().map(|f| f.pending.len()).sum()
     }
 
+    /// The flow seen from `client` on `ifindex`, if there is one.
+    pub fn flow_of(&mut self, client: Addr, ifindex: u32) -> Option<&mut Flow> {
+        self.flows
+            .iter_mut()
+            .find(|f| f.client == client && f.ifindex == ifindex)
+    }
+
     /// The flow seen from `client` on `ifindex`, created if missing (evicting the
     /// oldest beyond `MAX_FLOWS_PER_CONNECTION`, counted in `evicted`).
-    fn flow(&mut self, client: Addr, ifindex: u32, evicted: &mut Evicted) -> &mut Flow {
+    pub fn flow(&mut self, client: Addr, ifindex: u32, evicted: &mut Evicted) -> &mut Flow {
         let idx = match self
             .flows
             .iter()
@@ -310,18 +317,16 @@ impl Table {
         self.get_touched(pair, now);
     }
 
-    /// The flow of `pair` seen from `client` on `ifindex`, created if missing, and its
-    /// connection's id. Creating a connection beyond `max_connections` evicts one not
-    /// used recently; a connection that was closed is replaced by a new one (its
-    /// endpoints were reused). What was pushed out is returned.
-    pub fn flow_or_insert(
+    /// The connection of `pair`, created if missing, marked as just used. Creating a
+    /// connection beyond `max_connections` evicts one not used recently; a connection
+    /// that was closed is replaced by a new one (its endpoints were reused). What was
+    /// pushed out is returned.
+    pub fn entry_or_insert(
         &mut self,
         pair: SockPair,
-        client: Addr,
-        ifindex: u32,
         now: u64,
         max_connections: usize,
-    ) -> (&mut Flow, u64, Evicted) {
+    ) -> (&mut Entry, Evicted) {
         let mut evicted = Evicted::default();
         if self.entries.len() >= max_connections.max(1) && !self.entries.contains_key(&pair) {
             while self.entries.len() >= max_connections.max(1) {
@@ -356,6 +361,21 @@ impl Table {
                 v.insert(Entry::new(pair, self.next_generation, now))
             }
         };
+        (entry, evicted)
+    }
+
+    /// The flow of `pair` seen from `client` on `ifindex` ([`Table::entry_or_insert`],
+    /// then [`Entry::flow`]), and its connection's id.
+    #[cfg(test)]
+    pub fn flow_or_insert(
+        &mut self,
+        pair: SockPair,
+        client: Addr,
+        ifindex: u32,
+        now: u64,
+        max_connections: usize,
+    ) -> (&mut Flow, u64, Evicted) {
+        let (entry, mut evicted) = self.entry_or_insert(pair, now, max_connections);
         let id = entry.connection_id;
         (entry.flow(client, ifindex, &mut evicted), id, evicted)
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use weft_ebpf_common::{
     ConnEvent, DIR_FROM_POD, DIR_TO_POD, FAMILY_IPV4, FAMILY_IPV6, HEAD_LEN, PacketHeader,
-    TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
+    RECORD_REPEAT, Sighting, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 use weft_proto::v1::{Exchange, Side, connection};
 
@@ -47,6 +47,7 @@ impl Seg {
         Packet {
             header: self.header,
             payload: &self.head,
+            also: None,
         }
     }
 }
@@ -87,7 +88,30 @@ impl Feed for Parser {
     /// nothing of an earlier exchange survives in a reused one.
     fn on_packet_all(&mut self, seg: &Seg, wall: u64, ifname: &str) -> Vec<Exchange> {
         let mut out = Vec::new();
-        self.on_packet_with(&seg.packet(), wall, ifname, |ex| {
+        self.on_packet_with(&seg.packet(), wall, [ifname, ""], |ex| {
+            out.push((*ex).clone());
+            Some(ex)
+        });
+        out
+    }
+}
+
+impl Parser {
+    /// Every exchange a segment completed that was seen on a second veth too, handed on
+    /// as one packet with a mark (`Packet::also`), as the ring reader does.
+    fn on_marked_packet(
+        &mut self,
+        seg: &Seg,
+        also: Sighting,
+        wall: u64,
+        ifnames: [&str; 2],
+    ) -> Vec<Exchange> {
+        let mut out = Vec::new();
+        let packet = Packet {
+            also: Some(also),
+            ..seg.packet()
+        };
+        self.on_packet_with(&packet, wall, ifnames, |ex| {
             out.push((*ex).clone());
             Some(ex)
         });
@@ -751,6 +775,118 @@ fn the_same_connection_on_two_interfaces_pairs_separately() {
         (&b.method, &b.path, &b.host, b.status, b.response_bytes)
     );
     assert_eq!(a.path, "/api/items?<redacted>");
+}
+
+/// A segment between two pods of one node, seen leaving one pod's veth (`a`) and
+/// entering the other's (`b`): the same segment as its second sighting on `b`.
+fn seen_on_b(seg: &Seg) -> Seg {
+    let mut twin = Seg {
+        header: seg.header,
+        head: seg.head.clone(),
+    };
+    twin.ifindex = IFINDEX + 1;
+    twin.direction = DIR_FROM_POD + DIR_TO_POD - seg.direction;
+    twin.record_flags = RECORD_REPEAT;
+    twin
+}
+
+#[test]
+fn a_segment_marked_with_its_second_sighting_gives_what_the_two_sightings_give() {
+    // Pod-to-pod on one node: requests leave POD on veth a and enter SVC on veth b; the
+    // responses the other way. Pipelined and coalesced, retransmitted, an interim
+    // response, and a segment that is not HTTP.
+    let q1 = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n";
+    let q2 = b"POST /two HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nabc";
+    let reqs = [&q1[..], &q2[..]].concat();
+    let ack = 50 + reqs.len() as u32;
+    let r0 = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let r1 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let r2 = b"HTTP/1.1 201 Created\r\nx-request-id: r-2\r\nContent-Length: 0\r\n\r\n";
+    let resps = [&r1[..], &r2[..]].concat();
+    let m0 = r0.len() as u32;
+    let traffic = [
+        pkt(DIR_FROM_POD, POD, SVC, 50, 800, &reqs),
+        pkt(DIR_FROM_POD, POD, SVC, 50, 800, &reqs),
+        pkt(DIR_TO_POD, SVC, POD, 800, ack, r0),
+        pkt(DIR_TO_POD, SVC, POD, 800 + m0, ack, &resps),
+        pkt(DIR_TO_POD, SVC, POD, 800 + m0, ack, &resps),
+        pkt(
+            DIR_FROM_POD,
+            POD,
+            SVC,
+            ack,
+            900,
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc",
+        ),
+        pkt(
+            DIR_FROM_POD,
+            POD,
+            SVC,
+            ack + 9,
+            900,
+            b"GET /three HTTP/1.1\r\n\r\n",
+        ),
+    ];
+    let names = |seg: &Seg| match seg.direction {
+        DIR_FROM_POD => ["a", "b"],
+        _ => ["b", "a"],
+    };
+    let key = |e: &Exchange| (e.ifindex, e.request_seq, e.response_seq);
+    let (mut apart, mut marked) = (parser(), parser());
+    let (mut got_apart, mut got_marked) = (Vec::new(), Vec::new());
+    for (i, seg) in traffic.iter().enumerate() {
+        let wall = T0 + i as u64 * MS;
+        // Which veth the segment leaves by, which it enters by.
+        let (from, to) = match seg.direction {
+            DIR_FROM_POD => (seg, &seen_on_b(seg)),
+            _ => (&seen_on_b(seg), seg),
+        };
+        let [from_name, to_name] = names(seg);
+        got_apart.extend(apart.on_packet_all(from, wall, from_name));
+        got_apart.extend(apart.on_packet_all(to, wall, to_name));
+        let also = Sighting {
+            ifindex: to.ifindex,
+            direction: to.direction,
+        };
+        got_marked.extend(marked.on_marked_packet(from, also, wall, [from_name, to_name]));
+    }
+    got_apart.sort_by_key(key);
+    got_marked.sort_by_key(key);
+    let without_ids = |v: Vec<Exchange>| {
+        v.into_iter()
+            .map(|e| Exchange { id: 0, ..e })
+            .collect::<Vec<_>>()
+    };
+    let (got_apart, got_marked) = (without_ids(got_apart), without_ids(got_marked));
+    assert_eq!(got_marked, got_apart);
+    let halves: Vec<_> = got_marked
+        .iter()
+        .map(|e| (e.interface.as_str(), e.side(), e.path.as_str(), e.status))
+        .collect();
+    assert_eq!(
+        halves,
+        [
+            ("a", Side::Client, "/one", 200),
+            ("a", Side::Client, "/two", 201),
+            ("b", Side::Server, "/one", 200),
+            ("b", Side::Server, "/two", 201),
+        ]
+    );
+    assert_eq!(got_marked[3].request_id, "r-2");
+    let (s_apart, s_marked) = (apart.stats(), marked.stats());
+    assert_eq!(s_marked, s_apart);
+    assert_eq!(s_marked.packets, 2 * traffic.len() as u64);
+    assert_eq!(s_marked.pending_requests, 2, "/three, on both veths");
+    assert_eq!(
+        (
+            s_marked.retransmitted_requests,
+            s_marked.retransmitted_responses,
+            s_marked.interim_responses,
+            s_marked.parse_errors.total(),
+        ),
+        (4, 4, 2, 2)
+    );
+    assert_balanced(&s_marked);
 }
 
 #[test]
