@@ -8,7 +8,9 @@
 //!   their response, within fixed bounds.
 //! - [`Parser`] ties them together: a request is queued on its connection; a
 //!   response on the same connection completes the oldest queued request (FIFO, so
-//!   pipelining pairs correctly) into an [`Exchange`].
+//!   pipelining pairs correctly) into an [`Exchange`]. A segment that comes with a
+//!   second sighting (a mark, `Packet::also`: the same bytes seen on a second veth) is
+//!   read once, and each of its messages goes to both veths' flows.
 //!
 //! Sides: a request seen leaving a pod (`DIR_FROM_POD`) is the pod calling out, a
 //! `CLIENT` exchange; a request seen entering a pod (`DIR_TO_POD`) is a `SERVER`
@@ -417,14 +419,15 @@ impl Parser {
 
     /// Queues the request on the flow of every veth it was seen on (one connection
     /// lookup for both).
-    fn on_request(&mut self, seg: SegmentRef, seen: &[Option<Seen<'_>>; 2], req: &RequestHead<'_>) {
+    fn on_request(&mut self, seg: SegmentRef, seen: &Sightings<'_>, req: &RequestHead<'_>) {
         let pair = SockPair::new(seg.src, seg.dst);
         let (entry, mut evicted) =
             self.table
                 .entry_or_insert(pair, seg.wall, self.cfg.max_connections);
         for s in seen.iter().flatten() {
             let flow = entry.flow(seg.src, s.ifindex, &mut evicted);
-            // Pending on a closed connection whose 4-tuple came back: never answered.
+            // What making room pushed out, and what was pending on a closed connection
+            // whose 4-tuple came back (never answered).
             count_evicted(
                 &mut self.stats,
                 &mut self.pending_total,
@@ -463,7 +466,7 @@ impl Parser {
         &mut self,
         seg: SegmentRef,
         resp: &ResponseHead<'_>,
-        seen: &[Option<Seen<'_>>; 2],
+        seen: &Sightings<'_>,
         sink: &mut dyn FnMut(Box<Exchange>) -> Option<Box<Exchange>>,
     ) {
         let pair = SockPair::new(seg.src, seg.dst);
@@ -527,6 +530,9 @@ struct Seen<'n> {
     ifname: &'n str,
     side: Side,
 }
+
+/// Every place one segment was seen: the record's own, and a mark's (`Packet::also`).
+type Sightings<'n> = [Option<Seen<'n>>; 2];
 
 impl<'n> Seen<'n> {
     /// `None` for a direction that is neither.
