@@ -237,6 +237,9 @@ pub fn run(settings: &Settings, args: &OverheadArgs, report: &mut Report) -> Res
         .context("h2load not found (Debian nghttp2-client; `cargo xtask setup` installs it)")?;
     let demo_app = child::sibling_binary("weft-demo-app")?;
     let collector_bin = child::sibling_binary("weft-collector")?;
+    // Each placement's shipping run comes after its ratio rounds: without a stitcher
+    // (say, a `--bin-dir` holding only a variant collector) fail now, not minutes in.
+    child::sibling_binary("weft-stitcher")?;
     let work = settings.work_dir.join("overhead");
     std::fs::create_dir_all(&work)?;
 
