@@ -332,19 +332,13 @@ fn through_a_cluster_ip_on_one_node_each_veth_reports_the_addresses_it_saw() {
         assert_eq!(c["response_seq"], s["response_seq"], "{path}: {c} vs {s}");
     }
     // (The kernel counters are published on the collector's one-second tick.)
-    let kernel = |metrics: &str, c: &str| {
-        metric(
-            metrics,
-            &format!("weft_collector_kernel_events_total{{counter=\"{c}\"}}"),
-        )
-    };
     let mut metrics = String::new();
     let published = wait_for(Duration::from_secs(3), || {
         metrics = scrape(&cluster, &node);
-        kernel(&metrics, "emitted") >= 4 * N as u64
+        kernel_counter(&metrics, "emitted") >= 4 * N as u64
     });
     assert!(published, "{metrics}");
-    assert_eq!(kernel(&metrics, "marked"), 0, "{metrics}");
+    assert_eq!(kernel_counter(&metrics, "marked"), 0, "{metrics}");
     assert!(
         metric(&metrics, "weft_collector_ring_repeats_total") > 0,
         "{metrics}"
@@ -434,12 +428,6 @@ fn pipelined_requests_in_one_segment_pair_with_their_own_responses() {
     // from them too). Every sighting published was read once: from its mark, or from its
     // record when the mark came after the reader had passed the record.
     // (The metrics are published on the collector's one-second tick.)
-    let kernel = |metrics: &str, c: &str| {
-        metric(
-            metrics,
-            &format!("weft_collector_kernel_events_total{{counter=\"{c}\"}}"),
-        )
-    };
     let read = |metrics: &str| {
         metric(
             metrics,
@@ -450,11 +438,14 @@ fn pipelined_requests_in_one_segment_pair_with_their_own_responses() {
     let all_read = wait_for(Duration::from_secs(3), || {
         metrics = scrape(cluster, &t.node);
         // At least a request segment and a response segment per batch, each seen twice.
-        kernel(&metrics, "emitted") >= 2 * 2 * BATCHES as u64
-            && read(&metrics) == kernel(&metrics, "emitted")
+        kernel_counter(&metrics, "emitted") >= 2 * 2 * BATCHES as u64
+            && read(&metrics) == kernel_counter(&metrics, "emitted")
     });
     assert!(all_read, "{metrics}");
-    let (marked, late) = (kernel(&metrics, "marked"), kernel(&metrics, "marked_late"));
+    let (marked, late) = (
+        kernel_counter(&metrics, "marked"),
+        kernel_counter(&metrics, "marked_late"),
+    );
     let read_from_marks = metric(&metrics, "weft_collector_ring_marked_total");
     assert!(marked > 0, "{metrics}");
     assert!(
@@ -538,20 +529,14 @@ fn exchange_times_are_the_segments_send_times_and_bracket_each_request() {
         }
     }
     // The kernel counters reach /metrics on the collector's next tick.
-    let kernel = |metrics: &str, c: &str| {
-        metric(
-            metrics,
-            &format!("weft_collector_kernel_events_total{{counter=\"{c}\"}}"),
-        )
-    };
     let mut metrics = String::new();
     let all_counted = wait_for(Duration::from_secs(5), || {
         metrics = scrape(cluster, &t.node);
-        kernel(&metrics, "emitted") >= 4 * REQUESTS as u64
+        kernel_counter(&metrics, "emitted") >= 4 * REQUESTS as u64
     });
     assert!(all_counted, "{metrics}");
     assert_eq!(
-        kernel(&metrics, "clock_time"),
+        kernel_counter(&metrics, "clock_time"),
         0,
         "a pod's segment came without its send time"
     );

@@ -370,17 +370,11 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
     let t = traced_node(&[]);
     let (cluster, node, collector, addr) = (&t.cluster, &t.node, &t.collector, t.server);
     let client = cluster.pod("client").netns().to_owned();
-    let kernel = |text: &str, counter: &str| {
-        metric(
-            text,
-            &format!(r#"weft_collector_kernel_events_total{{counter="{counter}"}}"#),
-        )
-    };
     // Every HTTP segment the classifiers saw: emitted, or lost and counted by reason.
     let accounted_in = |text: &str| {
         ["emitted", "ring_full", "no_ring", "copy_failed"]
             .iter()
-            .map(|c| kernel(text, c))
+            .map(|c| kernel_counter(text, c))
             .sum::<u64>()
     };
     let accounted = || accounted_in(&scrape(cluster, node));
@@ -412,7 +406,10 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
         accounted() - accounted_before
     );
     let text = scrape(cluster, node);
-    let (emitted, full) = (kernel(&text, "emitted"), kernel(&text, "ring_full"));
+    let (emitted, full) = (
+        kernel_counter(&text, "emitted"),
+        kernel_counter(&text, "ring_full"),
+    );
     // Exact, unless TCP retransmitted a segment (seen again on both veths): then at most
     // two more per retransmission.
     let seen = accounted_in(&text) - accounted_before;
@@ -423,7 +420,10 @@ fn a_stalled_reader_counts_every_ring_drop_logs_it_once_and_recovers() {
     );
     assert!(full > 0, "the rings never filled: {text}");
     // Lost only once the spill rings were full too (and what they took is read below).
-    assert!(kernel(&text, "spilled") > 0, "nothing spilled: {text}");
+    assert!(
+        kernel_counter(&text, "spilled") > 0,
+        "nothing spilled: {text}"
+    );
     assert_eq!(
         metric(&text, r#"weft_collector_ring_drops_total{ring="packets"}"#),
         full,

@@ -240,19 +240,20 @@ impl Entry {
 
     /// The flow seen from `client` on `ifindex`, if there is one.
     pub fn flow_of(&mut self, client: Addr, ifindex: u32) -> Option<&mut Flow> {
+        let i = self.flow_index(client, ifindex)?;
+        Some(&mut self.flows[i])
+    }
+
+    fn flow_index(&self, client: Addr, ifindex: u32) -> Option<usize> {
         self.flows
-            .iter_mut()
-            .find(|f| f.client == client && f.ifindex == ifindex)
+            .iter()
+            .position(|f| f.client == client && f.ifindex == ifindex)
     }
 
     /// The flow seen from `client` on `ifindex`, created if missing (evicting the
     /// oldest beyond `MAX_FLOWS_PER_CONNECTION`, counted in `evicted`).
     pub fn flow(&mut self, client: Addr, ifindex: u32, evicted: &mut Evicted) -> &mut Flow {
-        let idx = match self
-            .flows
-            .iter()
-            .position(|f| f.client == client && f.ifindex == ifindex)
-        {
+        let idx = match self.flow_index(client, ifindex) {
             Some(i) => i,
             None => {
                 if self.flows.len() >= MAX_FLOWS_PER_CONNECTION {

@@ -145,6 +145,14 @@ pub fn metric(text: &str, series: &str) -> u64 {
     gauge(text, series).map_or(0, |v| v as u64)
 }
 
+/// A kernel counter (`weft_ebpf_common::Counter::name`) as the collector exports it.
+pub fn kernel_counter(text: &str, counter: &str) -> u64 {
+    metric(
+        text,
+        &format!(r#"weft_collector_kernel_events_total{{counter="{counter}"}}"#),
+    )
+}
+
 /// The value of one metric line as a float (gauges in seconds); `None` when absent.
 pub fn gauge(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| {
